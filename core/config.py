@@ -1,0 +1,92 @@
+"""Configuration of a stream's bounded state, validated before any memory is allocated."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+MERGE_POLICIES = ("mean", "attention", "heavy-hitters")
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; `field` names the offending setting."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+@dataclass(frozen=True)
+class TierSpec:
+    """One memory tier: `slots` cache slots, each filled by merging `ratio` slots of the tier below."""
+
+    slots: int
+    ratio: int
+
+    @staticmethod
+    def parse(text: str) -> tuple[TierSpec, ...]:
+        """Parse ``"32x4,16x4"`` into tiers (finest first). An empty string means no tiers."""
+        tiers = []
+        for part in filter(None, (p.strip() for p in text.split(","))):
+            slots, sep, ratio = part.lower().partition("x")
+            if not sep or not slots.isdigit() or not ratio.isdigit():
+                raise ConfigError("tiers", f"expected SLOTSxRATIO like 32x4, got {part!r}")
+            tiers.append(TierSpec(int(slots), int(ratio)))
+        return tuple(tiers)
+
+    def __str__(self) -> str:
+        return f"{self.slots}x{self.ratio}"
+
+
+@dataclass(frozen=True)
+class StreamConfig:
+    """Shape of one stream's bounded cache.
+
+    Slots, in position order: ``sink_tokens`` sinks, the tier slots (coarsest first), a window of the
+    ``window`` most recent tokens, and room for one chunk of up to ``chunk`` new tokens per forward pass.
+    """
+
+    sink_tokens: int = 4
+    window: int = 252
+    chunk: int = 64
+    tiers: tuple[TierSpec, ...] = field(default_factory=tuple)
+    merge_policy: str = "mean"
+
+    @property
+    def tier_slots(self) -> int:
+        return sum(t.slots for t in self.tiers)
+
+    @property
+    def cache_slots(self) -> int:
+        """Slots that persist between forward passes: sinks + tiers + window."""
+        return self.sink_tokens + self.tier_slots + self.window
+
+    @property
+    def max_positions(self) -> int:
+        """Largest position id used plus one: every slot plus one chunk."""
+        return self.cache_slots + self.chunk
+
+    def validate(self, max_position_embeddings: int | None = None) -> None:
+        """Raise ConfigError naming the first invalid field; return None when the config is usable."""
+        if self.sink_tokens < 0:
+            raise ConfigError("sink_tokens", f"must be >= 0, got {self.sink_tokens}")
+        if self.window <= 0:
+            raise ConfigError("window", f"must be > 0, got {self.window}")
+        if self.chunk <= 0:
+            raise ConfigError("chunk", f"must be > 0, got {self.chunk}")
+        for i, tier in enumerate(self.tiers):
+            if tier.slots <= 0:
+                raise ConfigError("tiers", f"tier {i + 1} needs at least one slot, got {tier.slots}")
+            if tier.ratio < 2:
+                raise ConfigError("tiers", f"tier {i + 1} must merge >= 2 slots, got {tier.ratio}")
+        if self.merge_policy not in MERGE_POLICIES:
+            raise ConfigError(
+                "merge_policy", f"unknown policy {self.merge_policy!r}; choose from {MERGE_POLICIES}"
+            )
+        if max_position_embeddings is not None and self.max_positions > max_position_embeddings:
+            raise ConfigError(
+                "window",
+                f"sink_tokens + tier slots + window + chunk = {self.sink_tokens} + {self.tier_slots} + "
+                f"{self.window} + {self.chunk} = {self.max_positions} exceeds the model's trained "
+                f"context (max_position_embeddings = {max_position_embeddings})",
+            )

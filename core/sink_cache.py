@@ -1,0 +1,232 @@
+"""Attention-sink bounded KV cache with preallocated storage, shared by up to `max_rows` streams.
+
+Slot layout of each row (a row is one stream; all rows have the same fixed shape):
+
+    [0, S)            sinks: the first S tokens of the stream, in stream order
+    [S, S+T)          memory tier slots (filled by core.tiers; absent when T = 0)
+    [S+T, S+T+W+C)    a ring holding the window of the W most recent tokens plus the chunk in flight
+
+Keys are stored position-free (RoPE removed). At each forward pass every kept token is rotated to its
+slot position: sinks 0..s-1, then tier slots, then the window in stream order, then the chunk, numbered
+contiguously, so positions never exceed S + T + W + C - 1 however long the stream runs (StreamingLLM's
+re-numbering). The ring means eviction never moves data: a token leaves by having its slot count zeroed.
+
+Update contract (Hugging Face `Cache`): `begin_step` -> model forward, whose attention layers call
+`update(k, v, layer)` with the chunk's rotated keys [b, kv_heads, n, head_dim] and get back the keys and
+values of every slot [b, kv_heads, num_slots, head_dim] -> `end_step` commits the chunk and evicts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers.cache_utils import Cache
+
+from core.config import StreamConfig
+from core.rope import RopeTable, apply_rotation, remove_rotation
+
+# Called with (row, slots [e]) for tokens leaving the window that the sinks do not take; the slots still
+# hold the tokens' keys/values/ids when it runs. core.tiers installs one; without it they are dropped.
+EvictionHandler = Callable[[int, torch.Tensor], None]
+
+
+@dataclass
+class _Step:
+    """Per-forward-pass tensors shared by all layers."""
+
+    rows: torch.Tensor  # [b] long
+    lengths: list[int]  # real tokens per row (rows shorter than the longest are padded)
+    chunk_slots: torch.Tensor  # [b, n] ring slot of each chunk token
+    chunk_tokens: torch.Tensor  # [b, n] stream index of each chunk token
+    slot_cos: torch.Tensor  # [b, 1, num_slots, rotary_dim]
+    slot_sin: torch.Tensor
+    chunk_cos: torch.Tensor  # [b, 1, n, rotary_dim]
+    chunk_sin: torch.Tensor
+    all_rows: bool  # rows == 0..R-1: storage views can be returned without a gather
+
+
+class SinkCache(Cache):
+    """Fixed-size KV cache: sinks + memory tiers + a window, for `max_rows` independent streams."""
+
+    def __init__(
+        self,
+        config: StreamConfig,
+        *,
+        num_layers: int,
+        max_rows: int,
+        kv_heads: int,
+        head_dim: int,
+        rope: RopeTable,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        super().__init__(layers=[])
+        self.config = config
+        self.rope = rope
+        self.sink_slots = config.sink_tokens
+        self.ring_start = config.sink_tokens + config.tier_slots
+        self.ring_size = config.window + config.chunk
+        self.num_slots = self.ring_start + self.ring_size
+        shape = (num_layers, max_rows, kv_heads, self.num_slots, head_dim)
+        self.keys = torch.zeros(shape, dtype=dtype, device=device)  # position-free
+        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        # Tokens each slot stands for (1 for a plain token, n for a merged tier slot, 0 = empty).
+        self.count = torch.zeros(max_rows, self.num_slots, dtype=torch.float32, device=device)
+        # Token id held by each slot (sinks and ring), used for repetition penalties and snapshots.
+        self.token_ids = torch.zeros(max_rows, self.num_slots, dtype=torch.long, device=device)
+        self.tokens_seen = [0] * max_rows
+        self.sink_used = [0] * max_rows
+        self.window_used = [0] * max_rows
+        self.on_evict: EvictionHandler | None = None
+        self._step: _Step | None = None
+
+    # ----------------------------------------------------------------- the forward-pass protocol
+    def begin_step(
+        self, rows: list[int], input_ids: torch.Tensor, lengths: list[int]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prepare a forward pass of input_ids [b, n] (row i has lengths[i] real tokens).
+
+        Returns position_ids [b, n] and the additive attention mask [b, 1, n, num_slots]: a chunk token
+        sees every kept slot (with +log(count) for merged slots) and the chunk tokens up to itself.
+        """
+        device = self.count.device
+        b, n = input_ids.shape
+        rows_t = torch.tensor(rows, dtype=torch.long, device=device)
+        seen = torch.tensor([self.tokens_seen[r] for r in rows], device=device)
+        window_start = seen - torch.tensor([self.window_used[r] for r in rows], device=device)
+
+        count = self.count.index_select(0, rows_t)  # [b, N]
+        prefix_valid = count[:, : self.ring_start] > 0
+        prefix_len = prefix_valid.sum(1, keepdim=True)  # [b, 1]
+        chunk_tokens = seen[:, None] + torch.arange(n, device=device)  # [b, n]
+        chunk_slots = self.ring_start + chunk_tokens % self.ring_size
+        # Stream index of every ring slot: stale slots get garbage positions but are masked out.
+        ring_tokens = self._ring_token_index(seen, window_start)  # [b, ring]
+        ring_tokens.scatter_(1, chunk_slots - self.ring_start, chunk_tokens)
+        max_pos = self.rope.cos.shape[0] - 1
+        slot_pos = torch.cat(
+            (prefix_valid.cumsum(1) - 1, prefix_len + ring_tokens - window_start[:, None]), dim=1
+        ).clamp_(0, max_pos)
+        position_ids = prefix_len + chunk_tokens - window_start[:, None]
+
+        is_chunk = torch.zeros(b, self.num_slots, dtype=torch.bool, device=device)
+        is_chunk.scatter_(1, chunk_slots, True)
+        slot_tokens = torch.cat((torch.full_like(prefix_len.expand(b, self.ring_start), -1),
+                                 ring_tokens), dim=1)
+        sees_chunk = is_chunk[:, None, :] & (slot_tokens[:, None, :] <= chunk_tokens[:, :, None])
+        dtype = self.keys.dtype
+        neg = torch.finfo(dtype).min
+        kept = torch.where(count > 0, count.clamp(min=1).log(), neg)  # [b, N]
+        mask = torch.where(sees_chunk, 0.0, kept[:, None, :]).to(dtype)[:, None]  # [b, 1, n, N]
+
+        slot_cos, slot_sin = self.rope.gather(slot_pos)
+        chunk_cos, chunk_sin = self.rope.gather(position_ids)
+        all_rows = rows == list(range(self.keys.shape[1]))
+        self._step = _Step(rows_t, lengths, chunk_slots, chunk_tokens, slot_cos, slot_sin,
+                           chunk_cos, chunk_sin, all_rows)
+        self._step_ids = input_ids
+        return position_ids, mask
+
+    def update(
+        self,
+        key_states: torch.Tensor,
+        value_states: torch.Tensor,
+        layer_idx: int,
+        cache_kwargs: dict[str, Any] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the chunk's keys/values [b, kv_heads, n, head_dim] (keys arrive rotated) and return
+        all slots' keys (rotated to their slot positions) and values, [b, kv_heads, num_slots, head_dim]."""
+        st = self._step
+        if st is None:
+            raise RuntimeError("SinkCache.update called outside begin_step/end_step")
+        b, heads, n, _ = key_states.shape
+        layer_keys, layer_values = self.keys[layer_idx], self.values[layer_idx]
+        raw = remove_rotation(key_states, st.chunk_cos, st.chunk_sin, self.rope.inv_scale2)
+        index = (st.rows[:, None, None], torch.arange(heads, device=raw.device)[None, :, None],
+                 st.chunk_slots[:, None, :])
+        layer_keys.index_put_(index, raw.to(layer_keys.dtype))
+        layer_values.index_put_(index, value_states.to(layer_values.dtype))
+        if st.all_rows:
+            keys, values = layer_keys, layer_values
+        else:
+            keys = layer_keys.index_select(0, st.rows)
+            values = layer_values.index_select(0, st.rows)
+        return apply_rotation(keys, st.slot_cos, st.slot_sin), values
+
+    def end_step(self) -> None:
+        """Commit the real chunk tokens into the window and evict what no longer fits."""
+        st = self._step
+        if st is None:
+            raise RuntimeError("end_step without begin_step")
+        for i, row in enumerate(st.rows.tolist()):
+            n = st.lengths[i]
+            slots = st.chunk_slots[i, :n]
+            self.count[row, slots] = 1.0
+            self.token_ids[row, slots] = self._step_ids[i, :n].to(self.token_ids.device)
+            self.tokens_seen[row] += n
+            self.window_used[row] += n
+            overflow = self.window_used[row] - self.config.window
+            if overflow > 0:
+                self._evict_oldest(row, overflow)
+        self._step = None
+
+    def abort_step(self) -> None:
+        """Forget a forward pass that failed: chunk slots were never counted, so nothing else changes."""
+        self._step = None
+
+    # ----------------------------------------------------------------- eviction
+    def _evict_oldest(self, row: int, e: int) -> None:
+        start = self.tokens_seen[row] - self.window_used[row]
+        stream_index = torch.arange(start, start + e, device=self.count.device)
+        slots = self.ring_start + stream_index % self.ring_size
+        to_sinks = min(self.sink_slots - self.sink_used[row], e)
+        if to_sinks > 0:
+            dst = slice(self.sink_used[row], self.sink_used[row] + to_sinks)
+            src = slots[:to_sinks]
+            self.keys[:, row, :, dst] = self.keys[:, row, :, src]
+            self.values[:, row, :, dst] = self.values[:, row, :, src]
+            self.token_ids[row, dst] = self.token_ids[row, src]
+            self.count[row, dst] = 1.0
+            self.sink_used[row] += to_sinks
+        if e > to_sinks and self.on_evict is not None:
+            self.on_evict(row, slots[to_sinks:])
+        self.count[row, slots] = 0.0
+        self.window_used[row] -= e
+
+    def _ring_token_index(self, seen: torch.Tensor, window_start: torch.Tensor) -> torch.Tensor:
+        """Stream index held by each ring slot [b, ring], for slots of the current window."""
+        ring = torch.arange(self.ring_size, device=seen.device)
+        # The newest token t-1 sits at slot (t-1) % ring; slot s holds the latest index <= t-1 with that
+        # residue. Slots outside the window get indices < window_start and are masked by count == 0.
+        last = seen[:, None] - 1
+        return last - (last - ring[None, :]) % self.ring_size
+
+    # ----------------------------------------------------------------- rows and bookkeeping
+    def reset_row(self, row: int) -> None:
+        """Empty one row (a new stream); other rows are untouched."""
+        self.count[row] = 0.0
+        self.token_ids[row] = 0
+        self.tokens_seen[row] = self.sink_used[row] = self.window_used[row] = 0
+
+    def context_token_ids(self, row: int) -> torch.Tensor:
+        """Ids of the plain tokens currently kept for `row` (sinks and window) [k]."""
+        kept = self.count[row] == 1.0
+        kept[self.sink_slots : self.ring_start] = False
+        return self.token_ids[row, kept]
+
+    def used_slots(self, row: int) -> int:
+        return int((self.count[row] > 0).sum())
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of all preallocated storage; constant for the cache's lifetime."""
+        return sum(t.nbytes for t in (self.keys, self.values, self.count, self.token_ids))
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.used_slots(0)
+
+    def get_max_cache_shape(self, layer_idx: int = 0) -> int:
+        return self.num_slots

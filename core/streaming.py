@@ -1,0 +1,210 @@
+"""StreamingInference: push unbounded token streams through a causal LM in fixed memory.
+
+One request's path: `append(row, ids)` cuts ids into chunks -> `step({row: chunk})` -> SinkCache.begin_step
+gives positions and the mask -> the model's own decoder layers run, calling SinkCache.update per layer ->
+the LM head scores every chunk token -> SinkCache.end_step commits the chunk and evicts -> ChunkResult.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from core.config import StreamConfig
+from core.model_loading import check_supported
+from core.rope import RopeTable
+from core.sink_cache import SinkCache
+
+
+class NoFreeRowError(RuntimeError):
+    """Every row of the engine's cache is taken by an open stream."""
+
+
+@dataclass
+class ChunkResult:
+    """What one processed chunk of a stream yields.
+
+    logprobs[i] is log p(token_ids[i] | all earlier tokens of the stream), NaN for the stream's first token
+    (nothing predicts it). topk_* describe the predictive distribution at each token's position.
+    """
+
+    row: int
+    token_ids: list[int]
+    logprobs: torch.Tensor  # [n] float32
+    topk_ids: torch.Tensor | None  # [n, k]
+    topk_logprobs: torch.Tensor | None  # [n, k]
+    embedding: torch.Tensor | None  # [hidden] mean of the chunk's final hidden states
+    tokens_seen: int
+    mean_nll: float
+    perplexity: float
+
+
+@dataclass
+class RowStats:
+    """Counters and cache occupancy of one stream."""
+
+    tokens_seen: int
+    scored_tokens: int
+    mean_nll: float
+    perplexity: float
+    cache_used: int
+    cache_capacity: int
+    sink_used: int
+    window_used: int
+    tier_used: list[int]
+    cache_bytes: int
+
+
+def model_dims(config) -> tuple[int, int, int]:
+    """(num_layers, kv_heads, head_dim) of a Hugging Face decoder config."""
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return config.num_hidden_layers, kv_heads, head_dim
+
+
+class StreamingInference:
+    """Bounded-memory streaming over `max_rows` independent streams sharing one model and one cache."""
+
+    def __init__(self, model: nn.Module, config: StreamConfig, max_rows: int = 1, tokenizer=None) -> None:
+        model_config = model.config
+        config.validate(model_config.max_position_embeddings)
+        check_supported(model_config, config.max_positions)
+        if max_rows < 1:
+            raise ValueError(f"max_rows must be >= 1, got {max_rows}")
+        self.model = model
+        self.config = config
+        self.tokenizer = tokenizer
+        self.max_rows = max_rows
+        self.base = model.base_model
+        self.lm_head = model.get_output_embeddings()
+        self.vocab_size = self.lm_head.out_features
+        param = next(p for p in model.parameters() if p.device.type != "meta")
+        self.device, self.dtype = param.device, self.lm_head.weight.dtype
+        num_layers, kv_heads, head_dim = model_dims(model_config)
+        rope = RopeTable(self.base.rotary_emb, config.max_positions, self.dtype, self.device)
+        self.cache = SinkCache(config, num_layers=num_layers, max_rows=max_rows, kv_heads=kv_heads,
+                               head_dim=head_dim, rope=rope, dtype=self.dtype, device=self.device)
+        # Distribution over the next token of each row, from the last forward pass.
+        self._next_logprobs = torch.zeros(max_rows, self.vocab_size, dtype=torch.float32)
+        self._has_next = [False] * max_rows
+        self._nll_sum = [0.0] * max_rows
+        self._scored = [0] * max_rows
+        self.generators = [torch.Generator() for _ in range(max_rows)]
+        self._free = list(range(max_rows - 1, -1, -1))
+        self.tier_memory = None  # set by core.tiers when tiers are configured
+
+    # ----------------------------------------------------------------- rows
+    def open_row(self, seed: int | None = None) -> int:
+        """Claim an empty row for a new stream; `seed` seeds its sampling RNG."""
+        if not self._free:
+            raise NoFreeRowError(f"all {self.max_rows} stream rows are in use")
+        row = self._free.pop()
+        self.reset_row(row, seed)
+        return row
+
+    def close_row(self, row: int) -> None:
+        self._check_row(row)
+        self._free.append(row)
+
+    def reset_row(self, row: int, seed: int | None = None) -> None:
+        self.cache.reset_row(row)
+        if self.tier_memory is not None:
+            self.tier_memory.reset_row(row)
+        self._has_next[row] = False
+        self._nll_sum[row] = 0.0
+        self._scored[row] = 0
+        self.generators[row].manual_seed(seed if seed is not None else torch.seed())
+
+    def _check_row(self, row: int) -> None:
+        if not 0 <= row < self.max_rows or row in self._free:
+            raise KeyError(f"row {row} is not an open stream")
+
+    # ----------------------------------------------------------------- forward passes
+    @torch.inference_mode()
+    def step(self, inputs: Mapping[int, Sequence[int]], *, top_k: int = 0,
+             embeddings: bool = False) -> dict[int, ChunkResult]:
+        """One forward pass over 1..chunk new tokens for each given row (rows are batched together)."""
+        if not inputs:
+            return {}
+        rows = list(inputs)
+        lengths = [len(inputs[r]) for r in rows]
+        for row, n in zip(rows, lengths, strict=True):
+            self._check_row(row)
+            if not 1 <= n <= self.config.chunk:
+                raise ValueError(f"row {row}: a step takes 1..{self.config.chunk} tokens, got {n}")
+        if top_k < 0 or top_k > self.vocab_size:
+            raise ValueError(f"top_k must be in 0..{self.vocab_size}, got {top_k}")
+        ids = torch.zeros(len(rows), max(lengths), dtype=torch.long)
+        for i, row in enumerate(rows):
+            ids[i, : lengths[i]] = torch.as_tensor(inputs[row], dtype=torch.long)
+        if int(ids.min()) < 0 or int(ids.max()) >= self.vocab_size:
+            raise ValueError(f"token ids must be in 0..{self.vocab_size - 1}")
+        ids = ids.to(self.device)
+
+        position_ids, mask = self.cache.begin_step(rows, ids, lengths)
+        try:
+            hidden = self.base(input_ids=ids, attention_mask=mask, position_ids=position_ids,
+                               past_key_values=self.cache, use_cache=True).last_hidden_state
+        except BaseException:
+            self.cache.abort_step()
+            raise
+        self.cache.end_step()
+        logprobs = torch.log_softmax(self.lm_head(hidden).float(), dim=-1).cpu()  # [b, n, V]
+        return {row: self._score(i, row, ids[i, : lengths[i]].cpu(), logprobs[i, : lengths[i]],
+                                 hidden[i, : lengths[i]], top_k, embeddings)
+                for i, row in enumerate(rows)}
+
+    def _score(self, i: int, row: int, ids: torch.Tensor, logprobs: torch.Tensor, hidden: torch.Tensor,
+               top_k: int, embeddings: bool) -> ChunkResult:
+        """Score each token with the distribution that predicted it; remember the next-token one."""
+        first = self._next_logprobs[row] if self._has_next[row] else torch.full_like(logprobs[0], math.nan)
+        predictive = torch.cat((first[None], logprobs[:-1]))  # [n, V]
+        token_lp = predictive.gather(1, ids[:, None])[:, 0]
+        scored = token_lp[~token_lp.isnan()]
+        self._nll_sum[row] -= float(scored.double().sum())
+        self._scored[row] += scored.numel()
+        self._next_logprobs[row] = logprobs[-1]
+        self._has_next[row] = True
+        topk_ids = topk_lp = None
+        if top_k:
+            topk_lp, topk_ids = predictive.topk(top_k, dim=-1)
+        mean_nll = self._nll_sum[row] / max(self._scored[row], 1)
+        return ChunkResult(
+            row=row, token_ids=ids.tolist(), logprobs=token_lp, topk_ids=topk_ids, topk_logprobs=topk_lp,
+            embedding=hidden.float().mean(0).cpu() if embeddings else None,
+            tokens_seen=self.cache.tokens_seen[row], mean_nll=mean_nll, perplexity=math.exp(mean_nll),
+        )
+
+    def append(self, row: int, token_ids: Sequence[int], *, top_k: int = 0,
+               embeddings: bool = False) -> Iterator[ChunkResult]:
+        """Feed any number of tokens to one stream, `config.chunk` per forward pass."""
+        c = self.config.chunk
+        for start in range(0, len(token_ids), c):
+            yield self.step({row: token_ids[start : start + c]}, top_k=top_k, embeddings=embeddings)[row]
+
+    def next_logprobs(self, row: int) -> torch.Tensor | None:
+        """Log-probabilities [vocab] of the token after everything appended, None before any token."""
+        self._check_row(row)
+        return self._next_logprobs[row] if self._has_next[row] else None
+
+    # ----------------------------------------------------------------- introspection
+    def stats(self, row: int) -> RowStats:
+        self._check_row(row)
+        mean_nll = self._nll_sum[row] / max(self._scored[row], 1)
+        tiers = self.tier_memory.used(row) if self.tier_memory is not None else []
+        return RowStats(
+            tokens_seen=self.cache.tokens_seen[row], scored_tokens=self._scored[row], mean_nll=mean_nll,
+            perplexity=math.exp(mean_nll), cache_used=self.cache.used_slots(row),
+            cache_capacity=self.config.cache_slots, sink_used=self.cache.sink_used[row],
+            window_used=self.cache.window_used[row], tier_used=tiers, cache_bytes=self.cache_bytes,
+        )
+
+    @property
+    def cache_bytes(self) -> int:
+        """Bytes of the preallocated per-stream state (KV storage and bookkeeping), all rows."""
+        return self.cache.nbytes + self._next_logprobs.nbytes

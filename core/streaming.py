@@ -18,6 +18,7 @@ from core.config import StreamConfig
 from core.model_loading import check_supported
 from core.rope import RopeTable
 from core.sink_cache import SinkCache
+from core.snapshot import restore_row, snapshot_row
 
 
 class NoFreeRowError(RuntimeError):
@@ -191,6 +192,15 @@ class StreamingInference:
         """Log-probabilities [vocab] of the token after everything appended, None before any token."""
         self._check_row(row)
         return self._next_logprobs[row] if self._has_next[row] else None
+
+    # ----------------------------------------------------------------- persistence
+    def snapshot(self, row: int) -> tuple[dict[str, torch.Tensor], dict]:
+        """The row's whole state as (tensors, metadata); see core.snapshot."""
+        return snapshot_row(self, row)
+
+    def restore(self, row: int, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        """Replace an open row's state with a snapshot's."""
+        restore_row(self, row, tensors, meta)
 
     # ----------------------------------------------------------------- introspection
     def stats(self, row: int) -> RowStats:

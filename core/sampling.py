@@ -1,0 +1,85 @@
+"""Choosing the next token from a distribution: greedy, temperature, top-k, top-p, repetition penalty."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+MAX_NEW_TOKENS_LIMIT = 1 << 20
+
+
+class SamplingError(ValueError):
+    """An invalid sampling parameter; `field` names it."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to generate. temperature 0 means greedy (argmax); seed None uses the stream's own RNG."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    max_new_tokens: int = 64
+    stop_sequences: tuple[str, ...] = ()
+    include_stop: bool = False
+    stop_on_eos: bool = True
+
+    def validate(self) -> None:
+        """Raise SamplingError for the first out-of-range field."""
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            raise SamplingError("temperature", f"must be a finite number >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise SamplingError("top_k", f"must be >= 0 (0 disables), got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise SamplingError("top_p", f"must be in (0, 1], got {self.top_p}")
+        if not math.isfinite(self.repetition_penalty) or self.repetition_penalty <= 0:
+            raise SamplingError("repetition_penalty", f"must be > 0, got {self.repetition_penalty}")
+        if not 1 <= self.max_new_tokens <= MAX_NEW_TOKENS_LIMIT:
+            raise SamplingError("max_new_tokens",
+                                f"must be in 1..{MAX_NEW_TOKENS_LIMIT}, got {self.max_new_tokens}")
+        if any(not s for s in self.stop_sequences):
+            raise SamplingError("stop_sequences", "stop sequences must be non-empty strings")
+        if self.seed is not None and not 0 <= self.seed < 2**63:
+            raise SamplingError("seed", f"must be in 0..2^63-1, got {self.seed}")
+
+
+class Sampler:
+    """Draws tokens for one generation request; its RNG is the stream's unless params.seed is set."""
+
+    def __init__(self, params: SamplingParams, generator: torch.Generator | None = None) -> None:
+        params.validate()
+        self.params = params
+        if params.seed is not None:
+            generator = torch.Generator().manual_seed(params.seed)
+        self.generator = generator or torch.Generator()
+
+    def sample(self, logprobs: torch.Tensor, context_ids: torch.Tensor | None = None) -> int:
+        """Pick a token from log-probabilities [vocab]; context_ids [k] get the repetition penalty."""
+        p = self.params
+        scores = logprobs.float().clone()
+        if p.repetition_penalty != 1.0 and context_ids is not None and context_ids.numel():
+            # CTRL-style penalty applied to log-probs (all <= 0): a factor > 1 makes repeats less likely.
+            ids = context_ids.unique()
+            scores[ids] = scores[ids] * p.repetition_penalty
+        if p.temperature == 0.0:
+            return int(scores.argmax())
+        scores = scores / p.temperature
+        if p.top_k:
+            kth = scores.topk(min(p.top_k, scores.numel())).values[-1]
+            scores[scores < kth] = -math.inf
+        if p.top_p < 1.0:
+            sorted_scores, order = scores.sort(descending=True)
+            cumulative = sorted_scores.softmax(-1).cumsum(-1)
+            # Drop tokens once the mass before them already reaches top_p; the top token always stays.
+            drop = cumulative - sorted_scores.softmax(-1) >= p.top_p
+            scores[order[drop]] = -math.inf
+        probs = scores.softmax(-1)
+        return int(torch.multinomial(probs, 1, generator=self.generator))

@@ -1,0 +1,341 @@
+"""Text arriving in pieces: incremental tokenization in; incremental detokenization and stop sequences out.
+
+Encoding guarantee: pushing a text in arbitrary pieces (str, or bytes cut anywhere, even inside a character)
+and then flushing yields exactly `tokenizer(whole_text)["input_ids"]`, BOS included once at the start.
+
+Hold-back rule (encoder): a cut before a space whose left neighbour is not whitespace is a hard token
+boundary for SentencePiece/Metaspace vocabularies (the word marker only ever starts a token) and for
+byte-level BPE (no pre-tokenizer piece ends in "x " ), so everything before the last such cut is final no
+matter what text follows. The encoder tokenizes (left context + held text) once per push, commits the tokens
+before the last cut - after checking that no token straddles the cut - and holds the rest (normally the last
+partial word). The left context is the committed word before the held text; it is re-tokenized and dropped,
+so tokenizers that add a word marker at the start of a text (prepend schemes, Prepend normalizers) see the
+held text as mid-document text. Text without such a cut for more than `max_hold_chars` characters
+(CJK, long symbol runs) is committed where two tokenizations with different amounts of look-ahead agree,
+keeping the held text bounded; that path is a locality heuristic, exact for the tokenizers tested here.
+"""
+
+from __future__ import annotations
+
+import codecs
+import re
+from collections.abc import Iterable, Iterator, Sequence
+from typing import BinaryIO
+
+import numpy as np
+
+_BYTE_TOKEN = re.compile(r"^<0x[0-9A-Fa-f]{2}>$")
+# transformers' clean_up_tokenization replaces these; a delta ending in a proper prefix of one is held.
+_CLEANUP_PATTERNS = (" .", " ?", " !", " ,", " ' ", " n't", " 'm", " 's", " 've", " 're")
+# Left contexts tried, in order, when the held text has to be tokenized as a continuation (see _commit).
+_SEPARATOR_CONTEXTS = ("\n", "")
+
+
+def backend_of(tokenizer):
+    """The `tokenizers.Tokenizer` behind a Hugging Face fast tokenizer (or the object itself)."""
+    backend = getattr(tokenizer, "backend_tokenizer", tokenizer)
+    if not hasattr(backend, "encode_batch"):
+        raise TypeError(f"a fast (tokenizers-backed) tokenizer is required, got {type(tokenizer).__name__}")
+    return backend
+
+
+def special_affixes(tokenizer) -> tuple[list[int], list[int]]:
+    """(prefix ids, suffix ids) the tokenizer adds around a single text, e.g. ([BOS], []) for Llama."""
+    if callable(tokenizer) and not hasattr(tokenizer, "encode_batch"):
+        with_special = tokenizer("a")["input_ids"]
+        plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    else:
+        with_special = tokenizer.encode("a").ids
+        plain = tokenizer.encode("a", add_special_tokens=False).ids
+    for start in range(len(with_special) - len(plain) + 1):
+        if with_special[start:start + len(plain)] == plain:
+            return with_special[:start], with_special[start + len(plain):]
+    raise ValueError("cannot locate the text's tokens among the tokenizer's special tokens")
+
+
+def last_cut(text: str, lo: int = 0) -> int | None:
+    """Largest c > lo with text[c] == " " and text[c - 1] not whitespace (a hard token boundary), or None."""
+    c = text.rfind(" ", lo + 1)
+    while c > lo:
+        if not text[c - 1].isspace():
+            return c
+        c = text.rfind(" ", lo + 1, c)
+    return None
+
+
+class IncrementalEncoder:
+    """Tokenizes one stream's text as it arrives; see the module docstring for the hold-back rule.
+
+    push(piece) returns the token ids that became final; flush() returns the rest (call it when the client
+    says the text is complete: end of message batch, end of document, or before generating). Text pushed
+    after a flush continues the same stream: it is tokenized as in the whole text whenever the flush point
+    is a token boundary of the whole text (e.g. the next piece starts with a space), otherwise the flush
+    point acts as a forced token boundary.
+    """
+
+    def __init__(self, tokenizer, *, max_hold_chars: int = 4096, context_chars: int = 64,
+                 add_special_tokens: bool = True) -> None:
+        if max_hold_chars < 16 or context_chars < 1:
+            raise ValueError("max_hold_chars must be >= 16 and context_chars >= 1")
+        self._backend = backend_of(tokenizer)
+        self._prefix, self._suffix = special_affixes(tokenizer) if add_special_tokens else ([], [])
+        self.max_hold_chars = max_hold_chars
+        self.context_chars = context_chars
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._context = ""  # committed text just before _held, re-tokenized as left context
+        self._held = ""  # received text whose tokens are not final yet
+        self._started = False  # whether any id (BOS included) has been emitted on this stream
+
+    @property
+    def held_text(self) -> str:
+        """Text received but not yet turned into ids (bounded by about max_hold_chars + one piece)."""
+        return self._held
+
+    def push(self, piece: str | bytes) -> list[int]:
+        """Append a piece of text (bytes may end inside a UTF-8 character); return the ids now final."""
+        if isinstance(piece, bytes | bytearray | memoryview):
+            self._held += self._utf8.decode(bytes(piece))
+        else:
+            self._held += self._utf8.decode(b"", final=True) + piece  # pending bytes end before a str
+        cut = last_cut(self._held)
+        if cut is not None:
+            ids = self._commit(cut)
+            if ids is not None:
+                return self._start(ids)
+        if len(self._held) > self.max_hold_chars:
+            return self._start(self._commit_by_agreement())
+        return []
+
+    def flush(self, end_of_document: bool = False) -> list[int]:
+        """Make all received text final; return its ids. end_of_document also appends the tokenizer's
+        suffix tokens (EOS for tokenizers that add one; none for Llama) and starts the next text fresh."""
+        self._held += self._utf8.decode(b"", final=True)
+        ids = self._commit(len(self._held)) if self._held else []
+        ids = self._start(ids, force=True)
+        if end_of_document:
+            ids += self._suffix
+            self._context = ""
+        return ids
+
+    def push_ids(self, ids: Iterable[int]) -> list[int]:
+        """Append token ids directly (e.g. generated tokens, pre-tokenized input); returns the ids to feed
+        the model: any held text first (flushed), then `ids`. No BOS is added in front of raw ids."""
+        head = self.flush() if self._held or self._utf8.getstate()[0] else []
+        self._started = True
+        self._context = ""  # following text starts after a forced boundary
+        return head + list(ids)
+
+    def _start(self, ids: list[int], force: bool = False) -> list[int]:
+        """Put the tokenizer's prefix (BOS) in front of the stream's first ids."""
+        if self._started or not (ids or force):
+            return ids
+        self._started = True
+        return self._prefix + ids
+
+    def _commit(self, cut: int) -> list[int] | None:
+        """Commit self._held[:cut]; None if the tokenization does not have a boundary at the cut."""
+        at_stream_start = not self._started and not self._context
+        contexts = ("",) if at_stream_start else (self._context, *_SEPARATOR_CONTEXTS)
+        for context in dict.fromkeys(contexts):
+            tokens = tokens_between(self._backend, context + self._held, len(context), len(context) + cut)
+            if tokens == "end":  # no boundary at the cut itself: another context will not fix that
+                return None
+            if tokens is not None:
+                break
+        else:  # no context gives a boundary in front of the held text
+            raise RuntimeError("tokenizer has no token boundary at the start of the held text")
+        committed = self._held[:cut]
+        self._held = self._held[cut:]
+        self._context = self._context_for(context + committed)
+        return tokens
+
+    def _context_for(self, text: str) -> str:
+        """Left context for the next commit: the last word of `text`, at most context_chars long."""
+        lo = max(0, len(text) - self.context_chars)
+        start = last_cut(text, lo)
+        return text[lo if start is None else start:]
+
+    def _commit_by_agreement(self) -> list[int]:
+        """No whitespace cut in a long held text: commit the tokens on which two tokenizations, with
+        different amounts of look-ahead, agree, keeping 8 tokens of safety margin."""
+        text = self._context + self._held
+        a = len(self._context)
+        probe_end = len(text) - self.max_hold_chars // 2
+        full = self._backend.encode(text, add_special_tokens=False)
+        short = self._backend.encode(text[:probe_end], add_special_tokens=False)
+        n = min(len(full.ids), len(short.ids))
+        differs = np.flatnonzero(np.asarray(full.ids[:n]) != np.asarray(short.ids[:n]))
+        agree = int(differs[0]) if len(differs) else n
+        offsets = np.asarray(full.offsets, dtype=np.int64).reshape(-1, 2)
+        first = int(np.searchsorted(offsets[:, 0], a, "left"))
+        if first > 0 and offsets[first - 1, 1] > a:  # the context's last token runs into the held text
+            return []
+        last = agree - 8
+        # the cut must also be a clean boundary: the previous token ends where the next one starts
+        while last > first and offsets[last - 1, 1] > offsets[last, 0]:
+            last -= 1
+        if last <= first:
+            return []
+        cut = int(offsets[last, 0]) - a
+        ids = full.ids[first:last]
+        self._context = self._context_for(text[:a + cut])
+        self._held = self._held[cut:]
+        return ids
+
+
+def tokens_between(backend, text: str, start: int, end: int) -> list[int] | str | None:
+    """Ids of the tokens of `text` (no special tokens added) covering text[start:end].
+
+    Returns None if a token straddles `start`, "end" if one straddles `end`.
+    """
+    enc = backend.encode(text, add_special_tokens=False)
+    if not enc.ids:
+        return []
+    offsets = np.asarray(enc.offsets, dtype=np.int64).reshape(-1, 2)  # [n, 2] char spans
+    first = int(np.searchsorted(offsets[:, 0], start, "left")) if start > 0 else 0
+    last = int(np.searchsorted(offsets[:, 0], end, "left")) if end < len(text) else len(enc.ids)
+    if first > 0 and offsets[first - 1, 1] > start:
+        return None
+    if 0 < last < len(enc.ids) and offsets[last - 1, 1] > end:
+        return "end"
+    return enc.ids[first:last]
+
+
+def iter_file_ids(file: BinaryIO, encoder: IncrementalEncoder,
+                  block_bytes: int = 1 << 16) -> Iterator[list[int]]:
+    """Token ids of a binary file read in blocks through `encoder`, ending with its flush: the
+    concatenation equals tokenizing the whole file's text at once."""
+    while block := file.read(block_bytes):
+        ids = encoder.push(block)
+        if ids:
+            yield ids
+    tail = encoder.flush()
+    if tail:
+        yield tail
+
+
+class IncrementalDecoder:
+    """Turns generated token ids into text deltas that are always whole characters.
+
+    The concatenation of all push() results and flush() equals
+    `tokenizer.decode(context_ids + ids)[len(tokenizer.decode(context_ids)):]`, which for no context is
+    `tokenizer.decode(ids)` (skip_special_tokens as given). Pass the last few ids of the stream as
+    `context_ids` to keep the leading space that SentencePiece decoding strips from a text's first word.
+
+    Rule: decode a short window of ids (the tokens of the last emitted delta plus everything newer) and emit
+    the new part, holding it back while (a) it ends in U+FFFD (an incomplete UTF-8 character), (b) the ids
+    end in byte-fallback tokens (tokenizers decode a run of byte tokens all-or-nothing, so a later byte can
+    still turn the run into U+FFFDs), or (c) the tokenizer cleans up spaces and the text ends in a prefix
+    of a clean-up pattern such as " n't".
+    """
+
+    def __init__(self, tokenizer, *, skip_special_tokens: bool = True,
+                 context_ids: Sequence[int] = ()) -> None:
+        self._tokenizer = tokenizer
+        self._skip = skip_special_tokens
+        self._cleanup = bool(getattr(tokenizer, "clean_up_tokenization_spaces", False))
+        vocab = backend_of(tokenizer).get_vocab(with_added_tokens=True)
+        self._byte_ids = frozenset(i for token, i in vocab.items() if _BYTE_TOKEN.match(token))
+        self._ids: list[int] = list(context_ids)
+        self._prefix_start = 0  # first id of the decode window
+        self._read = len(self._ids)  # ids before this have had all their text emitted
+        self._prefix_len = len(self._decode(self._ids))  # chars of decode(window[: _read])
+        self._sent = 0  # chars after _prefix_len already emitted (a partially held delta)
+
+    @property
+    def ids(self) -> list[int]:
+        """All ids pushed so far (context ids first)."""
+        return self._ids
+
+    def _decode(self, ids: Sequence[int]) -> str:
+        return self._tokenizer.decode(ids, skip_special_tokens=self._skip)
+
+    def push(self, token_id: int) -> str:
+        """Add one generated id; return the newly printable text ("" while held back)."""
+        self._ids.append(int(token_id))
+        if token_id in self._byte_ids:
+            return ""
+        return self._emit(final=False)
+
+    def push_many(self, token_ids: Iterable[int]) -> str:
+        """Add several ids at once; same guarantee as push."""
+        ids = [int(i) for i in token_ids]
+        if not ids:
+            return ""
+        self._ids.extend(ids)
+        return "" if ids[-1] in self._byte_ids else self._emit(final=False)
+
+    def flush(self) -> str:
+        """All text still held back (call when the generation ends)."""
+        return self._emit(final=True)
+
+    def _emit(self, final: bool) -> str:
+        text = self._decode(self._ids[self._prefix_start:])
+        fresh = text[self._prefix_len:]
+        safe = len(fresh) if final else self._safe_length(fresh)
+        delta = fresh[self._sent:safe]
+        self._sent = max(self._sent, safe)
+        if self._sent == len(fresh):  # everything emitted: the newest tokens become the window's prefix
+            self._prefix_start, self._read = self._read, len(self._ids)
+            self._prefix_len = len(self._decode(self._ids[self._prefix_start:self._read]))
+            self._sent = 0
+        return delta
+
+    def _safe_length(self, fresh: str) -> int:
+        safe = len(fresh.rstrip("\ufffd"))
+        if self._cleanup:
+            space = fresh.rfind(" ", 0, safe)
+            while space >= 0 and safe - space < 4:
+                tail = fresh[space:safe]
+                if any(p.startswith(tail) and p != tail for p in _CLEANUP_PATTERNS):
+                    safe = space
+                space = fresh.rfind(" ", 0, space)
+        return safe
+
+
+class StopMatcher:
+    """Finds stop sequences in streamed text, across delta (and token) boundaries.
+
+    push(delta) -> (text to emit, stopped). Text that could be the start of a stop sequence is held back
+    until it is known not to be one. The first stop to complete (earliest end; the longest on a tie) ends
+    the stream; its text is emitted when include_stop, else dropped, and nothing after it is emitted.
+    """
+
+    def __init__(self, stop_sequences: Sequence[str], include_stop: bool = False) -> None:
+        self.stops = tuple(s for s in stop_sequences if s)
+        self.include_stop = include_stop
+        self._held = ""
+        self.stopped = False
+
+    def push(self, delta: str) -> tuple[str, bool]:
+        if self.stopped:
+            return "", True
+        text = self._held + delta
+        best: tuple[int, int] | None = None  # (end, -start) of the first stop to complete
+        for stop in self.stops:
+            start = text.find(stop)
+            if start >= 0:
+                key = (start + len(stop), -start)
+                best = key if best is None or key < best else best
+        if best is not None:
+            end, start = best[0], -best[1]
+            self.stopped, self._held = True, ""
+            return text[:end if self.include_stop else start], True
+        keep = self._partial_stop_length(text)
+        self._held = text[len(text) - keep:]
+        return text[:len(text) - keep], False
+
+    def flush(self) -> str:
+        """Held-back text when the stream ends without a stop."""
+        held, self._held = ("" if self.stopped else self._held), ""
+        return held
+
+    def _partial_stop_length(self, text: str) -> int:
+        """Length of the longest suffix of text that is a proper prefix of some stop sequence."""
+        longest = 0
+        for stop in self.stops:
+            for n in range(min(len(stop) - 1, len(text)), longest, -1):
+                if text.endswith(stop[:n]):
+                    longest = n
+                    break
+        return longest

@@ -30,6 +30,15 @@ def offloaded(path: Path, mode: str = "disk", k: int = 2, d: int = 1, dtype: tor
     return model, offloader
 
 
+def assert_same_outputs(ref, model, ids: torch.Tensor, new_tokens: int) -> None:
+    """Bit-identical logits over `ids` [batch, seq] and identical greedy continuations."""
+    with torch.inference_mode():
+        assert torch.equal(ref(ids).logits, model(ids).logits)
+        want = ref.generate(ids, max_new_tokens=new_tokens, do_sample=False)
+        got = model.generate(ids, max_new_tokens=new_tokens, do_sample=False)
+    assert torch.equal(want, got)
+
+
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory) -> Path:
     """A random 4-layer Llama saved as several small safetensors shards."""
@@ -68,12 +77,7 @@ def copy_checkpoint(src: Path, dst: Path) -> Path:
 def test_stories260k_logits_and_greedy_identical(model_dir, mode, k, d):
     ref = resident(model_dir)
     model, offloader = offloaded(model_dir, mode, k, d)
-    ids = torch.tensor([PROMPT])
-    with torch.inference_mode():
-        assert torch.equal(ref(ids).logits, model(ids).logits)
-        want = ref.generate(ids, max_new_tokens=40, do_sample=False)
-        got = model.generate(ids, max_new_tokens=40, do_sample=False)
-    assert torch.equal(want, got)
+    assert_same_outputs(ref, model, torch.tensor([PROMPT]), new_tokens=40)
     assert offloader.stats.peak_materialised == d + 1
     offloader.close()
 
@@ -83,10 +87,7 @@ def test_tiny_sharded_logits_identical(tiny_dir, mode):
     ref = resident(tiny_dir)
     model, offloader = offloaded(tiny_dir, mode, k=2, d=1)
     ids = torch.randint(0, 97, (2, 17), generator=torch.Generator().manual_seed(3))
-    with torch.inference_mode():
-        assert torch.equal(ref(ids).logits, model(ids).logits)
-        assert torch.equal(ref.generate(ids, max_new_tokens=12, do_sample=False),
-                           model.generate(ids, max_new_tokens=12, do_sample=False))
+    assert_same_outputs(ref, model, ids, new_tokens=12)
     offloader.close()
 
 
@@ -268,11 +269,7 @@ def test_stuck_worker_times_out_instead_of_hanging(tiny_dir):
 def test_cuda_side_stream_prefetch_identical(model_dir, mode):
     ref = resident(model_dir).to("cuda")
     model, offloader = load_model_offloaded(model_dir, OffloadConfig(mode, 2, 1), device="cuda")
-    ids = torch.tensor([PROMPT], device="cuda")
-    with torch.inference_mode():
-        for _ in range(3):
-            assert torch.equal(ref(ids).logits, model(ids).logits)
-        assert torch.equal(ref.generate(ids, max_new_tokens=40, do_sample=False),
-                           model.generate(ids, max_new_tokens=40, do_sample=False))
+    for _ in range(3):
+        assert_same_outputs(ref, model, torch.tensor([PROMPT], device="cuda"), new_tokens=40)
     assert offloader.stats.peak_materialised == 2
     offloader.close()

@@ -19,6 +19,7 @@ from core.model_loading import check_supported
 from core.rope import RopeTable
 from core.sink_cache import SinkCache
 from core.snapshot import restore_row, snapshot_row
+from core.tiers import TierMemory
 
 
 class NoFreeRowError(RuntimeError):
@@ -97,7 +98,7 @@ class StreamingInference:
         self._scored = [0] * max_rows
         self.generators = [torch.Generator() for _ in range(max_rows)]
         self._free = list(range(max_rows - 1, -1, -1))
-        self.tier_memory = None  # set by core.tiers when tiers are configured
+        self.tier_memory = TierMemory(self.cache, config, model) if config.tiers else None
 
     # ----------------------------------------------------------------- rows
     def open_row(self, seed: int | None = None) -> int:

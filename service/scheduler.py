@@ -1,0 +1,292 @@
+"""The scheduler: one asyncio task that owns every engine and batches all sessions' work.
+
+Each round, every session with work contributes one piece to the next forward pass of its engine:
+up to one chunk of pending input, or one decode token of its running generation. Those pieces run as ONE
+`StreamingInference.step` in a worker thread (`asyncio.to_thread`), so the event loop keeps serving
+I/O while the model computes, and N concurrent sessions cost about one pass per chunk instead of N.
+Requests that need no forward pass (flush acknowledgements, checkpoints, close, errors) are answered in
+order as the scheduler reaches them.
+
+Backpressure: a session is skipped while its attached call has OUTBOX_LIMIT responses unsent (a slow
+reader stalls only itself), and a session's inbox is bounded (a fast writer stalls only itself).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from dataclasses import dataclass
+
+import grpc
+import torch
+
+from clients.sinkstream_pb import sinkstream_pb2 as pb
+from core.generation import Generation
+from core.streaming import ChunkResult, StreamingInference
+from service.metrics import ServerMetrics
+from service.requests import RequestError
+from service.sessions import ActiveGeneration, Session, SessionManager
+from service.work import AppendWork, CheckpointWork, CloseWork, DetachWork, ErrorWork, GenerateWork, StreamEnd
+
+log = logging.getLogger("sinkstream.scheduler")
+SWEEP_INTERVAL_S = 1.0
+
+
+@dataclass
+class Piece:
+    """One session's part of a forward pass: input ids, or a decode step of its generation."""
+
+    session: Session
+    ids: list[int] | None = None
+    token: int = -1
+    logprob: float = math.nan
+
+
+class Scheduler:
+    """Runs forever on the server's loop; `wake()` whenever a session may have new work."""
+
+    def __init__(self, manager: SessionManager, metrics: ServerMetrics) -> None:
+        self._progressed = False
+        self.manager = manager
+        self.metrics = metrics
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        self._sweeper: asyncio.Task | None = None
+        manager.on_work = self.wake
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="sinkstream-scheduler")
+        self._sweeper = asyncio.create_task(self._sweep(), name="sinkstream-sweeper")
+
+    async def stop(self) -> None:
+        for task in (self._task, self._sweeper):
+            if task is not None:
+                task.cancel()
+        for task in (self._task, self._sweeper):
+            if task is not None:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+
+    async def _sweep(self) -> None:
+        while True:
+            await asyncio.sleep(SWEEP_INTERVAL_S)
+            try:
+                await self.manager.sweep()
+            except Exception:
+                log.exception("session sweep failed")
+
+    async def _run(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            try:
+                while await self._round():
+                    await asyncio.sleep(0)  # let the loop read requests and send responses
+            except Exception:  # a scheduler bug must not take the server down; sessions report errors
+                log.exception("scheduler round failed")
+                await asyncio.sleep(0.1)
+                self.wake()
+
+    # ------------------------------------------------------------------ one round
+    async def _round(self) -> bool:
+        """Advance every session; run one forward pass per engine with work. True if anything happened."""
+        self._progressed = False
+        async with self.manager.lock:
+            by_engine: dict[int, tuple[StreamingInference, list[Piece]]] = {}
+            for session in list(self.manager.sessions.values()):
+                if not session.has_work():
+                    continue
+                if not session.resident and not await self.manager.ensure_resident(session):
+                    continue
+                piece = await self._advance(session)
+                if piece is not None:
+                    by_engine.setdefault(id(session.engine), (session.engine, []))[1].append(piece)
+            for engine, pieces in by_engine.values():
+                await self._step(engine, pieces)
+                self._progressed = True
+        self.metrics.queue_depth.set(sum(s.inbox.qsize() for s in self.manager.sessions.values()))
+        self.metrics.pending_tokens.set(sum(len(s.pending) for s in self.manager.sessions.values()))
+        return self._progressed
+
+    async def _advance(self, s: Session) -> Piece | None:
+        """Answer s's requests that need no forward pass; return its piece of the next pass, if any."""
+        chunk = s.config.chunk
+        while not s.closed:
+            if s.generation is not None:
+                return self._decode_piece(s)
+            draining = s.flush_request is not None or isinstance(s.current, GenerateWork)
+            if len(s.pending) >= chunk or (s.pending and draining):
+                return None if s.outbox_full() else Piece(s, ids=s.pending[:chunk])
+            if not s.pending and s.flush_request is not None:
+                stats = s.engine.stats(s.row)
+                s.emit(pb.StreamResponse(request_id=s.flush_request, flushed=pb.Flushed(
+                    tokens_seen=stats.tokens_seen, mean_nll=stats.mean_nll, perplexity=stats.perplexity)))
+                s.flush_request = None
+                continue
+            item = s.current
+            if item is None:
+                if s.inbox.empty():
+                    return None
+                item = s.inbox.get_nowait()
+            s.current = None
+            s.touch()
+            self._progressed = True
+            if isinstance(item, AppendWork):
+                s.pending.extend(item.ids)
+                s.pending_owners.append([len(item.ids), item.request_id])
+                if item.flush:
+                    s.flush_request = item.request_id
+            elif isinstance(item, GenerateWork):
+                if s.pending:
+                    s.current = item  # run the remaining input first
+                    item.input_tokens = len(s.pending)
+                else:
+                    self._start_generation(s, item)
+            elif isinstance(item, CheckpointWork):
+                await self._checkpoint(s, item)
+            elif isinstance(item, CloseWork):
+                tokens = s.tokens_seen()
+                self.manager.close(s)
+                s.emit(pb.StreamResponse(request_id=item.request_id,
+                                         closed=pb.Closed(session_id=s.id, tokens_seen=tokens)))
+                s.emit(StreamEnd())
+            elif isinstance(item, DetachWork):
+                s.emit(StreamEnd())
+            elif isinstance(item, ErrorWork):
+                s.emit(pb.StreamResponse(request_id=item.request_id, error=item.error.to_pb()))
+        return None
+
+    def _decode_piece(self, s: Session) -> Piece | None:
+        g = s.generation
+        limit = g.work.time_limit_s
+        if g.work.seq <= s.cancel_upto:
+            s.finish_generation("CANCELLED")
+            self._progressed = True
+        elif limit is not None and time.perf_counter() - g.work.arrived >= limit:
+            s.finish_generation("TIME_LIMIT")
+            self._progressed = True
+        elif not s.outbox_full():
+            return Piece(s)
+        return None
+
+    def _start_generation(self, s: Session, work: GenerateWork) -> None:
+        if work.seq <= s.cancel_upto:
+            s.generation = ActiveGeneration(work, Generation(s.engine, s.row, work.params, None), 0)
+            s.finish_generation("CANCELLED")
+            self._progressed = True
+            return
+        if s.engine.next_logprobs(s.row) is None:
+            s.emit(pb.StreamResponse(request_id=work.request_id, error=RequestError(
+                grpc.StatusCode.FAILED_PRECONDITION, "the stream is empty: append input before generating",
+                "generate").to_pb()))
+            return
+        gen = Generation(s.engine, s.row, work.params, self.manager.pool.tokenizer)
+        s.generation = ActiveGeneration(work, gen, input_tokens=work.input_tokens)
+
+    async def _checkpoint(self, s: Session, item: CheckpointWork) -> None:
+        try:
+            size = await self.manager.checkpoint(s)
+        except RequestError as exc:
+            s.emit(pb.StreamResponse(request_id=item.request_id, error=exc.to_pb()))
+            return
+        s.emit(pb.StreamResponse(request_id=item.request_id, checkpointed=pb.Checkpointed(
+            session_id=s.id, tokens_seen=s.tokens_seen(), bytes=size)))
+
+    # ------------------------------------------------------------------ the forward pass
+    async def _step(self, engine: StreamingInference, pieces: list[Piece]) -> None:
+        top_k = max((p.session.analysis.top_k for p in pieces if p.ids is not None), default=0)
+        embeddings = any(p.session.analysis.embeddings for p in pieces if p.ids is not None)
+        for p in pieces:
+            p.session.in_step = True
+        started = time.perf_counter()
+        try:
+            results = await asyncio.to_thread(self._compute, engine, pieces, top_k, embeddings)
+        except Exception as exc:  # e.g. out of memory: report to the sessions in this pass, keep serving
+            log.exception("forward pass failed")
+            self._fail(pieces, exc)
+            return
+        finally:
+            for p in pieces:
+                p.session.in_step = False
+        elapsed = time.perf_counter() - started
+        self.metrics.step_seconds.observe(elapsed)
+        self.metrics.batch_rows.observe(len(pieces))
+        self.metrics.batch_tokens.observe(sum(len(p.ids) if p.ids is not None else 1 for p in pieces))
+        for p in pieces:
+            if p.ids is not None:
+                self._deliver_chunk(p, results[p.session.row])
+            else:
+                self._deliver_token(p)
+
+    @staticmethod
+    def _compute(engine: StreamingInference, pieces: list[Piece], top_k: int,
+                 embeddings: bool) -> dict[int, ChunkResult]:
+        """Worker thread: sample decode tokens, run one batched forward pass."""
+        with torch.inference_mode():
+            inputs = {}
+            for p in pieces:
+                if p.ids is None:
+                    p.token, p.logprob = p.session.generation.gen.choose()
+                    inputs[p.session.row] = [p.token]
+                else:
+                    inputs[p.session.row] = p.ids
+            return engine.step(inputs, top_k=top_k, embeddings=embeddings)
+
+    def _fail(self, pieces: list[Piece], exc: Exception) -> None:
+        code = (grpc.StatusCode.RESOURCE_EXHAUSTED if isinstance(exc, MemoryError | torch.OutOfMemoryError)
+                else grpc.StatusCode.INTERNAL)
+        for p in pieces:
+            s = p.session
+            if p.ids is None:
+                s.finish_generation("ERROR", error=f"{type(exc).__name__}: {exc}")
+            else:
+                s.consume_pending(len(p.ids))  # dropped: retrying the same input would fail again
+                s.emit(pb.StreamResponse(error=RequestError(
+                    code, f"forward pass failed, {len(p.ids)} input tokens dropped: {exc}").to_pb()))
+
+    def _deliver_chunk(self, p: Piece, result: ChunkResult) -> None:
+        s = p.session
+        request_id = s.consume_pending(len(p.ids))
+        self.metrics.tokens.labels("input").inc(len(p.ids))
+        if s.outbox is None:
+            return
+        a = s.analysis
+        msg = pb.ChunkResult(num_tokens=len(p.ids), tokens_seen=result.tokens_seen,
+                             mean_nll=result.mean_nll, perplexity=result.perplexity,
+                             scored_tokens=s.engine.stats(s.row).scored_tokens)
+        if a.token_ids:
+            msg.token_ids.extend(result.token_ids)
+        if a.logprobs:
+            msg.logprobs.extend(result.logprobs.tolist())
+        if a.top_k:
+            msg.top_k = a.top_k
+            msg.top_k_ids.extend(result.topk_ids[:, : a.top_k].reshape(-1).tolist())
+            msg.top_k_logprobs.extend(result.topk_logprobs[:, : a.top_k].reshape(-1).tolist())
+        if a.embeddings:
+            msg.embedding.extend(result.embedding.tolist())
+        msg.cache.CopyFrom(s.cache_stats())
+        s.emit(pb.StreamResponse(request_id=request_id, chunk=msg))
+
+    def _deliver_token(self, p: Piece) -> None:
+        s = p.session
+        g = s.generation
+        token = g.gen.accept(p.token, p.logprob)
+        now = time.perf_counter()
+        if g.first_token_at is None:
+            g.first_token_at = now
+            self.metrics.ttft_seconds.observe(now - g.work.arrived)
+        else:
+            self.metrics.token_seconds.observe(now - g.last_token_at)
+        g.last_token_at = now
+        g.text_parts.append(token.text)
+        self.metrics.tokens.labels("generated").inc()
+        s.emit(pb.StreamResponse(request_id=g.work.request_id, token=pb.GeneratedToken(
+            token_id=token.token_id, text=token.text, logprob=token.logprob, index=len(g.gen.generated) - 1)))
+        if token.stop_reason is not None:
+            s.finish_generation(token.stop_reason)

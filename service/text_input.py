@@ -1,0 +1,48 @@
+"""One session's text input: core.text.IncrementalEncoder plus a JSON-able state for session snapshots."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from core.text import IncrementalEncoder
+
+
+class TextInput:
+    """Turns a session's text pieces and raw ids into the ids to feed, in order; BOS once per session.
+
+    The encoder's state (held-back text, left context, pending UTF-8 bytes) is saved with the session so
+    a session restored from disk tokenizes later text exactly as if it had never left memory.
+    """
+
+    def __init__(self, tokenizer, state: dict[str, Any] | None = None) -> None:
+        self.encoder = IncrementalEncoder(tokenizer)
+        if state:
+            enc = self.encoder
+            enc._context, enc._held, enc._started = state["context"], state["held"], state["started"]
+            enc._utf8.setstate((bytes.fromhex(state["utf8_pending"]), 0))
+
+    def push(self, text: str) -> list[int]:
+        """Ids made final by `text` (a partial last word is held back)."""
+        return self.encoder.push(text)
+
+    def flush(self) -> list[int]:
+        """Ids of all held-back text (BOS first if the stream has no token yet)."""
+        return self.encoder.flush()
+
+    def push_ids(self, ids: list[int]) -> list[int]:
+        """Held-back text (flushed) followed by raw `ids`; later text starts at a token boundary."""
+        return self.encoder.push_ids(ids)
+
+    @property
+    def needs_flush(self) -> bool:
+        """Whether flush() would return ids: held text, or the BOS of a stream with no token yet."""
+        return self.holds_text or not self.encoder._started
+
+    @property
+    def holds_text(self) -> bool:
+        return bool(self.encoder.held_text) or bool(self.encoder._utf8.getstate()[0])
+
+    def state(self) -> dict[str, Any]:
+        enc = self.encoder
+        return {"context": enc._context, "held": enc._held, "started": enc._started,
+                "utf8_pending": enc._utf8.getstate()[0].hex()}

@@ -1,0 +1,65 @@
+"""Requests of one session's stream as the scheduler consumes them, in arrival order."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from core.sampling import SamplingParams
+from service.requests import RequestError
+
+
+@dataclass
+class AppendWork:
+    """Ids to add to the stream; `flush` asks for a partial last chunk to be run and acknowledged."""
+
+    request_id: str
+    ids: list[int]
+    flush: bool
+
+
+@dataclass
+class GenerateWork:
+    """A generation; `seq` numbers a stream's Generate requests (CancelGeneration cancels up to one)."""
+
+    request_id: str
+    params: SamplingParams
+    time_limit_s: float | None
+    arrived: float
+    seq: int
+    input_tokens: int = 0  # pending input run for this request before generating
+
+
+@dataclass
+class CheckpointWork:
+    request_id: str
+
+
+@dataclass
+class CloseWork:
+    request_id: str
+
+
+@dataclass
+class DetachWork:
+    """The client half-closed: finish what came before, then end the call; the session stays."""
+
+    request_id: str = ""
+
+
+@dataclass
+class ErrorWork:
+    """A request refused by the reader; reported in order with the other requests' answers."""
+
+    request_id: str
+    error: RequestError
+
+
+Work = AppendWork | GenerateWork | CheckpointWork | CloseWork | DetachWork | ErrorWork
+
+
+@dataclass
+class StreamEnd:
+    """Outbox marker: end the call (OK), or abort it with `error`."""
+
+    error: RequestError | None = None
+    extra: dict = field(default_factory=dict)

@@ -223,10 +223,10 @@ class IncrementalDecoder:
     `context_ids` to keep the leading space that SentencePiece decoding strips from a text's first word.
 
     Rule: decode a short window of ids (the tokens of the last emitted delta plus everything newer) and emit
-    the new part, holding it back while (a) it ends in U+FFFD (an incomplete UTF-8 character), (b) the ids
-    end in byte-fallback tokens (tokenizers decode a run of byte tokens all-or-nothing, so a later byte can
-    still turn the run into U+FFFDs), or (c) the tokenizer cleans up spaces and the text ends in a prefix
-    of a clean-up pattern such as " n't".
+    the new part, holding it back while (a) it ends in U+FFFD (an incomplete UTF-8 character), (b) the
+    last visible id is a byte-fallback token (tokenizers decode a run of byte tokens all-or-nothing, so a
+    later byte can still turn the run into U+FFFDs; skipped special tokens do not end a run), or (c) the
+    tokenizer cleans up spaces and the text ends in a prefix of a clean-up pattern such as " n't".
     """
 
     def __init__(self, tokenizer, *, skip_special_tokens: bool = True,
@@ -234,8 +234,13 @@ class IncrementalDecoder:
         self._tokenizer = tokenizer
         self._skip = skip_special_tokens
         self._cleanup = bool(getattr(tokenizer, "clean_up_tokenization_spaces", False))
-        vocab = backend_of(tokenizer).get_vocab(with_added_tokens=True)
+        backend = backend_of(tokenizer)
+        vocab = backend.get_vocab(with_added_tokens=True)
         self._byte_ids = frozenset(i for token, i in vocab.items() if _BYTE_TOKEN.match(token))
+        # ids that vanish when decoding; they do not end a run of byte tokens
+        self._skipped_ids = frozenset(i for i, t in backend.get_added_tokens_decoder().items()
+                                      if t.special and skip_special_tokens)
+        self._byte_run_open = False  # the last visible id is a byte-fallback token
         self._ids: list[int] = list(context_ids)
         self._prefix_start = 0  # first id of the decode window
         self._read = len(self._ids)  # ids before this have had all their text emitted
@@ -252,18 +257,15 @@ class IncrementalDecoder:
 
     def push(self, token_id: int) -> str:
         """Add one generated id; return the newly printable text ("" while held back)."""
-        self._ids.append(int(token_id))
-        if token_id in self._byte_ids:
-            return ""
-        return self._emit(final=False)
+        return self.push_many((token_id,))
 
     def push_many(self, token_ids: Iterable[int]) -> str:
         """Add several ids at once; same guarantee as push."""
-        ids = [int(i) for i in token_ids]
-        if not ids:
-            return ""
-        self._ids.extend(ids)
-        return "" if ids[-1] in self._byte_ids else self._emit(final=False)
+        for token_id in token_ids:
+            self._ids.append(int(token_id))
+            if token_id not in self._skipped_ids:
+                self._byte_run_open = token_id in self._byte_ids
+        return "" if self._byte_run_open else self._emit(final=False)
 
     def flush(self) -> str:
         """All text still held back (call when the generation ends)."""
@@ -275,7 +277,9 @@ class IncrementalDecoder:
         safe = len(fresh) if final else self._safe_length(fresh)
         delta = fresh[self._sent:safe]
         self._sent = max(self._sent, safe)
-        if self._sent == len(fresh):  # everything emitted: the newest tokens become the window's prefix
+        # everything emitted: the newest tokens become the window's prefix. A prefix must show text, else
+        # decoders that strip a text's leading space would strip the next token's space instead.
+        if fresh and self._sent == len(fresh):
             self._prefix_start, self._read = self._read, len(self._ids)
             self._prefix_len = len(self._decode(self._ids[self._prefix_start:self._read]))
             self._sent = 0

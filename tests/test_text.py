@@ -1,0 +1,297 @@
+"""Text in pieces: incremental encoding equals whole-text encoding, streamed decoding equals whole decoding,
+stop sequences are found across token boundaries. Property tests over real text (sotu.txt) with non-ASCII
+characters mixed in, for stories260K (SentencePiece-style BPE with byte fallback) and for a GPT-2-style
+byte-level BPE trained here."""
+
+from __future__ import annotations
+
+import io
+import random
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+from core.text import IncrementalDecoder, IncrementalEncoder, StopMatcher, iter_file_ids
+
+EXTRAS = ["é", "ñ", "ü", "Ç", "ø", "日本語", "中文", "한국어", "😀", "👍🏽", "🇫🇷", "e\u0301", "’", "—", "…",
+          "  ", "   ", "\n", "\n\n", "\t", " \n ", "\xa0", "\u200a", "<s>", "</s>", "'s", " n't", " .",
+          "▁", "Ġ"]
+PROPERTY = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@pytest.fixture(scope="module")
+def sotu(sotu_path) -> str:
+    return sotu_path.read_text(encoding="utf-8")
+
+
+@pytest.fixture(scope="module")
+def stories_tokenizer(model_dir):
+    return AutoTokenizer.from_pretrained(model_dir)
+
+
+@pytest.fixture(scope="module")
+def bpe_tokenizer(sotu):
+    """A GPT-2-style byte-level BPE (ByteLevel pre-tokenizer with the GPT-2 regex, no prefix space),
+    trained on part of sotu.txt plus non-ASCII text so that some tokens hold partial UTF-8 characters."""
+    rng = random.Random(0)
+    extra = " ".join(rng.choice(EXTRAS[:14]) for _ in range(3000))
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(vocab_size=1200, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  special_tokens=["<|endoftext|>"], show_progress=False)
+    tok.train_from_iterator([sotu[:150_000], extra], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok)
+
+
+@pytest.fixture(scope="module", params=["stories260K", "byte-level-bpe"])
+def tokenizer(request):
+    return request.getfixturevalue("stories_tokenizer" if request.param == "stories260K" else "bpe_tokenizer")
+
+
+@st.composite
+def mixed_text(draw, sotu: str, max_len: int = 400) -> str:
+    """A slice of sotu.txt with accents, CJK, emoji, odd whitespace and special-token text mixed in."""
+    start = draw(st.integers(0, len(sotu) - 1))
+    text = sotu[start:start + draw(st.integers(0, max_len))]
+    inserts = draw(st.lists(st.tuples(st.integers(0, len(text)), st.sampled_from(EXTRAS)), max_size=8))
+    for pos, extra in sorted(inserts, reverse=True):
+        text = text[:pos] + extra + text[pos:]
+    return text
+
+
+def split_at(seq, cuts: list[int]) -> list:
+    bounds = [0, *sorted(c % (len(seq) + 1) for c in cuts), len(seq)]
+    return [seq[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
+
+
+def encode_in_pieces(encoder: IncrementalEncoder, pieces) -> list[int]:
+    ids: list[int] = []
+    for piece in pieces:
+        ids += encoder.push(piece)
+    return ids + encoder.flush()
+
+
+# ------------------------------------------------------------------------------------ encoder
+def test_naive_per_piece_tokenization_is_wrong_and_incremental_is_right(stories_tokenizer):
+    tok = stories_tokenizer
+    whole = tok("Hello world")["input_ids"]
+    naive = tok("Hello wor")["input_ids"] + tok("ld", add_special_tokens=False)["input_ids"]
+    assert naive != whole  # "▁l", "d" instead of "ld": a word marker in the middle of a word
+    assert tok.decode(naive) != tok.decode(whole)
+    assert encode_in_pieces(IncrementalEncoder(tok), ["Hello wor", "ld"]) == whole
+
+
+def test_pieces_equal_whole_text(tokenizer, sotu):
+    @PROPERTY
+    @given(data=st.data())
+    def check(data):
+        text = data.draw(mixed_text(sotu))
+        pieces = split_at(text, data.draw(st.lists(st.integers(0, 10_000), max_size=12)))
+        assert encode_in_pieces(IncrementalEncoder(tokenizer), pieces) == tokenizer(text)["input_ids"]
+
+    check()
+
+
+def test_byte_pieces_cut_inside_characters_equal_whole_text(tokenizer, sotu):
+    @PROPERTY
+    @given(data=st.data())
+    def check(data):
+        text = data.draw(mixed_text(sotu, max_len=200))
+        raw = text.encode("utf-8")
+        pieces = split_at(raw, data.draw(st.lists(st.integers(0, 10_000), max_size=16)))
+        assert encode_in_pieces(IncrementalEncoder(tokenizer), pieces) == tokenizer(text)["input_ids"]
+
+    check()
+
+
+def test_text_without_spaces_stays_bounded_and_exact(tokenizer, sotu):
+    """No whitespace cut for longer than max_hold_chars: the agreement path commits, held text stays
+    bounded, the result is still the whole-text tokenization."""
+    @settings(max_examples=40, deadline=None)
+    @given(data=st.data())
+    def check(data):
+        text = data.draw(mixed_text(sotu, max_len=600)).replace(" ", data.draw(st.sampled_from(["", "日"])))
+        pieces = split_at(text, data.draw(st.lists(st.integers(0, 10_000), max_size=40)))
+        encoder = IncrementalEncoder(tokenizer, max_hold_chars=64)
+        ids = []
+        for piece in pieces:
+            ids += encoder.push(piece)
+            assert len(encoder.held_text) <= 64 + len(piece)
+        assert ids + encoder.flush() == tokenizer(text)["input_ids"]
+
+    check()
+
+
+def test_file_read_in_blocks_equals_whole_file(stories_tokenizer, sotu):
+    text = sotu[:300_000] + " 日本語 café 😀"
+    blocks = list(iter_file_ids(io.BytesIO(text.encode()), IncrementalEncoder(stories_tokenizer), 4099))
+    assert len(blocks) > 10
+    assert [i for block in blocks for i in block] == stories_tokenizer(text)["input_ids"]
+
+
+def test_flush_then_more_text(stories_tokenizer):
+    tok = stories_tokenizer
+    encoder = IncrementalEncoder(tok)
+    first = encoder.push("Once upon a ti") + encoder.flush()
+    assert first == tok("Once upon a ti")["input_ids"]
+    # the flush point is a token boundary of the whole text when the next piece starts with a space
+    rest = encoder.push(" there was") + encoder.flush()
+    whole = tok("Once upon a ti there was")["input_ids"]
+    assert first + rest == whole
+    # otherwise it acts as a forced boundary: the text is kept exactly, no word marker is invented
+    encoder = IncrementalEncoder(tok)
+    head = encoder.push("Hello wo") + encoder.flush()
+    assert head == tok("Hello wo")["input_ids"]
+    tail = encoder.push("rld") + encoder.flush()
+    assert tok.decode(head + tail, skip_special_tokens=True) == "Hello world"
+    assert not tok.convert_ids_to_tokens(tail)[0].startswith("▁")
+    assert head + tail != tok("Hello world")["input_ids"]  # "or" was cut by the flush
+    assert encoder.flush() == []
+
+
+def test_bos_once_and_raw_ids(stories_tokenizer):
+    tok = stories_tokenizer
+    assert IncrementalEncoder(tok).flush() == tok("")["input_ids"]
+    encoder = IncrementalEncoder(tok)
+    assert encoder.push_ids([5, 6]) == [5, 6]  # raw ids: no BOS in front
+    assert encoder.push(" a cat") + encoder.flush() == tok(" a cat", add_special_tokens=False)["input_ids"]
+    encoder = IncrementalEncoder(tok)
+    assert encoder.push("The dog") == tok("The")["input_ids"]
+    assert encoder.push_ids([7]) == tok(" dog", add_special_tokens=False)["input_ids"] + [7]
+    assert encoder.flush() == []
+
+
+# ------------------------------------------------------------------------------------ decoder
+def decode_in_deltas(tokenizer, ids: list[int], **kwargs) -> list[str]:
+    decoder = IncrementalDecoder(tokenizer, **kwargs)
+    return [decoder.push(i) for i in ids] + [decoder.flush()]
+
+
+def byte_token_ids(tokenizer, text: str) -> list[int]:
+    vocab = tokenizer.get_vocab()
+    return [vocab[f"<0x{b:02X}>"] for b in text.encode("utf-8")]
+
+
+@st.composite
+def generated_ids(draw, tokenizer) -> list[int]:
+    """Ids a model could generate: ordinary tokens, specials, characters spelled as byte-fallback tokens,
+    and (sometimes) raw bytes that do not form valid UTF-8."""
+    vocab_size = len(tokenizer.get_vocab())
+    parts = draw(st.lists(st.one_of(
+        st.lists(st.integers(0, vocab_size - 1), min_size=1, max_size=4),
+        st.text(st.characters(min_codepoint=0x80, max_codepoint=0x1FAFF, blacklist_categories=("Cs",)),
+                min_size=1, max_size=3).map(lambda s: byte_token_ids(tokenizer, s)),
+        st.lists(st.integers(3, 258), min_size=1, max_size=3),
+    ), max_size=12))
+    return [i for part in parts for i in part]
+
+
+def test_deltas_are_whole_characters_and_concatenate_to_decode(stories_tokenizer):
+    tok = stories_tokenizer
+
+    @PROPERTY
+    @given(ids=generated_ids(tok), skip=st.booleans())
+    def check(ids, skip):
+        deltas = decode_in_deltas(tok, ids, skip_special_tokens=skip)
+        assert "".join(deltas) == tok.decode(ids, skip_special_tokens=skip)
+        for delta in deltas:
+            delta.encode("utf-8")  # no lone surrogates
+        if "\ufffd" not in tok.decode(ids):
+            assert not any("\ufffd" in d for d in deltas)  # never half a character on the wire
+
+    check()
+
+
+def test_byte_fallback_characters_are_never_split(stories_tokenizer):
+    tok = stories_tokenizer
+    ids = (tok("The cat")["input_ids"] + byte_token_ids(tok, "日本😀")
+           + tok(" sat", add_special_tokens=False)["input_ids"])
+    deltas = decode_in_deltas(tok, ids)
+    assert "".join(deltas) == tok.decode(ids, skip_special_tokens=True)
+    assert any("日本😀" in d for d in deltas)
+    assert all("\ufffd" not in d for d in deltas)
+
+
+def test_byte_level_bpe_deltas(bpe_tokenizer):
+    tok = bpe_tokenizer
+    vocab_size = len(tok.get_vocab())
+
+    @PROPERTY
+    @given(ids=st.lists(st.integers(0, vocab_size - 1), max_size=40))
+    def check(ids):
+        deltas = decode_in_deltas(tok, ids)
+        assert "".join(deltas) == tok.decode(ids, skip_special_tokens=True)
+        if "\ufffd" not in tok.decode(ids):
+            assert not any("\ufffd" in d for d in deltas)
+
+    check()
+
+
+def test_context_ids_keep_the_leading_space(stories_tokenizer):
+    tok = stories_tokenizer
+    prompt = tok("Once upon a time")["input_ids"]
+    generated = tok(" there was a dog", add_special_tokens=False)["input_ids"]
+    assert "".join(decode_in_deltas(tok, generated)) == "there was a dog"
+    assert "".join(decode_in_deltas(tok, generated, context_ids=prompt[-3:])) == " there was a dog"
+
+
+def test_space_cleanup_rules_hold_back(model_dir):
+    tok = AutoTokenizer.from_pretrained(model_dir, clean_up_tokenization_spaces=True)
+    pieces = ["▁", ".", ",", "'", "t", "▁n", "n", "s", "m", "?", "!", "▁a", "re", "ve"]
+    ids = tok.convert_tokens_to_ids(pieces)
+
+    @PROPERTY
+    @given(seq=st.lists(st.sampled_from(ids), max_size=30))
+    def check(seq):
+        assert "".join(decode_in_deltas(tok, seq)) == tok.decode(seq, skip_special_tokens=True)
+
+    check()
+
+
+# ------------------------------------------------------------------------------------ stop sequences
+def first_stop(text: str, stops: list[str], include: bool) -> tuple[str, bool]:
+    """Reference on the whole text: the stop that completes first (longest on a tie)."""
+    found = [(text.find(s) + len(s), -text.find(s)) for s in stops if s and s in text]
+    if not found:
+        return text, False
+    end, neg_start = min(found)
+    return text[:end if include else -neg_start], True
+
+
+def test_stop_sequences_across_deltas():
+    @PROPERTY
+    @given(text=st.text("ab c", max_size=40), stops=st.lists(st.text("ab c", min_size=1, max_size=4),
+                                                               min_size=1, max_size=3),
+           cuts=st.lists(st.integers(0, 100), max_size=10), include=st.booleans())
+    def check(text, stops, cuts, include):
+        matcher = StopMatcher(stops, include)
+        out, stopped = "", False
+        for delta in split_at(text, cuts):
+            emitted, stopped = matcher.push(delta)
+            out += emitted
+            if stopped:
+                break
+        if not stopped:
+            out += matcher.flush()
+        assert (out, stopped) == first_stop(text, stops, include)
+
+    check()
+
+
+def test_stop_sequence_split_across_tokens(stories_tokenizer):
+    tok = stories_tokenizer
+    ids = tok("The end. Once upon a time")["input_ids"]
+    assert "d." in "".join(tok.convert_ids_to_tokens(ids))  # "end." spans the tokens "▁e", "nd", "."
+    for include, expected in ((False, "The "), (True, "The end.")):
+        decoder, matcher, out = IncrementalDecoder(tok), StopMatcher(["end."], include), ""
+        for i in ids:
+            emitted, stopped = matcher.push(decoder.push(i))
+            out += emitted
+            if stopped:
+                break
+        assert stopped and out == expected

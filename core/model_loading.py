@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
+from transformers.utils import logging as hf_logging
 
 from core.rope import SUPPORTED_ROPE_TYPES
 
@@ -67,6 +68,7 @@ def load_model(
     """Load model + tokenizer from a local folder or a hub id, after checking the config is supported."""
     config = AutoConfig.from_pretrained(name_or_path)
     check_supported(config)
+    hf_logging.disable_progress_bar()  # our own progress output is the one users read
     model = AutoModelForCausalLM.from_pretrained(
         name_or_path, dtype=dtype, attn_implementation=attn_implementation
     ).to(device)

@@ -1,0 +1,88 @@
+"""The `sinkstream` command. Importing this module never imports torch: in-process subcommands load
+the model code (service.local_runner) only when they run, so a client-only install can use --server."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+
+def add_stream_options(p: argparse.ArgumentParser) -> None:
+    """Options shaping the bounded cache, shared by analyze, generate and serve."""
+    g = p.add_argument_group("bounded cache")
+    g.add_argument("--sink-tokens", type=int, default=4, help="attention-sink tokens kept (default 4)")
+    g.add_argument("--window", type=int, default=252, help="recent tokens kept (default 252)")
+    g.add_argument("--chunk", type=int, default=64, help="tokens per forward pass (default 64)")
+    g.add_argument("--tiers", default="", help="memory tiers, e.g. 32x4,16x4 (default: none)")
+    g.add_argument("--merge-policy", default="mean", choices=("mean", "attention", "heavy-hitters"),
+                   help="how evicted tokens merge into tiers (default mean)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sinkstream", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="continue a prompt (temperature 0 = greedy)")
+    gen.add_argument("--model", help="model folder or hub id (in-process mode)")
+    gen.add_argument("--server", help="host:port of a sinkstream server instead of --model")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--repetition-penalty", type=float, default=1.0)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--stop", action="append", help="stop sequence (repeatable)")
+    add_stream_options(gen)
+
+    ana = sub.add_parser("analyze", help="stream a text file and summarise per-token NLL / perplexity")
+    ana.add_argument("file")
+    ana.add_argument("--model", help="model folder or hub id (in-process mode)")
+    ana.add_argument("--server", help="host:port of a sinkstream server instead of --model")
+    ana.add_argument("--dense", action="store_true", help="plain full-cache baseline for comparison")
+    ana.add_argument("--json", metavar="OUT", help="write the summary and per-token NLL as JSON")
+    ana.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_stream_options(ana)
+    return parser
+
+
+def _need_model(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    if not args.model:
+        parser.error(f"{args.command}: give --model PATH (in-process) or --server ADDR")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command in ("generate", "analyze") and not args.server:
+        _need_model(args, parser)
+        try:
+            from service import local_runner
+        except ImportError as exc:
+            parser.error(f"in-process mode needs the server extra (pip install 'sinkstream[server]'): {exc}")
+        from core.config import ConfigError
+        from core.model_loading import UnsupportedModelError
+        from core.sampling import SamplingError
+
+        try:
+            if args.command == "generate":
+                print(args.prompt, end="", flush=True)
+                for delta in local_runner.generate_text(args):
+                    print(delta, end="", flush=True)
+                print()
+            else:
+                summary = local_runner.analyze(args)
+                print(summary.format())
+                if args.json:
+                    summary.write_json(args.json)
+        except (ConfigError, SamplingError, UnsupportedModelError) as exc:
+            print(f"sinkstream: error: {exc}", file=sys.stderr)
+            return 2
+        return 0
+    parser.error(f"{args.command} --server is not available yet")
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

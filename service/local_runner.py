@@ -1,0 +1,104 @@
+"""In-process `sinkstream analyze` and `sinkstream generate`: the core driven directly, no server."""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from clients.analysis import AnalysisSummary
+from core.config import StreamConfig, TierSpec
+from core.dense import DenseInference
+from core.generation import generate
+from core.model_loading import LoadedModel, load_model
+from core.sampling import SamplingParams
+from core.streaming import StreamingInference
+from core.text import IncrementalEncoder
+
+BLOCK_BYTES = 1 << 16
+
+
+def stream_config(args: argparse.Namespace) -> StreamConfig:
+    """StreamConfig from the shared CLI options (see clients.cli.add_stream_options)."""
+    return StreamConfig(sink_tokens=args.sink_tokens, window=args.window, chunk=args.chunk,
+                        tiers=TierSpec.parse(args.tiers or ""), merge_policy=args.merge_policy)
+
+
+def load(args: argparse.Namespace) -> LoadedModel:
+    return load_model(args.model)
+
+
+def read_blocks(path: Path, progress: tqdm | None) -> Iterator[str]:
+    """A file as text blocks; the incremental encoder makes block cuts invisible to tokenization."""
+    with path.open("r", encoding="utf-8", errors="strict", newline="") as f:
+        while block := f.read(BLOCK_BYTES):
+            if progress is not None:
+                progress.update(len(block.encode("utf-8")))
+            yield block
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def analyze(args: argparse.Namespace) -> AnalysisSummary:
+    """Stream a text file through the core (or the dense baseline) and summarise it."""
+    loaded = load(args)
+    config = stream_config(args)
+    path = Path(args.file)
+    if args.dense:
+        runner = DenseInference(loaded.model, chunk=config.chunk)
+        settings = {"chunk": config.chunk}
+        append = runner.append
+    else:
+        engine = StreamingInference(loaded.model, config, tokenizer=loaded.tokenizer)
+        row = engine.open_row()
+        settings = {"sink_tokens": config.sink_tokens, "window": config.window, "chunk": config.chunk}
+        if config.tiers:
+            settings.update(tiers=",".join(map(str, config.tiers)), merge_policy=config.merge_policy)
+
+        def append(ids: list[int]) -> Iterator:
+            return engine.append(row, ids)
+
+    summary = AnalysisSummary(source=str(path), mode="dense" if args.dense else "streaming",
+                              settings=settings)
+    encoder = IncrementalEncoder(loaded.tokenizer)
+    with tqdm(total=path.stat().st_size, unit="B", unit_scale=True, disable=args.quiet,
+              file=sys.stderr, desc="analyze") as bar:
+        pending: list[int] = []
+        for block in read_blocks(path, bar):
+            pending += encoder.push(block)
+            # Only whole chunks go through now, so chunk boundaries do not depend on the block size.
+            whole = len(pending) - len(pending) % config.chunk
+            for result in append(pending[:whole]):
+                summary.add_chunk(result.logprobs.tolist())
+            pending = pending[whole:]
+            bar.set_postfix(tokens=summary.tokens, tok_s=f"{summary.tokens_per_second:,.0f}")
+        for result in append(pending + encoder.flush()):
+            summary.add_chunk(result.logprobs.tolist())
+    summary.peak_rss_mib = peak_rss_mib()
+    summary.cache_bytes = runner.cache_bytes if args.dense else engine.cache_bytes
+    return summary
+
+
+def generate_text(args: argparse.Namespace) -> Iterator[str]:
+    """Yield the continuation of args.prompt as text deltas."""
+    loaded = load(args)
+    engine = StreamingInference(loaded.model, stream_config(args), tokenizer=loaded.tokenizer)
+    row = engine.open_row(seed=args.seed)
+    encoder = IncrementalEncoder(loaded.tokenizer)
+    ids = encoder.push(args.prompt) + encoder.flush()
+    with torch.inference_mode():
+        for _ in engine.append(row, ids):
+            pass
+        params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                repetition_penalty=args.repetition_penalty, seed=args.seed,
+                                max_new_tokens=args.max_new_tokens,
+                                stop_sequences=tuple(args.stop or ()))
+        for token in generate(engine, row, params, loaded.tokenizer):
+            yield token.text

@@ -1,0 +1,178 @@
+"""Conversions between the client's dataclasses and the sinkstream.v1 messages, shared by the sync and
+asyncio clients, plus the channel options both use."""
+
+from __future__ import annotations
+
+import grpc
+
+from clients.results import (
+    CacheStats,
+    Checkpointed,
+    ChunkResult,
+    Closed,
+    Flushed,
+    GeneratedToken,
+    GenerateParams,
+    GenerationResult,
+    ModelInfo,
+    SessionInfo,
+    SessionOpened,
+    SessionSettings,
+    SinkStreamError,
+    TierSpec,
+)
+from clients.sinkstream_pb import sinkstream_pb2 as pb
+
+DEFAULT_MAX_MESSAGE_BYTES = 64 << 20
+
+
+def channel_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+                    keepalive_ms: int = 30_000) -> list[tuple[str, int]]:
+    """Client channel arguments: large messages both ways; keepalive pings every `keepalive_ms` (the
+    server accepts pings every 10 s, so this never triggers a too_many_pings GOAWAY)."""
+    return [
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.keepalive_time_ms", keepalive_ms),
+        ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+    ]
+
+
+# ---------------------------------------------------------------------- requests
+def settings_to_pb(s: SessionSettings) -> pb.SessionSettings:
+    msg = pb.SessionSettings(
+        tiers=[pb.TierSpec(slots=t.slots, ratio=t.ratio) for t in s.tiers], merge_policy=s.merge_policy,
+        analysis=pb.AnalysisOptions(logprobs=s.logprobs, top_k=s.top_k, embeddings=s.embeddings,
+                                    token_ids=s.token_ids))
+    for name in ("sink_tokens", "window", "chunk"):
+        if getattr(s, name) is not None:
+            setattr(msg, name, getattr(s, name))
+    return msg
+
+
+def open_request(settings: SessionSettings | None, seed: int | None, session_id: str | None,
+                 request_id: str = "open") -> pb.StreamRequest:
+    request = pb.OpenSession(settings=settings_to_pb(settings or SessionSettings()),
+                             session_id=session_id or "")
+    if seed is not None:
+        request.seed = seed
+    return pb.StreamRequest(request_id=request_id, open=request)
+
+
+def resume_request(session_id: str, settings: SessionSettings | None = None,
+                   request_id: str = "resume") -> pb.StreamRequest:
+    """Resume; `settings` given replaces the session's analysis options (its cache shape is fixed)."""
+    request = pb.ResumeSession(session_id=session_id)
+    if settings is not None:
+        request.analysis.CopyFrom(settings_to_pb(settings).analysis)
+    return pb.StreamRequest(request_id=request_id, resume=request)
+
+
+def generate_request(p: GenerateParams, request_id: str) -> pb.StreamRequest:
+    msg = pb.Generate(temperature=p.temperature, top_k=p.top_k, top_p=p.top_p,
+                      repetition_penalty=p.repetition_penalty, max_new_tokens=p.max_new_tokens,
+                      stop_sequences=list(p.stop_sequences), include_stop_sequence=p.include_stop_sequence,
+                      time_limit_ms=p.time_limit_ms, ignore_eos=p.ignore_eos)
+    if p.seed is not None:
+        msg.seed = p.seed
+    return pb.StreamRequest(request_id=request_id, generate=msg)
+
+
+# ---------------------------------------------------------------------- responses
+def settings_from_pb(s: pb.SessionSettings) -> SessionSettings:
+    a = s.analysis
+    return SessionSettings(
+        sink_tokens=s.sink_tokens if s.HasField("sink_tokens") else None,
+        window=s.window if s.HasField("window") else None, chunk=s.chunk if s.HasField("chunk") else None,
+        tiers=tuple(TierSpec(t.slots, t.ratio) for t in s.tiers), merge_policy=s.merge_policy,
+        logprobs=a.logprobs, top_k=a.top_k, embeddings=a.embeddings, token_ids=a.token_ids)
+
+
+def cache_from_pb(parent) -> CacheStats | None:
+    if not parent.HasField("cache"):
+        return None
+    c = parent.cache
+    return CacheStats(used=c.used, capacity=c.capacity, sink_used=c.sink_used, window_used=c.window_used,
+                      tier_used=list(c.tier_used), cache_bytes=c.cache_bytes)
+
+
+def _rows(flat, k: int) -> list[list]:
+    values = list(flat)
+    return [values[i:i + k] for i in range(0, len(values), k)] if k else []
+
+
+def chunk_from_pb(c: pb.ChunkResult, request_id: str) -> ChunkResult:
+    return ChunkResult(
+        num_tokens=c.num_tokens, tokens_seen=c.tokens_seen, scored_tokens=c.scored_tokens,
+        mean_nll=c.mean_nll, perplexity=c.perplexity, token_ids=list(c.token_ids), logprobs=list(c.logprobs),
+        top_k_ids=_rows(c.top_k_ids, c.top_k), top_k_logprobs=_rows(c.top_k_logprobs, c.top_k),
+        embedding=list(c.embedding), cache=cache_from_pb(c), request_id=request_id)
+
+
+def error_from_pb(e: pb.Error) -> SinkStreamError:
+    return SinkStreamError(_STATUS_BY_VALUE.get(e.code, grpc.StatusCode.UNKNOWN), e.message, e.field)
+
+
+_STATUS_BY_VALUE = {code.value[0]: code for code in grpc.StatusCode}
+
+
+def response_from_pb(r: pb.StreamResponse):
+    """The dataclass for one StreamResponse (an Error becomes a SinkStreamError instance, not raised)."""
+    kind = r.WhichOneof("kind")
+    if kind == "chunk":
+        return chunk_from_pb(r.chunk, r.request_id)
+    if kind == "token":
+        t = r.token
+        return GeneratedToken(token_id=t.token_id, text=t.text, logprob=t.logprob, index=t.index)
+    if kind == "flushed":
+        f = r.flushed
+        return Flushed(tokens_seen=f.tokens_seen, mean_nll=f.mean_nll, perplexity=f.perplexity)
+    if kind == "generation_complete":
+        g = r.generation_complete
+        return GenerationResult(
+            stop_reason=pb.StopReason.Name(g.stop_reason).removeprefix("STOP_REASON_"),
+            generated_tokens=g.generated_tokens, input_tokens=g.input_tokens, tokens_seen=g.tokens_seen,
+            text=g.text, time_to_first_token_s=g.time_to_first_token_s, total_time_s=g.total_time_s,
+            error_message=g.error_message)
+    if kind == "session_opened":
+        o = r.session_opened
+        return SessionOpened(session_id=o.session_id, settings=settings_from_pb(o.settings),
+                             resumed=o.resumed, tokens_seen=o.tokens_seen, cache=cache_from_pb(o))
+    if kind == "checkpointed":
+        c = r.checkpointed
+        return Checkpointed(session_id=c.session_id, tokens_seen=c.tokens_seen, bytes=c.bytes)
+    if kind == "closed":
+        return Closed(session_id=r.closed.session_id, tokens_seen=r.closed.tokens_seen)
+    if kind == "error":
+        return error_from_pb(r.error)
+    raise SinkStreamError(grpc.StatusCode.UNIMPLEMENTED, f"unknown response kind {kind!r} (newer server?)")
+
+
+def session_info_from_pb(s: pb.SessionInfo) -> SessionInfo:
+    return SessionInfo(
+        session_id=s.session_id, settings=settings_from_pb(s.settings),
+        state=pb.SessionState.Name(s.state).removeprefix("SESSION_STATE_"), attached=s.attached,
+        tokens_seen=s.tokens_seen, pending_tokens=s.pending_tokens, mean_nll=s.mean_nll,
+        perplexity=s.perplexity, created_unix_s=s.created_unix_s, last_used_unix_s=s.last_used_unix_s,
+        cache=cache_from_pb(s))
+
+
+def model_info_from_pb(m: pb.ModelInfoResponse) -> ModelInfo:
+    return ModelInfo(
+        name=m.name, model_type=m.model_type, vocab_size=m.vocab_size,
+        max_position_embeddings=m.max_position_embeddings, hidden_size=m.hidden_size, num_layers=m.num_layers,
+        bos_token_id=m.bos_token_id if m.HasField("bos_token_id") else None,
+        eos_token_ids=list(m.eos_token_ids), default_settings=settings_from_pb(m.default_settings),
+        limits={f.name: getattr(m.limits, f.name) for f in m.limits.DESCRIPTOR.fields},
+        server_version=m.server_version)
+
+
+def rpc_error(exc: grpc.RpcError) -> SinkStreamError:
+    """A failed call as a SinkStreamError (the server puts "field: message" in the details)."""
+    details = exc.details() or ""
+    field, sep, message = details.partition(": ")
+    if not sep or " " in field:
+        field, message = "", details
+    return SinkStreamError(exc.code(), message, field)

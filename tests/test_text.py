@@ -9,11 +9,16 @@ import io
 import random
 
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import AutoTokenizer, PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
+from core.config import StreamConfig
+from core.generation import generate
+from core.sampling import SamplingParams
+from core.streaming import StreamingInference
 from core.text import IncrementalDecoder, IncrementalEncoder, StopMatcher, iter_file_ids
 
 EXTRAS = ["é", "ñ", "ü", "Ç", "ø", "日本語", "中文", "한국어", "😀", "👍🏽", "🇫🇷", "e\u0301", "’", "—", "…",
@@ -295,3 +300,63 @@ def test_stop_sequence_split_across_tokens(stories_tokenizer):
             if stopped:
                 break
         assert stopped and out == expected
+
+
+# ------------------------------------------------------------------------------------ through the engine
+@pytest.fixture(scope="module")
+def stories_model(model_dir):
+    return AutoModelForCausalLM.from_pretrained(model_dir).eval()
+
+
+def test_engine_logprobs_same_for_text_in_pieces(stories_model, stories_tokenizer, sotu):
+    """The service path without the wire: ids appended to the engine as the encoder commits them give the
+    same per-token log-probabilities as the whole text appended at once (no eviction, so the different
+    chunking must not matter)."""
+    tok, rng = stories_tokenizer, random.Random(7)
+    engine = StreamingInference(stories_model, StreamConfig(sink_tokens=4, window=440, chunk=64), max_rows=2)
+    for _ in range(3):
+        start = rng.randrange(len(sotu) - 600)
+        text = sotu[start:start + 450]
+        for _ in range(6):
+            pos = rng.randrange(len(text))
+            text = text[:pos] + rng.choice(EXTRAS) + text[pos:]
+        whole = tok(text)["input_ids"]
+        assert len(whole) <= 440
+        one, pieces = engine.open_row(), engine.open_row()
+        want = torch.cat([r.logprobs for r in engine.append(one, whole)])
+        encoder, ids, got = IncrementalEncoder(tok), [], []
+        cuts = [rng.randrange(len(text.encode())) for _ in range(25)]
+        for piece in [*split_at(text.encode(), cuts), None]:
+            new = encoder.push(piece) if piece is not None else encoder.flush()
+            ids += new
+            got += [r.logprobs for r in engine.append(pieces, new)] if new else []
+        got = torch.cat(got)
+        assert ids == whole
+        assert torch.isnan(got[0]) and torch.isnan(want[0])
+        # equal ids; only the chunk boundaries differ, which changes fp32 summation order (~1e-5)
+        assert (got[1:] - want[1:]).abs().max() <= 1e-4
+        engine.close_row(one)
+        engine.close_row(pieces)
+
+
+def test_generation_text_and_stop_sequence_across_tokens(stories_model, stories_tokenizer):
+    tok = stories_tokenizer
+    engine = StreamingInference(stories_model, StreamConfig(sink_tokens=4, window=252, chunk=64))
+
+    def run(params: SamplingParams) -> tuple[list[int], str, str | None]:
+        row = engine.open_row(seed=3)
+        list(engine.append(row, tok("Once upon a time")["input_ids"]))
+        out = list(generate(engine, row, params, tok))
+        engine.close_row(row)
+        return [t.token_id for t in out], "".join(t.text for t in out), out[-1].stop_reason
+
+    ids, text, _ = run(SamplingParams(temperature=1.0, seed=3, max_new_tokens=40))
+    assert text == tok.decode(ids, skip_special_tokens=True)
+    # a stop sequence made of the end of one token and the start of the next
+    boundary = len(tok.decode(ids[:len(ids) // 2], skip_special_tokens=True))
+    stop = text[boundary - 2:boundary + 2]
+    for include in (False, True):
+        _, stopped_text, reason = run(SamplingParams(temperature=1.0, seed=3, max_new_tokens=40,
+                                                     stop_sequences=(stop,), include_stop=include))
+        end = text.find(stop) + (len(stop) if include else 0)
+        assert (stopped_text, reason) == (text[:end], "STOP_SEQUENCE")

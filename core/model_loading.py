@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 from transformers.utils import logging as hf_logging
 
+from core.layer_prefetch import OffloadConfig
+from core.offload_loading import load_model_offloaded
 from core.rope import SUPPORTED_ROPE_TYPES
 
 # Families whose attention applies RoPE before `past_key_values.update` and accepts a 4-D mask.
@@ -64,14 +67,26 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     attn_implementation: str = "sdpa",
+    offload: OffloadConfig | None = None,
 ) -> LoadedModel:
-    """Load model + tokenizer from a local folder or a hub id, after checking the config is supported."""
+    """Load model + tokenizer from a local folder or a hub id, after checking the config is supported.
+
+    `offload` (mode cpu/disk) keeps the decoder layers out of memory and streams them through
+    `offload.resident_layers` slots (core.layer_prefetch); it needs a local safetensors folder.
+    """
     config = AutoConfig.from_pretrained(name_or_path)
     check_supported(config)
     hf_logging.disable_progress_bar()  # our own progress output is the one users read
-    model = AutoModelForCausalLM.from_pretrained(
-        name_or_path, dtype=dtype, attn_implementation=attn_implementation
-    ).to(device)
+    if offload is not None and offload.enabled:
+        if not Path(name_or_path).is_dir():
+            raise UnsupportedModelError(
+                f"weight offloading needs a local checkpoint folder, got {name_or_path!r}")
+        model, _ = load_model_offloaded(name_or_path, offload, dtype=dtype, device=device,
+                                        attn_implementation=attn_implementation)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(
+            name_or_path, dtype=dtype, attn_implementation=attn_implementation
+        ).to(device)
     model.eval()
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)

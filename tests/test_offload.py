@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM, DynamicCache
 
 from core.config import ConfigError, StreamConfig
 from core.layer_prefetch import OffloadConfig, OffloadError
+from core.model_loading import load_model
 from core.offload_loading import enable_layer_offload, load_model_offloaded
 from core.streaming import StreamingInference
 from core.weight_store import CheckpointError
@@ -127,7 +128,9 @@ def test_streaming_inference_on_offloaded_model(model_dir):
     config = StreamConfig(sink_tokens=4, window=60, chunk=16)
     ids = torch.randint(3, 512, (150,), generator=torch.Generator().manual_seed(5)).tolist()
     results = []
-    for model in (resident(model_dir), offloaded(model_dir, "disk", k=2, d=1)[0]):
+    loaded = load_model(str(model_dir), offload=OffloadConfig("disk", 2, 1))  # the CLI/server entry
+    assert loaded.tokenizer is not None and all(p.is_meta for p in loaded.model.model.layers.parameters())
+    for model in (resident(model_dir), loaded.model):
         engine = StreamingInference(model, config, max_rows=2)
         rows = [engine.open_row(seed=0), engine.open_row(seed=0)]
         chunks = [c.logprobs for c in engine.append(rows[0], [1, *ids])]

@@ -91,6 +91,17 @@ class IncrementalEncoder:
         """Text received but not yet turned into ids (bounded by about max_hold_chars + one piece)."""
         return self._held
 
+    def state(self) -> dict[str, str | bool]:
+        """JSON-able state (held text, left context, pending UTF-8 bytes) for session snapshots."""
+        return {"context": self._context, "held": self._held, "started": self._started,
+                "utf8_pending": self._utf8.getstate()[0].hex()}
+
+    def load_state(self, state: dict[str, str | bool]) -> None:
+        """Continue a stream saved with state(): later text is tokenized as if it had never stopped."""
+        self._context, self._held = str(state["context"]), str(state["held"])
+        self._started = bool(state["started"])
+        self._utf8.setstate((bytes.fromhex(str(state["utf8_pending"])), 0))
+
     def push(self, piece: str | bytes) -> list[int]:
         """Append a piece of text (bytes may end inside a UTF-8 character); return the ids now final."""
         if isinstance(piece, bytes | bytearray | memoryview):

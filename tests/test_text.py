@@ -6,6 +6,7 @@ byte-level BPE trained here."""
 from __future__ import annotations
 
 import io
+import json
 import random
 
 import pytest
@@ -130,6 +131,18 @@ def test_text_without_spaces_stays_bounded_and_exact(tokenizer, sotu):
         assert ids + encoder.flush() == tokenizer(text)["input_ids"]
 
     check()
+
+
+def test_state_round_trip_continues_the_stream(stories_tokenizer, sotu):
+    tok, text = stories_tokenizer, sotu[:3000] + " café 日本"
+    raw = text.encode()
+    cut = raw.index("é".encode()) + 1  # the saved state holds half a character
+    first = IncrementalEncoder(tok)
+    ids = first.push(raw[:cut])
+    saved = json.loads(json.dumps(first.state()))
+    second = IncrementalEncoder(tok)
+    second.load_state(saved)
+    assert ids + second.push(raw[cut:]) + second.flush() == tok(text)["input_ids"]
 
 
 def test_file_read_in_blocks_equals_whole_file(stories_tokenizer, sotu):

@@ -44,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     ana.add_argument("--json", metavar="OUT", help="write the summary and per-token NLL as JSON")
     ana.add_argument("--quiet", action="store_true", help="no progress bar")
     add_stream_options(ana)
+
+    # Options of `serve` live with the server (service.server.build_parser); main() hands them over.
+    sub.add_parser("serve", help="run the gRPC server (sinkstream serve --help)", add_help=False)
     return parser
 
 
@@ -53,6 +56,11 @@ def _need_model(args: argparse.Namespace, parser: argparse.ArgumentParser) -> No
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["serve"]:
+        from service.server import serve_main  # needs the server extra; imports torch
+
+        return serve_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command in ("generate", "analyze") and not args.server:
@@ -80,8 +88,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"sinkstream: error: {exc}", file=sys.stderr)
             return 2
         return 0
-    parser.error(f"{args.command} --server is not available yet")
-    return 2
+    from clients import remote_runner
+
+    return remote_runner.run(args)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,86 @@
+"""`sinkstream analyze --server ADDR` and `sinkstream generate --server ADDR`: the same commands as the
+in-process runner (service.local_runner), through the gRPC client. No torch here."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+from tqdm import tqdm
+
+from clients.analysis import AnalysisSummary
+from clients.client import SinkStreamClient
+from clients.results import GenerateParams, SessionSettings, SinkStreamError, TierSpec
+
+BLOCK_CHARS = 1 << 16
+
+
+def session_settings(args: argparse.Namespace, logprobs: bool = False) -> SessionSettings:
+    """SessionSettings from the shared CLI options (clients.cli.add_stream_options)."""
+    tiers = []
+    for part in filter(None, (p.strip() for p in (args.tiers or "").split(","))):
+        slots, _, ratio = part.lower().partition("x")
+        tiers.append(TierSpec(int(slots), int(ratio)))
+    return SessionSettings(sink_tokens=args.sink_tokens, window=args.window, chunk=args.chunk,
+                           tiers=tuple(tiers), merge_policy=args.merge_policy, logprobs=logprobs)
+
+
+def read_blocks(path: Path, progress: tqdm) -> Iterator[str]:
+    with path.open("r", encoding="utf-8", newline="") as f:
+        while block := f.read(BLOCK_CHARS):
+            progress.update(len(block.encode("utf-8")))
+            yield block
+
+
+def analyze(args: argparse.Namespace) -> AnalysisSummary:
+    path = Path(args.file)
+    settings = session_settings(args, logprobs=True)
+    shown = {"sink_tokens": args.sink_tokens, "window": args.window, "chunk": args.chunk}
+    if settings.tiers:
+        shown.update(tiers=args.tiers, merge_policy=args.merge_policy)
+    summary = AnalysisSummary(source=str(path), mode=f"streaming via {args.server}", settings=shown)
+    with SinkStreamClient(args.server) as client, client.open_session(settings) as session, \
+            tqdm(total=path.stat().st_size, unit="B", unit_scale=True, disable=args.quiet, file=sys.stderr,
+                 desc="analyze") as bar:
+        for chunk in session.stream_text(read_blocks(path, bar)):
+            summary.add_chunk(chunk.logprobs)
+            bar.set_postfix(tokens=summary.tokens, tok_s=f"{summary.tokens_per_second:,.0f}")
+            summary.cache_bytes = chunk.cache.cache_bytes if chunk.cache else None
+        session.close()
+    return summary
+
+
+def generate_text(args: argparse.Namespace) -> Iterator[str]:
+    params = GenerateParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                            repetition_penalty=args.repetition_penalty, seed=args.seed,
+                            max_new_tokens=args.max_new_tokens, stop_sequences=tuple(args.stop or ()))
+    with SinkStreamClient(args.server) as client, \
+            client.open_session(session_settings(args), seed=args.seed) as session:
+        session.send_text(args.prompt)
+        for token in session.generate_stream(params):
+            yield token.text
+        session.close()
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run analyze / generate against args.server; returns the exit status."""
+    if getattr(args, "dense", False):
+        print("sinkstream: error: --dense is an in-process baseline; use --model", file=sys.stderr)
+        return 2
+    try:
+        if args.command == "generate":
+            print(args.prompt, end="", flush=True)
+            for delta in generate_text(args):
+                print(delta, end="", flush=True)
+            print()
+        else:
+            summary = analyze(args)
+            print(summary.format())
+            if args.json:
+                summary.write_json(args.json)
+    except SinkStreamError as exc:
+        print(f"sinkstream: error: {exc}", file=sys.stderr)
+        return 2
+    return 0

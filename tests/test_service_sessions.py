@@ -1,0 +1,118 @@
+"""Sessions outlive streams: resume from a new connection, from disk after idle eviction, and after a
+SIGTERM restart of `sinkstream serve`, continuing exactly as an uninterrupted in-process run."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import REPO_ROOT
+from service_support import reference_chat, start_server, stories
+
+from clients.client import SinkStreamClient
+from clients.results import GenerateParams, SessionSettings
+from core.config import StreamConfig
+from core.sampling import SamplingParams
+
+CONFIG = StreamConfig(sink_tokens=4, window=40, chunk=8)  # small window: the chat runs through evictions
+SETTINGS = SessionSettings(sink_tokens=4, window=40, chunk=8)
+TURNS = ["Once upon a time", " The dog said hello.", " Then the sun came out and"]
+PARAMS = GenerateParams(temperature=0.8, top_k=20, max_new_tokens=24)  # session RNG: no per-request seed
+CORE_PARAMS = SamplingParams(temperature=0.8, top_k=20, max_new_tokens=24)
+SEED = 99
+
+
+def wait_for(predicate, timeout: float = 20.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError("condition not reached in time")
+
+
+@pytest.fixture(scope="module")
+def reference(model_dir):
+    return reference_chat(stories(model_dir), CONFIG, [(t, CORE_PARAMS) for t in TURNS], seed=SEED)
+
+
+def test_resume_from_new_connection_continues_chat_exactly(model_dir, reference):
+    server = start_server(model_dir)
+    try:
+        replies, session_id = [], None
+        for i, turn in enumerate(TURNS):
+            with SinkStreamClient(server.address, timeout=60) as client:  # a new connection each turn
+                session = (client.open_session(SETTINGS, seed=SEED) if i == 0
+                           else client.resume_session(session_id))
+                with session:
+                    session_id = session.id
+                    session.append_text(turn)
+                    result = session.generate(PARAMS)
+                    replies.append(([t.token_id for t in result.tokens], result.text, result.stop_reason))
+        assert replies == reference
+    finally:
+        server.stop()
+
+
+def test_idle_evicted_session_resumes_from_disk_exactly(model_dir, reference, tmp_path):
+    server = start_server(model_dir, state_dir=tmp_path, idle_evict_s=0.2)
+    try:
+        with SinkStreamClient(server.address, timeout=60) as client:
+            replies = []
+            with client.open_session(SETTINGS, seed=SEED) as session:
+                session_id = session.id
+                for turn in TURNS:
+                    # Idle between turns, with the stream still attached: evicted, then restored on demand.
+                    wait_for(lambda: client.get_session(session_id).state == "PERSISTED")
+                    session.send_text(turn)  # held-back text and pending ids are part of the snapshot
+                    wait_for(lambda: client.get_session(session_id).state == "PERSISTED")
+                    result = session.generate(PARAMS)
+                    replies.append(([t.token_id for t in result.tokens], result.text, result.stop_reason))
+            assert (tmp_path / f"{session_id}.safetensors").is_file()
+            assert replies == reference
+            assert server.server.metrics.restores._value.get() >= 3
+    finally:
+        server.stop()
+
+
+def test_sigterm_persists_sessions_and_restart_resumes(model_dir, reference, tmp_path):
+    def serve() -> tuple[subprocess.Popen, str]:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "clients.cli", "serve", "--model", str(model_dir), "--port", "0",
+             "--state-dir", str(tmp_path), "--grace", "1", "--plain-logs"],
+            cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        line = proc.stdout.readline()
+        assert "listening on" in line, line
+        return proc, line.split("listening on ")[1].split()[0]
+
+    proc, address = serve()
+    try:
+        with SinkStreamClient(address, timeout=60) as client, \
+                client.open_session(SETTINGS, seed=SEED) as session:
+            session_id = session.id
+            session.append_text(TURNS[0])
+            first = session.generate(PARAMS)
+            session.send_text(TURNS[1])  # still held by the tokenizer when the server stops
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    finally:
+        proc.kill()
+    assert (tmp_path / f"{session_id}.safetensors").is_file()
+
+    proc, address = serve()
+    try:
+        with SinkStreamClient(address, timeout=60) as client:
+            assert client.get_session(session_id).state == "PERSISTED"
+            with client.resume_session(session_id) as session:
+                second = session.generate(PARAMS)
+        assert [t.token_id for t in first.tokens] == reference[0][0]
+        assert [t.token_id for t in second.tokens] == reference[1][0]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)

@@ -129,7 +129,7 @@ def run_one(ckpt: Path, variant: str, cache: str, prompt: int, chunk: int, decod
     from transformers import AutoModelForCausalLM
 
     from core.config import StreamConfig
-    from core.layer_prefetch import OffloadConfig
+    from core.offload_config import OffloadConfig
     from core.offload_loading import load_model_offloaded
     from core.streaming import StreamingInference
 

@@ -19,60 +19,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from core.config import ConfigError
 from core.layer_sources import LayerSource
+from core.offload_config import OffloadConfig
 from core.offload_slots import SlotPool, TensorSpec, make_slot_pool, plan_layout
-
-OFFLOAD_MODES = ("none", "cpu", "disk")
 
 
 class OffloadError(RuntimeError):
     """Loading an offloaded layer failed or timed out; the message names the layer (and shard/tensor)."""
-
-
-@dataclass(frozen=True)
-class OffloadConfig:
-    """Weight residency: `mode` none (all resident), cpu (layers in host memory) or disk (read lazily).
-
-    resident_layers (K): decoder layers materialised on the compute device at most at once.
-    prefetch_depth (D): layers loaded ahead of the running one; needs D + 1 <= K slots. 0 = synchronous.
-    load_timeout_s: longest wait for one layer before giving up with OffloadError (nothing hangs).
-    drop_file_cache: disk mode only; drop each read range from the OS file cache (models larger than RAM).
-    """
-
-    mode: str = "none"
-    resident_layers: int = 2
-    prefetch_depth: int = 1
-    load_timeout_s: float = 600.0
-    drop_file_cache: bool = False
-
-    @property
-    def enabled(self) -> bool:
-        return self.mode != "none"
-
-    def validate(self, num_layers: int | None = None) -> None:
-        """Raise ConfigError naming the first invalid field."""
-        if self.mode not in OFFLOAD_MODES:
-            raise ConfigError("offload", f"unknown mode {self.mode!r}; choose from {OFFLOAD_MODES}")
-        if self.resident_layers < 1:
-            raise ConfigError("resident_layers", f"must be >= 1, got {self.resident_layers}")
-        if self.prefetch_depth < 0:
-            raise ConfigError("prefetch_depth", f"must be >= 0, got {self.prefetch_depth}")
-        if self.prefetch_depth >= self.resident_layers:
-            raise ConfigError(
-                "prefetch_depth",
-                f"prefetch_depth {self.prefetch_depth} needs {self.prefetch_depth + 1} resident layer slots "
-                f"(the running layer plus the ones loading ahead), got "
-                f"resident_layers={self.resident_layers}",
-            )
-        if self.load_timeout_s <= 0:
-            raise ConfigError("load_timeout_s", f"must be > 0, got {self.load_timeout_s}")
-        if num_layers is not None and self.enabled and self.resident_layers > num_layers:
-            raise ConfigError(
-                "resident_layers",
-                f"{self.resident_layers} exceeds the model's {num_layers} decoder layers; use offload "
-                f"'none' to keep every layer resident",
-            )
 
 
 @dataclass

@@ -10,7 +10,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 from transformers.utils import logging as hf_logging
 
-from core.layer_prefetch import OffloadConfig
+from core.offload_config import OffloadConfig
 from core.offload_loading import load_model_offloaded
 from core.rope import SUPPORTED_ROPE_TYPES
 

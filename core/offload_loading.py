@@ -15,8 +15,9 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
 from core.config import ConfigError
-from core.layer_prefetch import LayerOffloader, OffloadConfig, decoder_layers
+from core.layer_prefetch import LayerOffloader, decoder_layers
 from core.layer_sources import DiskLayerSource, HostLayerSource
+from core.offload_config import OffloadConfig
 from core.weight_store import CheckpointError, TensorLocation, index_checkpoint, load_tensors
 
 

@@ -10,8 +10,9 @@ import torch
 from transformers import AutoModelForCausalLM, DynamicCache
 
 from core.config import ConfigError, StreamConfig
-from core.layer_prefetch import OffloadConfig, OffloadError
+from core.layer_prefetch import OffloadError
 from core.model_loading import load_model
+from core.offload_config import OffloadConfig
 from core.offload_loading import enable_layer_offload, load_model_offloaded
 from core.streaming import StreamingInference
 from core.weight_store import CheckpointError

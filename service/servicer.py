@@ -127,7 +127,7 @@ class SinkStreamServicer(pb_grpc.SinkStreamServicer):
                     work = await self._work(session, request, kind)
                 except RequestError as exc:
                     self.metrics.errors.labels(exc.code.name).inc()
-                    work = ErrorWork(request.request_id, exc)
+                    work = [ErrorWork(request.request_id, exc)]
                 for item in work:
                     await session.inbox.put(item)
                     self.scheduler.wake()
@@ -138,7 +138,7 @@ class SinkStreamServicer(pb_grpc.SinkStreamServicer):
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # the transport failed: end the call, keep the session
-            log.warning("reading stream failed", extra={"session": session.id, "error": repr(exc)})
+            log.warning("reading stream failed: %r", exc, extra={"session": session.id})
             if session.outbox is outbox:
                 outbox.put_nowait(StreamEnd())
 

@@ -1,0 +1,135 @@
+"""Concurrent sessions batched together equal each alone; cancellation and deadlines stop generation and
+leave the session usable."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+from service_support import reference_chat, reference_chunks, start_server, stories
+
+from clients.client import SinkStreamClient
+from clients.results import GenerateParams, SessionSettings, SinkStreamError
+from core.config import StreamConfig
+from core.sampling import SamplingParams
+
+SESSIONS = 8
+CONFIG = StreamConfig(sink_tokens=4, window=60, chunk=16)
+SETTINGS = SessionSettings(sink_tokens=4, window=60, chunk=16, logprobs=True)
+LONG = GenerateParams(max_new_tokens=4096, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def server(model_dir):
+    srv = start_server(model_dir)
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture
+def client(server):
+    with SinkStreamClient(server.address, timeout=120) as c:
+        yield c
+
+
+def settled_tokens(client: SinkStreamClient, session_id: str) -> int:
+    """tokens_seen once the session is detached and has stopped growing."""
+    deadline = time.monotonic() + 30
+    last = -1
+    while time.monotonic() < deadline:
+        info = client.get_session(session_id)
+        if not info.attached and info.tokens_seen == last:
+            return last
+        last = info.tokens_seen
+        time.sleep(0.2)
+    raise AssertionError(f"session {session_id} kept running after its call ended")
+
+
+def test_concurrent_sessions_equal_each_alone(server, model_dir, sotu_path):
+    text = sotu_path.read_text(encoding="utf-8")
+    texts = [text[i * 1500:(i + 1) * 1500] for i in range(SESSIONS)]
+    barrier = threading.Barrier(SESSIONS)
+    got: dict[int, tuple] = {}
+    errors: list[BaseException] = []
+
+    def run(i: int) -> None:
+        try:
+            with SinkStreamClient(server.address, timeout=120) as client, \
+                    client.open_session(SETTINGS) as session:
+                barrier.wait()
+                chunks = session.append_text(texts[i])
+                result = session.generate(GenerateParams(max_new_tokens=16))
+                got[i] = ([lp for c in chunks for lp in c.logprobs], [t.token_id for t in result.tokens])
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(SESSIONS)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    loaded = stories(model_dir)
+    for i in range(SESSIONS):
+        want_lp = torch.cat([r.logprobs for r in reference_chunks(loaded, CONFIG, [texts[i]])])
+        assert torch.allclose(torch.tensor(got[i][0]), want_lp, atol=1e-4, equal_nan=True), i
+        (want_ids, _, _), = reference_chat(loaded, CONFIG, [(texts[i], SamplingParams(max_new_tokens=16))])
+        assert got[i][1] == want_ids, i
+    registry = server.server.metrics.registry
+    rows = registry.get_sample_value("sinkstream_batch_rows_sum")
+    passes = registry.get_sample_value("sinkstream_batch_rows_count")
+    assert rows > passes, "no forward pass batched two sessions"
+
+
+def test_cancel_generation_keeps_session_usable(client):
+    with client.open_session(SETTINGS) as session:
+        session.append_text("Once upon a time")
+        for token in session.generate_stream(LONG):
+            if token.index == 4:
+                session.cancel_generation()
+        result = session.last_generation
+        assert result.stop_reason == "CANCELLED"
+        assert 5 <= result.generated_tokens < 4096
+        assert result.tokens_seen == 5 + result.generated_tokens  # BOS + 4 prompt tokens + generated
+        session.append_text(" The end.")
+        again = session.generate(GenerateParams(max_new_tokens=3, ignore_eos=True))
+        assert again.stop_reason == "MAX_TOKENS" and again.generated_tokens == 3
+
+
+def test_time_limit_stops_generation(client):
+    with client.open_session(SETTINGS) as session:
+        session.append_text("Once upon a time")
+        result = session.generate(GenerateParams(max_new_tokens=4096, ignore_eos=True, time_limit_ms=300))
+        assert result.stop_reason == "TIME_LIMIT"
+        assert result.generated_tokens < 4096
+
+
+def test_client_cancel_stops_work_and_session_resumes(client):
+    session = client.open_session(SETTINGS)
+    session.append_text("Once upon a time")
+    for token in session.generate_stream(LONG):
+        if token.index == 10:
+            session.abort()  # cancel the whole call, as a crashing client would
+            break
+    seen = settled_tokens(client, session.id)
+    assert seen < 4096
+    with client.resume_session(session.id) as resumed:
+        assert resumed.opened.tokens_seen == seen
+        result = resumed.generate(GenerateParams(max_new_tokens=4, ignore_eos=True))
+        assert result.tokens_seen == seen + 4
+
+
+def test_deadline_stops_generation_and_session_resumes(client):
+    session = client.open_session(SETTINGS, timeout=1.0)
+    session.append_text("Once upon a time")
+    with pytest.raises(SinkStreamError) as err:
+        for _ in session.generate_stream(LONG):
+            pass
+    assert err.value.code.name == "DEADLINE_EXCEEDED"
+    seen = settled_tokens(client, session.id)
+    with client.resume_session(session.id) as resumed:
+        assert resumed.opened.tokens_seen == seen
+        resumed.append_text(" and")
+        assert resumed.generate(GenerateParams(max_new_tokens=2, ignore_eos=True)).generated_tokens == 2

@@ -25,6 +25,7 @@ from service.requests import Limits
 from service.scheduler import Scheduler
 from service.servicer import SinkStreamServicer
 from service.sessions import EnginePool, SessionManager, SessionStore
+from service.wire import add_servicer
 
 log = logging.getLogger("sinkstream.server")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["SinkStream"].full_name
@@ -101,7 +102,7 @@ class SinkStreamServer:
     @classmethod
     async def start(cls, config: ServerConfig, loaded: LoadedModel) -> SinkStreamServer:
         self = cls(config, loaded)
-        pb_grpc.add_SinkStreamServicer_to_server(self.servicer, self.server)
+        add_servicer(pb_grpc.add_SinkStreamServicer_to_server, self.servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,

@@ -29,6 +29,7 @@ from service.requests import (
 from service.scheduler import Scheduler
 from service.sessions import OUTBOX_LIMIT, Session, SessionManager
 from service.text_input import TextInput
+from service.wire import Malformed
 from service.work import AppendWork, CheckpointWork, CloseWork, DetachWork, ErrorWork, GenerateWork, StreamEnd
 
 log = logging.getLogger("sinkstream.servicer")
@@ -52,6 +53,8 @@ class SinkStreamServicer(pb_grpc.SinkStreamServicer):
             first = await anext(requests)
         except StopAsyncIteration:
             return
+        if isinstance(first, Malformed):
+            await self._abort(context, invalid("request", str(first.error)))
         try:
             session, opened = await self._start(first)
         except RequestError as exc:
@@ -117,6 +120,9 @@ class SinkStreamServicer(pb_grpc.SinkStreamServicer):
         """Turn the call's requests into session work, in order; the bounded inbox gives backpressure."""
         try:
             async for request in requests:
+                if isinstance(request, Malformed):
+                    outbox.put_nowait(StreamEnd(invalid("request", f"malformed message: {request.error}")))
+                    return
                 kind = request.WhichOneof("kind")
                 self.metrics.requests.labels(kind or "empty").inc()
                 if kind == "cancel":

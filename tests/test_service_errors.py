@@ -1,0 +1,171 @@
+"""Bad input gets the right status code and never hurts the server or other sessions; health, reflection
+and metrics answer."""
+
+from __future__ import annotations
+
+import urllib.request
+
+import grpc
+import pytest
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+from service_support import start_server
+
+from clients.client import SinkStreamClient
+from clients.results import GenerateParams, SessionSettings, SinkStreamError
+from clients.sinkstream_pb import sinkstream_pb2 as pb
+
+MAX_MESSAGE = 1 << 20
+
+
+@pytest.fixture(scope="module")
+def server(model_dir, tmp_path_factory):
+    srv = start_server(model_dir, max_message_bytes=MAX_MESSAGE, max_sessions=6, metrics_port=0,
+                       state_dir=tmp_path_factory.mktemp("state"))
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture
+def client(server):
+    with SinkStreamClient(server.address, timeout=30, max_message_bytes=4 * MAX_MESSAGE) as c:
+        yield c
+        assert c.health() == "SERVING"
+        assert c.health("sinkstream.v1.SinkStream") == "SERVING"
+
+
+@pytest.fixture(scope="module")
+def bystander(server):
+    """A session that lives through every bad request of this module and must stay correct."""
+    with SinkStreamClient(server.address, timeout=30) as c:
+        session = c.open_session(SessionSettings(window=60, chunk=16))
+        session.append_text("Once upon a time")
+        yield session
+        assert session.generate(GenerateParams(max_new_tokens=11)).text == \
+            ", there was a little girl named Lily."
+        session.close()
+
+
+def refused(call) -> SinkStreamError:
+    with pytest.raises(SinkStreamError) as err:
+        call()
+    return err.value
+
+
+@pytest.mark.parametrize(("settings", "field"), [
+    (SessionSettings(window=0), "open.settings.window"),
+    (SessionSettings(chunk=0), "open.settings.chunk"),
+    (SessionSettings(window=500, chunk=64), "open.settings.window"),  # beyond the trained context
+    (SessionSettings(merge_policy="bogus"), "open.settings.merge_policy"),
+    (SessionSettings(top_k=10_000), "open.settings.analysis.top_k"),
+])
+def test_invalid_settings_name_the_field(client, bystander, settings, field):
+    err = refused(lambda: client.open_session(settings))
+    assert err.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.field == field
+
+
+def test_invalid_requests_inside_a_stream_are_reported_and_stream_survives(client, bystander):
+    with client.open_session() as session:
+        err = refused(lambda: session.generate(GenerateParams(temperature=-1)))
+        assert (err.code, err.field) == (grpc.StatusCode.INVALID_ARGUMENT, "generate.temperature")
+        err = refused(lambda: session.generate(GenerateParams(top_p=2.0)))
+        assert err.field == "generate.top_p"
+        err = refused(lambda: session.generate(GenerateParams(max_new_tokens=10**6)))
+        assert err.field == "generate.max_new_tokens"
+        err = refused(lambda: session.append_tokens([1, 100_000]))
+        assert (err.code, err.field) == (grpc.StatusCode.INVALID_ARGUMENT, "append_tokens.ids")
+        session._send(pb.StreamRequest())  # no kind set
+        err = refused(lambda: session._collect_chunks_until(type(None)))
+        assert err.field == "kind"
+        session._send(pb.StreamRequest(open=pb.OpenSession()))
+        err = refused(lambda: session._collect_chunks_until(type(None)))
+        assert err.code == grpc.StatusCode.FAILED_PRECONDITION
+        # still usable
+        assert session.append_tokens([1, 403, 407])[-1].tokens_seen == 3
+
+
+def test_unknown_closed_and_busy_sessions(client, bystander):
+    assert refused(lambda: client.resume_session("no-such-session")).code == grpc.StatusCode.NOT_FOUND
+    assert refused(lambda: client.get_session("no-such-session")).code == grpc.StatusCode.NOT_FOUND
+    assert refused(lambda: client.delete_session("no-such-session")).code == grpc.StatusCode.NOT_FOUND
+    assert refused(lambda: client.resume_session("bad id!")).code == grpc.StatusCode.INVALID_ARGUMENT
+    # attached elsewhere: cannot be resumed or deleted
+    assert refused(lambda: client.resume_session(bystander.id)).code == grpc.StatusCode.ABORTED
+    assert refused(lambda: client.delete_session(bystander.id)).code == grpc.StatusCode.FAILED_PRECONDITION
+    # appending to a closed session
+    session = client.open_session(session_id="to-close")
+    session.append_text("Hello")
+    assert session.close().tokens_seen > 0
+    assert refused(lambda: session.append_text("more")).code == grpc.StatusCode.FAILED_PRECONDITION
+    err = refused(lambda: client.resume_session("to-close"))
+    assert err.code == grpc.StatusCode.NOT_FOUND and "closed" in err.message
+    # duplicate id
+    with client.open_session(session_id="twice"):
+        assert refused(lambda: client.open_session(session_id="twice")).code == grpc.StatusCode.ALREADY_EXISTS
+    assert client.delete_session("twice") == 0
+
+
+def test_first_request_must_open_or_resume(client, bystander):
+    stub = client.stub
+    call = stub.Stream(iter([pb.StreamRequest(append_text=pb.AppendText(text="hi"))]), timeout=10)
+    with pytest.raises(grpc.RpcError) as err:
+        list(call)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def test_oversized_and_malformed_messages(client, server, bystander):
+    with client.open_session() as session:
+        err = refused(lambda: session.append_text("x" * (MAX_MESSAGE + 10)))
+        assert err.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    raw = client.channel.stream_stream("/sinkstream.v1.SinkStream/Stream",
+                                       request_serializer=lambda b: b, response_deserializer=lambda b: b)
+    with pytest.raises(grpc.RpcError) as err:
+        list(raw(iter([b"\xff\xff\xff\xff\x0f"]), timeout=10))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    unary = client.channel.unary_unary("/sinkstream.v1.SinkStream/Tokenize",
+                                       request_serializer=lambda b: b, response_deserializer=lambda b: b)
+    with pytest.raises(grpc.RpcError) as err:
+        unary(b"\x0a\x02\xc3\x28", timeout=10)  # field 1 (text) holding invalid UTF-8
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_session_limit_is_resource_exhausted(client, server, bystander):
+    held = []
+    try:
+        with pytest.raises(SinkStreamError) as err:
+            for _ in range(10):
+                held.append(client.open_session())
+        assert err.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert 0 < len(held) < 10
+    finally:
+        for session in held:
+            session.close()
+
+
+def test_unary_calls_and_reflection(client, server, bystander):
+    info = client.model_info()
+    assert (info.vocab_size, info.max_position_embeddings, info.bos_token_id) == (512, 512, 1)
+    assert info.limits["max_message_bytes"] == MAX_MESSAGE
+    assert client.tokenize("Once upon a time", add_bos=True) == [1, 403, 407, 261, 378]
+    assert any(s.session_id == bystander.id for s in client.list_sessions())
+    db = ProtoReflectionDescriptorDatabase(client.channel)
+    services = db.get_services()
+    assert "sinkstream.v1.SinkStream" in services and "grpc.health.v1.Health" in services
+    method = db.FindFileContainingSymbol("sinkstream.v1.SinkStream")
+    assert method.package == "sinkstream.v1"
+
+
+def test_metrics_endpoint_serves_counters(client, server, bystander):
+    with client.open_session() as session:
+        session.append_text("Once upon a time")
+        session.generate(GenerateParams(max_new_tokens=3))
+    url = f"http://127.0.0.1:{server.server.metrics_port}/metrics"
+    text = urllib.request.urlopen(url, timeout=10).read().decode()
+    for name in ("sinkstream_tokens_processed_total{kind=\"input\"}", "sinkstream_queue_depth",
+                 "sinkstream_tokens_processed_total{kind=\"generated\"}", "sinkstream_batch_rows_bucket",
+                 "sinkstream_sessions{state=\"resident\"}", "sinkstream_step_seconds_bucket",
+                 "sinkstream_time_to_first_token_seconds_bucket", "sinkstream_cache_bytes"):
+        assert name in text, name
+    generated = [line for line in text.splitlines()
+                 if line.startswith("sinkstream_tokens_processed_total{kind=\"generated\"}")]
+    assert float(generated[0].split()[-1]) >= 3

@@ -167,7 +167,8 @@ def run_one(ckpt: Path, variant: str, cache: str, prompt: int, chunk: int, decod
     result = dict(variant=variant, cache=cache, load_s=load_s, prefill_s=prefill_s, decode_s=decode_s,
                   prefill_tok_s=prompt / prefill_s, decode_ms=1000 * decode_s / decode,
                   prefill_load_s=loaded1 - loaded0, decode_load_s=worker_seconds() - loaded1,
-                  peak_rss_gb=peak_rss_bytes() / 1e9, load_average=os.getloadavg()[0])
+                  peak_rss_gb=peak_rss_bytes() / 1e9, load_average=os.getloadavg()[0],
+                  threads=torch.get_num_threads())
     if offloader:
         result.update(resident_layers=offloader.config.resident_layers,
                       prefetch_depth=offloader.config.prefetch_depth,
@@ -204,7 +205,8 @@ def table(runs: dict, meta: dict) -> str:
         f"{meta['layer_gb'] * 1000:.0f} MB. Workload: {meta['prompt']}-token prompt in chunks of "
         f"{meta['chunk']} through StreamingInference, then {meta['decode']} greedy single-token steps. "
         f"Timings: best of {meta['repeats']} trial(s) per configuration, each in a fresh process. "
-        f"Machine: {os.cpu_count()} CPU cores, torch {torch.__version__}. {meta['date']}. Host load avg = "
+        f"Machine: {os.cpu_count()} CPU cores, {meta['threads']} torch threads, torch {torch.__version__}. "
+        f"{meta['date']}. Host load avg = "
         "1-minute load average at the end of the run (other jobs shared the cores).",
         "",
         "| variant | file cache | peak RSS GB | RSS vs resident | load s | prefill tok/s | decode ms/token "
@@ -238,6 +240,23 @@ def table(runs: dict, meta: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def measure(folder: Path, args: argparse.Namespace) -> dict[tuple[str, str], dict]:
+    """Run every (variant, cache) pair `args.repeats` times, interleaved; keep the best trial of each."""
+    trials: dict[tuple[str, str], list[dict]] = {}
+    for repeat in range(args.repeats):  # interleaved, so a burst of outside load hits one trial
+        for cache in ("cold", "warm"):
+            for variant in VARIANTS:
+                if cache == "warm":
+                    warm_file_cache(folder)
+                cmd = [sys.executable, __file__, "--run", variant, cache, "--checkpoint", str(folder),
+                       "--prompt", str(args.prompt), "--chunk", str(args.chunk), "--decode", str(args.decode),
+                       "--threads", str(args.threads)]
+                out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+                trials.setdefault((variant, cache), []).append(json.loads(out.strip().splitlines()[-1]))
+                print(repeat, json.dumps(trials[(variant, cache)][-1]), flush=True)
+    return {key: best_of(results) for key, results in trials.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -248,38 +267,36 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1, help="trials per configuration; best one is kept")
     parser.add_argument("--workdir", type=Path, default=None, help="where the temporary checkpoint goes")
     parser.add_argument("--output", type=Path, default=RESULTS)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads per run (0: torch's default)")
+    parser.add_argument("--checkpoint", type=Path, default=None,
+                        help="reuse (or write and keep) the checkpoint here instead of a temporary folder")
     parser.add_argument("--run", nargs=2, metavar=("VARIANT", "CACHE"), help=argparse.SUPPRESS)
-    parser.add_argument("--ckpt", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.run:
-        print(json.dumps(run_one(args.ckpt, *args.run, args.prompt, args.chunk, args.decode)))
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        print(json.dumps(run_one(args.checkpoint, *args.run, args.prompt, args.chunk, args.decode)))
         return
 
-    tmp = Path(tempfile.mkdtemp(prefix="sinkstream-offload-", dir=args.workdir))
+    keep = args.checkpoint is not None
+    folder = args.checkpoint or Path(tempfile.mkdtemp(prefix="sinkstream-offload-", dir=args.workdir))
     try:
-        start = time.perf_counter()
-        params = write_checkpoint(tmp, args.layers)
-        size = sum(s.stat().st_size for s in shards(tmp))
-        took = time.perf_counter() - start
-        print(f"wrote {params / 1e9:.2f} B params, {size / 1e9:.2f} GB in {took:.0f} s", flush=True)
-        trials: dict[tuple[str, str], list[dict]] = {}
-        for repeat in range(args.repeats):  # interleaved, so a burst of outside load hits one trial
-            for cache in ("cold", "warm"):
-                for variant in VARIANTS:
-                    if cache == "warm":
-                        warm_file_cache(tmp)
-                    cmd = [sys.executable, __file__, "--run", variant, cache, "--ckpt", str(tmp), "--prompt",
-                           str(args.prompt), "--chunk", str(args.chunk), "--decode", str(args.decode)]
-                    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-                    trials.setdefault((variant, cache), []).append(json.loads(out.strip().splitlines()[-1]))
-                    print(repeat, json.dumps(trials[(variant, cache)][-1]), flush=True)
-        runs = {key: best_of(results) for key, results in trials.items()}
-        meta = dict(params=params, checkpoint_gb=size / 1e9, shards=len(shards(tmp)), layers=args.layers,
-                    layer_gb=runs[("async", "warm")]["layer_gb"], prompt=args.prompt,
-                    chunk=args.chunk, decode=args.decode, date=time.strftime("%Y-%m-%d"),
-                    repeats=args.repeats)
+        if not (folder / "model.safetensors.index.json").is_file():
+            folder.mkdir(parents=True, exist_ok=True)
+            start = time.perf_counter()
+            write_checkpoint(folder, args.layers)
+            print(f"wrote the checkpoint in {time.perf_counter() - start:.0f} s", flush=True)
+        runs = measure(folder, args)
+        index = json.loads((folder / "model.safetensors.index.json").read_text())
+        total = index["metadata"]["total_size"]  # fp32: 4 bytes per parameter
+        layers = json.loads((folder / "config.json").read_text())["num_hidden_layers"]
+        meta = dict(params=total // 4, checkpoint_gb=total / 1e9, shards=len(shards(folder)), layers=layers,
+                    layer_gb=runs[("async", "warm")]["layer_gb"],
+                    prompt=args.prompt, chunk=args.chunk, decode=args.decode, date=time.strftime("%Y-%m-%d"),
+                    repeats=args.repeats, threads=runs[("async", "warm")]["threads"])
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if not keep:
+            shutil.rmtree(folder, ignore_errors=True)
     text = table(runs, meta)
     print(text)
     args.output.parent.mkdir(parents=True, exist_ok=True)

@@ -4,9 +4,9 @@ Encoding guarantee: pushing a text in arbitrary pieces (str, or bytes cut anywhe
 and then flushing yields exactly `tokenizer(whole_text)["input_ids"]`, BOS included once at the start.
 
 Hold-back rule (encoder): a cut before a space whose left neighbour is not whitespace is a hard token
-boundary for SentencePiece/Metaspace vocabularies (the word marker only ever starts a token) and for
-byte-level BPE (no pre-tokenizer piece ends in "x " ), so everything before the last such cut is final no
-matter what text follows. The encoder tokenizes (left context + held text) once per push, commits the tokens
+boundary whenever the word marker only ever starts a token (SentencePiece "▁" vocabularies, byte-level BPE
+"Ġ", checked on the vocabulary at construction), so everything before the last such cut is final no matter
+what text follows. The encoder tokenizes (left context + held text) once per push, commits the tokens
 before the last cut - after checking that no token straddles the cut - and holds the rest (normally the last
 partial word). The left context is the committed word before the held text; it is re-tokenized and dropped,
 so tokenizers that add a word marker at the start of a text (prepend schemes, Prepend normalizers) see the
@@ -24,6 +24,8 @@ from typing import BinaryIO
 
 import numpy as np
 
+# how a space appears in vocabularies: itself, "▁" (SentencePiece), "Ġ" (byte-level BPE)
+_WORD_MARKERS = " \u2581\u0120"
 _BYTE_TOKEN = re.compile(r"^<0x[0-9A-Fa-f]{2}>$")
 # transformers' clean_up_tokenization replaces these; a delta ending in a proper prefix of one is held.
 _CLEANUP_PATTERNS = (" .", " ?", " !", " ,", " ' ", " n't", " 'm", " 's", " 've", " 're")
@@ -53,6 +55,16 @@ def special_affixes(tokenizer) -> tuple[list[int], list[int]]:
     raise ValueError("cannot locate the text's tokens among the tokenizer's special tokens")
 
 
+def space_cuts_are_hard(backend) -> bool:
+    """Whether no vocabulary token has a word marker (space, "▁", byte-level "Ġ") after another character:
+    then no token can span "x" + " ", so a cut there is final whatever text follows."""
+    for token in backend.get_vocab(with_added_tokens=False):
+        body = token.lstrip(_WORD_MARKERS)
+        if body and any(marker in body for marker in _WORD_MARKERS):
+            return False
+    return True
+
+
 def last_cut(text: str, lo: int = 0) -> int | None:
     """Largest c > lo with text[c] == " " and text[c - 1] not whitespace (a hard token boundary), or None."""
     c = text.rfind(" ", lo + 1)
@@ -79,6 +91,7 @@ class IncrementalEncoder:
             raise ValueError("max_hold_chars must be >= 16 and context_chars >= 1")
         self._backend = backend_of(tokenizer)
         self._prefix, self._suffix = special_affixes(tokenizer) if add_special_tokens else ([], [])
+        self.space_cuts_are_hard = space_cuts_are_hard(self._backend)
         self.max_hold_chars = max_hold_chars
         self.context_chars = context_chars
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
@@ -108,14 +121,13 @@ class IncrementalEncoder:
             self._held += self._utf8.decode(bytes(piece))
         else:
             self._held += self._utf8.decode(b"", final=True) + piece  # pending bytes end before a str
-        cut = last_cut(self._held)
+        ids: list[int] = []
+        cut = last_cut(self._held) if self.space_cuts_are_hard else None
         if cut is not None:
-            ids = self._commit(cut)
-            if ids is not None:
-                return self._start(ids)
+            ids = self._commit(cut) or []
         if len(self._held) > self.max_hold_chars:
-            return self._start(self._commit_by_agreement())
-        return []
+            ids += self._commit_by_agreement()
+        return self._start(ids)
 
     def flush(self, end_of_document: bool = False) -> list[int]:
         """Make all received text final; return its ids. end_of_document also appends the tokenizer's

@@ -145,6 +145,29 @@ def test_state_round_trip_continues_the_stream(stories_tokenizer, sotu):
     assert ids + second.push(raw[cut:]) + second.flush() == tok(text)["input_ids"]
 
 
+def test_tokenizer_with_merges_across_spaces(sotu):
+    """A SentencePiece-style BPE trained without word splitting learns tokens such as "▁of▁the": a space is
+    no hard boundary, the encoder sees that in the vocabulary and commits by agreement only."""
+    tok = Tokenizer(models.BPE(byte_fallback=True))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first", split=False)
+    tok.decoder = decoders.Metaspace(prepend_scheme="first", split=False)
+    trainer = trainers.BpeTrainer(vocab_size=800, show_progress=False,
+                                  special_tokens=["<unk>"] + [f"<0x{b:02X}>" for b in range(256)])
+    tok.train_from_iterator(sotu[:100_000].split("\n"), trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok)
+    assert not IncrementalEncoder(tokenizer).space_cuts_are_hard
+
+    @settings(max_examples=40, deadline=None)
+    @given(data=st.data())
+    def check(data):
+        text = data.draw(mixed_text(sotu, max_len=600))
+        pieces = split_at(text, data.draw(st.lists(st.integers(0, 10_000), max_size=30)))
+        encoder = IncrementalEncoder(tokenizer, max_hold_chars=64)
+        assert encode_in_pieces(encoder, pieces) == tokenizer(text)["input_ids"]
+
+    check()
+
+
 def test_file_read_in_blocks_equals_whole_file(stories_tokenizer, sotu):
     text = sotu[:300_000] + " 日本語 café 😀"
     blocks = list(iter_file_ids(io.BytesIO(text.encode()), IncrementalEncoder(stories_tokenizer), 4099))

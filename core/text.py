@@ -29,7 +29,8 @@ _WORD_MARKERS = " \u2581\u0120"
 _BYTE_TOKEN = re.compile(r"^<0x[0-9A-Fa-f]{2}>$")
 # transformers' clean_up_tokenization replaces these; a delta ending in a proper prefix of one is held.
 _CLEANUP_PATTERNS = (" .", " ?", " !", " ,", " ' ", " n't", " 'm", " 's", " 've", " 're")
-# Left contexts tried, in order, when the held text has to be tokenized as a continuation (see _commit).
+# Left contexts for text that continues the stream after a forced boundary (raw ids, a flush inside a
+# word): a newline is a hard boundary that adds no word marker; "" (start-of-text rules) is the last resort.
 _SEPARATOR_CONTEXTS = ("\n", "")
 
 
@@ -95,7 +96,9 @@ class IncrementalEncoder:
         self.max_hold_chars = max_hold_chars
         self.context_chars = context_chars
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self._context = ""  # committed text just before _held, re-tokenized as left context
+        # committed text just before _held, re-tokenized as left context; None at the start of a text
+        # (stream start, after end_of_document), "" right after raw ids
+        self._context: str | None = None
         self._held = ""  # received text whose tokens are not final yet
         self._started = False  # whether any id (BOS included) has been emitted on this stream
 
@@ -104,14 +107,15 @@ class IncrementalEncoder:
         """Text received but not yet turned into ids (bounded by about max_hold_chars + one piece)."""
         return self._held
 
-    def state(self) -> dict[str, str | bool]:
+    def state(self) -> dict[str, str | bool | None]:
         """JSON-able state (held text, left context, pending UTF-8 bytes) for session snapshots."""
         return {"context": self._context, "held": self._held, "started": self._started,
                 "utf8_pending": self._utf8.getstate()[0].hex()}
 
-    def load_state(self, state: dict[str, str | bool]) -> None:
+    def load_state(self, state: dict[str, str | bool | None]) -> None:
         """Continue a stream saved with state(): later text is tokenized as if it had never stopped."""
-        self._context, self._held = str(state["context"]), str(state["held"])
+        context = state["context"]
+        self._context, self._held = (None if context is None else str(context)), str(state["held"])
         self._started = bool(state["started"])
         self._utf8.setstate((bytes.fromhex(str(state["utf8_pending"])), 0))
 
@@ -131,21 +135,24 @@ class IncrementalEncoder:
 
     def flush(self, end_of_document: bool = False) -> list[int]:
         """Make all received text final; return its ids. end_of_document also appends the tokenizer's
-        suffix tokens (EOS for tokenizers that add one; none for Llama) and starts the next text fresh."""
+        suffix tokens (EOS for tokenizers that add one; none for Llama); the next text is then tokenized
+        like the start of a document (word marker and all), without a second BOS."""
         self._held += self._utf8.decode(b"", final=True)
         ids = self._commit(len(self._held)) if self._held else []
         ids = self._start(ids, force=True)
         if end_of_document:
             ids += self._suffix
-            self._context = ""
+            self._context = None
         return ids
 
     def push_ids(self, ids: Iterable[int]) -> list[int]:
         """Append token ids directly (e.g. generated tokens, pre-tokenized input); returns the ids to feed
-        the model: any held text first (flushed), then `ids`. No BOS is added in front of raw ids."""
+        the model: any held text first (flushed), then `ids`. No BOS is added in front of raw ids. Text
+        pushed afterwards continues the stream after a forced boundary: no word marker is added unless the
+        text starts with a space."""
         head = self.flush() if self._held or self._utf8.getstate()[0] else []
         self._started = True
-        self._context = ""  # following text starts after a forced boundary
+        self._context = ""
         return head + list(ids)
 
     def _start(self, ids: list[int], force: bool = False) -> list[int]:
@@ -157,9 +164,7 @@ class IncrementalEncoder:
 
     def _commit(self, cut: int) -> list[int] | None:
         """Commit self._held[:cut]; None if the tokenization does not have a boundary at the cut."""
-        at_stream_start = not self._started and not self._context
-        contexts = ("",) if at_stream_start else (self._context, *_SEPARATOR_CONTEXTS)
-        for context in dict.fromkeys(contexts):
+        for context in self._left_contexts():
             tokens = tokens_between(self._backend, context + self._held, len(context), len(context) + cut)
             if tokens == "end":  # no boundary at the cut itself: another context will not fix that
                 return None
@@ -172,6 +177,12 @@ class IncrementalEncoder:
         self._context = self._context_for(context + committed)
         return tokens
 
+    def _left_contexts(self) -> tuple[str, ...]:
+        """Left contexts to try, best first, for tokenizing the held text as the stream has it."""
+        if self._context is None:
+            return ("",)
+        return (self._context, *_SEPARATOR_CONTEXTS) if self._context else _SEPARATOR_CONTEXTS
+
     def _context_for(self, text: str) -> str:
         """Left context for the next commit: the last word of `text`, at most context_chars long."""
         lo = max(0, len(text) - self.context_chars)
@@ -181,8 +192,9 @@ class IncrementalEncoder:
     def _commit_by_agreement(self) -> list[int]:
         """No whitespace cut in a long held text: commit the tokens on which two tokenizations, with
         different amounts of look-ahead, agree, keeping 8 tokens of safety margin."""
-        text = self._context + self._held
-        a = len(self._context)
+        context = self._left_contexts()[0]
+        text = context + self._held
+        a = len(context)
         probe_end = len(text) - self.max_hold_chars // 2
         full = self._backend.encode(text, add_special_tokens=False)
         short = self._backend.encode(text[:probe_end], add_special_tokens=False)

@@ -205,6 +205,13 @@ def test_bos_once_and_raw_ids(stories_tokenizer):
     assert encoder.push("The dog") == tok("The")["input_ids"]
     assert encoder.push_ids([7]) == tok(" dog", add_special_tokens=False)["input_ids"] + [7]
     assert encoder.flush() == []
+    # text right after raw ids continues the stream: no word marker unless it starts with a space
+    tail = encoder.push("ld") + encoder.flush()
+    assert tok.convert_ids_to_tokens(tail) == ["ld"]
+    # after an end of document the next text is tokenized like a document start, without a second BOS
+    encoder.flush(end_of_document=True)
+    document = encoder.push("Once upon") + encoder.flush()
+    assert document == tok("Once upon", add_special_tokens=False)["input_ids"]
 
 
 # ------------------------------------------------------------------------------------ decoder

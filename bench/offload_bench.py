@@ -184,6 +184,7 @@ def best_of(trials: list[dict]) -> dict:
     best = dict(trials[0])
     for key in ("load_s", "prefill_s", "decode_s", "prefill_load_s", "decode_load_s", "load_average"):
         best[key] = min(t[key] for t in trials)
+    best["idle_before"] = max(t["idle_before"] for t in trials)
     best["peak_rss_gb"] = max(t["peak_rss_gb"] for t in trials)
     best["prefill_tok_s"] = trials[0]["prefill_tok_s"] * trials[0]["prefill_s"] / best["prefill_s"]
     best["decode_ms"] = trials[0]["decode_ms"] * best["decode_s"] / trials[0]["decode_s"]
@@ -206,12 +207,12 @@ def table(runs: dict, meta: dict) -> str:
         f"{meta['chunk']} through StreamingInference, then {meta['decode']} greedy single-token steps. "
         f"Timings: best of {meta['repeats']} trial(s) per configuration, each in a fresh process. "
         f"Machine: {os.cpu_count()} CPU cores, {meta['threads']} torch threads, torch {torch.__version__}. "
-        f"{meta['date']}. Host load avg = "
-        "1-minute load average at the end of the run (other jobs shared the cores).",
+        f"{meta['date']}. Other jobs shared the cores: the last column gives the idle CPU share measured "
+        "just before a trial and the 1-minute load average at its end (most idle / least loaded trial).",
         "",
         "| variant | file cache | peak RSS GB | RSS vs resident | load s | prefill tok/s | decode ms/token "
         "| worker load s (prefill / decode) | overlap efficiency prefill / decode (ceiling) "
-        "| host load avg |",
+        "| idle CPU before / load avg after |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for cache in ("cold", "warm"):
@@ -229,7 +230,7 @@ def table(runs: dict, meta: dict) -> str:
                 worker = f"{r['prefill_load_s']:.1f} / {r['decode_load_s']:.1f}"
             lines.append(f"| {label} | {cache} | {r['peak_rss_gb']:.2f} | {r['peak_rss_gb'] / base:.0%} | "
                          f"{r['load_s']:.1f} | {r['prefill_tok_s']:.1f} | {r['decode_ms']:.0f} | {worker} "
-                         f"| {eff} | {r['load_average']:.1f} |")
+                         f"| {eff} | {r['idle_before']:.0%} / {r['load_average']:.1f} |")
     lines.append("")
     for cache in ("cold", "warm"):
         s, a, r = runs[("sync", cache)], runs[("async", cache)], runs[("resident", cache)]
@@ -238,6 +239,28 @@ def table(runs: dict, meta: dict) -> str:
                      f"decode {s['decode_s'] / a['decode_s']:.2f}x; async time vs resident: prefill "
                      f"{a['prefill_s'] / r['prefill_s']:.2f}x, decode {a['decode_s'] / r['decode_s']:.2f}x.")
     return "\n".join(lines) + "\n"
+
+
+def cpu_idle_fraction(seconds: float = 2.0) -> float:
+    """Share of all cores' time spent idle over the next `seconds` (from /proc/stat)."""
+    def sample() -> tuple[int, int]:
+        values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        return values[3] + values[4], sum(values)  # idle + iowait, total
+
+    idle0, total0 = sample()
+    time.sleep(seconds)
+    idle1, total1 = sample()
+    return (idle1 - idle0) / max(total1 - total0, 1)
+
+
+def wait_for_quiet_machine(min_idle: float, max_wait_s: float) -> float:
+    """Other jobs share the cores: wait (bounded) until they leave `min_idle` of the CPU free."""
+    deadline = time.monotonic() + max_wait_s
+    idle = cpu_idle_fraction()
+    while idle < min_idle and time.monotonic() < deadline:
+        time.sleep(5)
+        idle = cpu_idle_fraction()
+    return idle
 
 
 def measure(folder: Path, args: argparse.Namespace) -> dict[tuple[str, str], dict]:
@@ -251,8 +274,10 @@ def measure(folder: Path, args: argparse.Namespace) -> dict[tuple[str, str], dic
                 cmd = [sys.executable, __file__, "--run", variant, cache, "--checkpoint", str(folder),
                        "--prompt", str(args.prompt), "--chunk", str(args.chunk), "--decode", str(args.decode),
                        "--threads", str(args.threads)]
+                idle = wait_for_quiet_machine(args.min_idle, args.max_wait)
                 out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
                 trials.setdefault((variant, cache), []).append(json.loads(out.strip().splitlines()[-1]))
+                trials[(variant, cache)][-1]["idle_before"] = idle
                 print(repeat, json.dumps(trials[(variant, cache)][-1]), flush=True)
     return {key: best_of(results) for key, results in trials.items()}
 
@@ -267,6 +292,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1, help="trials per configuration; best one is kept")
     parser.add_argument("--workdir", type=Path, default=None, help="where the temporary checkpoint goes")
     parser.add_argument("--output", type=Path, default=RESULTS)
+    parser.add_argument("--min-idle", type=float, default=0.8,
+                        help="wait before each trial until this share of the CPU is idle")
+    parser.add_argument("--max-wait", type=float, default=600, help="longest such wait, seconds")
     parser.add_argument("--threads", type=int, default=0, help="torch threads per run (0: torch's default)")
     parser.add_argument("--checkpoint", type=Path, default=None,
                         help="reuse (or write and keep) the checkpoint here instead of a temporary folder")

@@ -1,0 +1,161 @@
+#!/usr/bin/env node
+// Minimal sinkstream client in Node.js: the stubs are built at run time from the same .proto files the
+// server uses (protos/sinkstream/v1/*.proto), with @grpc/proto-loader and @grpc/grpc-js.
+//
+//   node client.js --server 127.0.0.1:50051 --file doc.txt --prompt "Once upon a time" --max-new-tokens 32
+//
+// Opens a session, streams the file in pieces, then appends the prompt and generates. Prints one JSON
+// object per line: {"type":"opened"}, one {"type":"chunk"} per processed chunk, {"type":"flushed"},
+// {"type":"token"} per generated token, {"type":"generation"}, {"type":"closed"}.
+'use strict';
+
+const fs = require('fs');
+const path = require('path');
+const grpc = require('@grpc/grpc-js');
+const protoLoader = require('@grpc/proto-loader');
+
+const PROTO_ROOT = path.resolve(__dirname, '..', '..', 'protos');
+const PIECE_CHARS = 64 * 1024; // text per AppendText message
+
+function parseArgs(argv) {
+  const args = { server: '127.0.0.1:50051', file: null, prompt: null, maxNewTokens: 32, deadline: 600 };
+  for (let i = 0; i < argv.length; i += 1) {
+    const value = argv[i + 1];
+    switch (argv[i]) {
+      case '--server': args.server = value; i += 1; break;
+      case '--file': args.file = value; i += 1; break;
+      case '--prompt': args.prompt = value; i += 1; break;
+      case '--max-new-tokens': args.maxNewTokens = Number(value); i += 1; break;
+      case '--deadline': args.deadline = Number(value); i += 1; break;
+      case '-h': case '--help':
+        console.log('usage: node client.js [--server HOST:PORT] [--file PATH] [--prompt TEXT] '
+          + '[--max-new-tokens N] [--deadline SECONDS]');
+        process.exit(0);
+        break;
+      default:
+        console.error(`unknown argument ${argv[i]}`);
+        process.exit(2);
+    }
+  }
+  if (!args.file && args.prompt === null) {
+    console.error('give --file and/or --prompt');
+    process.exit(2);
+  }
+  return args;
+}
+
+function loadService() {
+  const definition = protoLoader.loadSync('sinkstream/v1/sinkstream.proto', {
+    includeDirs: [PROTO_ROOT],
+    keepCase: true, // field names exactly as in the .proto (tokens_seen, session_opened, ...)
+    longs: Number, // uint64 counters as JS numbers (exact below 2^53)
+    enums: String, // e.g. stop_reason: "STOP_REASON_MAX_TOKENS"
+    defaults: true,
+    oneofs: true, // sets `kind` to the name of the oneof field present
+  });
+  return grpc.loadPackageDefinition(definition).sinkstream.v1.SinkStream;
+}
+
+function emit(obj) {
+  process.stdout.write(`${JSON.stringify(obj)}\n`);
+}
+
+function meanLogprob(logprobs) {
+  const scored = logprobs.filter((x) => !Number.isNaN(x));
+  return scored.length ? scored.reduce((a, b) => a + b, 0) / scored.length : null;
+}
+
+function main() {
+  const args = parseArgs(process.argv.slice(2));
+  const SinkStream = loadService();
+  const client = new SinkStream(args.server, grpc.credentials.createInsecure(), {
+    'grpc.max_receive_message_length': 64 << 20,
+    'grpc.max_send_message_length': 64 << 20,
+  });
+  const call = client.Stream({ deadline: Date.now() + args.deadline * 1000 });
+
+  // Requests are written in order; the server answers them in order.
+  const steps = [];
+  if (args.file) {
+    const text = fs.readFileSync(args.file, 'utf8');
+    steps.push(() => {
+      for (let i = 0; i < text.length; i += PIECE_CHARS) {
+        const last = i + PIECE_CHARS >= text.length;
+        call.write({ request_id: 'append', append_text: { text: text.slice(i, i + PIECE_CHARS), flush: last } });
+      }
+      if (text.length === 0) call.write({ request_id: 'append', append_text: { text: '', flush: true } });
+    });
+  }
+  if (args.prompt !== null) {
+    steps.push(() => {
+      call.write({ request_id: 'prompt', append_text: { text: args.prompt, flush: false } });
+      call.write({ request_id: 'generate', generate: { max_new_tokens: args.maxNewTokens } });
+    });
+  }
+  steps.push(() => call.write({ request_id: 'close', close: {} }));
+  const next = () => steps.shift()();
+
+  let failed = false;
+  call.on('data', (response) => {
+    switch (response.kind) {
+      case 'session_opened': {
+        const o = response.session_opened;
+        // proto3 `optional` fields show up with synthetic "_name" oneof markers; leave those out.
+        const settings = Object.fromEntries(Object.entries(o.settings).filter(([k]) => !k.startsWith('_')));
+        emit({ type: 'opened', session_id: o.session_id, resumed: o.resumed, settings });
+        next();
+        break;
+      }
+      case 'chunk': {
+        const c = response.chunk;
+        emit({
+          type: 'chunk', num_tokens: c.num_tokens, tokens_seen: c.tokens_seen, mean_logprob: meanLogprob(c.logprobs),
+          perplexity: c.perplexity, cache_used: c.cache ? c.cache.used : null,
+        });
+        break;
+      }
+      case 'flushed':
+        emit({ type: 'flushed', ...response.flushed });
+        next();
+        break;
+      case 'token':
+        emit({ type: 'token', index: response.token.index, token_id: response.token.token_id, text: response.token.text });
+        break;
+      case 'generation_complete': {
+        const g = response.generation_complete;
+        emit({
+          type: 'generation', text: g.text, generated_tokens: g.generated_tokens, stop_reason: g.stop_reason,
+          tokens_seen: g.tokens_seen, time_to_first_token_s: g.time_to_first_token_s,
+        });
+        next();
+        break;
+      }
+      case 'closed':
+        emit({ type: 'closed', ...response.closed });
+        call.end();
+        break;
+      case 'error':
+        failed = true;
+        emit({ type: 'error', ...response.error });
+        call.end();
+        break;
+      default:
+        break;
+    }
+  });
+  call.on('error', (err) => {
+    console.error(`sinkstream: ${err.code} ${err.details || err.message}`);
+    process.exitCode = 1;
+  });
+  call.on('end', () => {
+    if (failed) process.exitCode = 1;
+    client.close();
+  });
+
+  call.write({
+    request_id: 'open',
+    open: { settings: { analysis: { logprobs: true } } },
+  });
+}
+
+main();

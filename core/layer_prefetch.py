@@ -21,7 +21,7 @@ from torch import nn
 
 from core.layer_sources import LayerSource
 from core.offload_config import OffloadConfig
-from core.offload_slots import SlotPool, TensorSpec, make_slot_pool, plan_layout
+from core.offload_slots import Layout, SlotPool, make_slot_pool, plan_layout
 
 
 class OffloadError(RuntimeError):
@@ -67,7 +67,7 @@ class LayerOffloader:
         # Per layer: where each tensor goes ((module, attribute, is_parameter) by name) and its meta stand-in.
         self._targets: list[dict[str, tuple[nn.Module, str, bool]]] = []
         self._meta: list[dict[str, torch.Tensor]] = []
-        self._layouts: list[tuple[TensorSpec, ...]] = []
+        self._layouts: list[Layout] = []
         slot_bytes = 0
         for layer in layers:
             targets, meta, specs = {}, {}, []
@@ -91,6 +91,10 @@ class LayerOffloader:
             for name in targets:
                 self._bind_tensor(targets[name], meta[name])  # free the real weights, if any
         self.slots: SlotPool = make_slot_pool(config.resident_layers, slot_bytes, self.device)
+        for layout in set(self._layouts):  # build every slot view now, not concurrently in two threads
+            for slot in range(config.resident_layers):
+                self.slots.params(slot, layout)
+                self.slots.staging(slot, layout)
         self._free = deque(range(config.resident_layers))
         self._slot_of: dict[int, int] = {}
         self._futures: dict[int, Future] = {}
@@ -124,9 +128,11 @@ class LayerOffloader:
             self._discard(layer)
         if i not in self._slot_of:
             self._schedule(i)
-        self._wait(i)
-        self.slots.wait_ready(self._slot_of[i])
-        self._bind_layer(i)
+        if i in self._futures:  # not yet waited for (else: bound by an interrupted earlier call)
+            self._wait(i)
+        if i not in self._bound:
+            self.slots.wait_ready(self._slot_of[i])
+            self._bind_layer(i)
         self.stats.order.append(i)
         for j in wanted[1:]:
             if j not in self._slot_of and self._free:
@@ -240,7 +246,7 @@ class LayerOffloader:
         for i in list(self._bound):
             self.after_layer(i)
         self.source.close()
-        self.slots.buffers = []
+        self.slots.free()
 
 
 def _to_meta(tensor: torch.Tensor, is_param: bool) -> torch.Tensor:

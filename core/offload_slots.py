@@ -34,7 +34,7 @@ class TensorSpec:
         return self.dtype.itemsize * int(torch.Size(self.shape).numel())
 
 
-Layout = tuple[TensorSpec, ...]
+Layout = tuple[TensorSpec, ...]  # a layer's tensors inside a slot
 
 
 def plan_layout(tensors: list[tuple[str, torch.dtype, tuple[int, ...]]]) -> tuple[Layout, int]:
@@ -47,7 +47,7 @@ def plan_layout(tensors: list[tuple[str, torch.dtype, tuple[int, ...]]]) -> tupl
     return tuple(layout), offset
 
 
-def _views(flat: torch.Tensor, layout: tuple[TensorSpec, ...]) -> dict[str, torch.Tensor]:
+def _views(flat: torch.Tensor, layout: Layout) -> dict[str, torch.Tensor]:
     return {s.name: flat[s.offset : s.offset + s.nbytes].view(s.dtype).view(s.shape) for s in layout}
 
 
@@ -59,13 +59,13 @@ class SlotPool:
         self.slot_bytes = slot_bytes
         self.device = device
         self.buffers = [torch.empty(slot_bytes, dtype=torch.uint8, device=device) for _ in range(num_slots)]
-        self._params: dict[tuple[int, tuple[TensorSpec, ...]], dict[str, nn.Parameter]] = {}
+        self._params: dict[tuple[int, Layout], dict[str, nn.Parameter]] = {}
 
     @property
     def nbytes(self) -> int:
         return self.num_slots * self.slot_bytes
 
-    def params(self, slot: int, layout: tuple[TensorSpec, ...]) -> dict[str, nn.Parameter]:
+    def params(self, slot: int, layout: Layout) -> dict[str, nn.Parameter]:
         """Parameters viewing slot `slot` laid out as `layout` (built once, then reused)."""
         key = (slot, layout)
         if key not in self._params:
@@ -73,14 +73,19 @@ class SlotPool:
             self._params[key] = {n: nn.Parameter(v, requires_grad=False) for n, v in views.items()}
         return self._params[key]
 
-    def staging(self, slot: int, layout: tuple[TensorSpec, ...]) -> dict[str, torch.Tensor]:
+    def free(self) -> None:
+        """Drop the slot memory (the offloader is closed)."""
+        self.buffers = []
+        self._params = {}
+
+    def staging(self, slot: int, layout: Layout) -> dict[str, torch.Tensor]:
         """Host buffers a disk source reads into: on CPU, the slot itself."""
         return self.params(slot, layout)
 
     def before_fetch(self, slot: int) -> None:
         """Worker thread, before a source writes the slot's staging buffers."""
 
-    def fill(self, slot: int, layout: tuple[TensorSpec, ...], host: dict[str, torch.Tensor]) -> None:
+    def fill(self, slot: int, layout: Layout, host: dict[str, torch.Tensor]) -> None:
         """Worker thread: put the fetched host tensors into the slot."""
         for name, dst in self.params(slot, layout).items():
             src = host[name]
@@ -103,19 +108,24 @@ class CudaSlotPool(SlotPool):
         self.pinned = [torch.empty(slot_bytes, dtype=torch.uint8).pin_memory() for _ in range(num_slots)]
         self.ready = [torch.cuda.Event() for _ in range(num_slots)]
         self.done = [torch.cuda.Event() for _ in range(num_slots)]
-        self._staging: dict[tuple[int, tuple[TensorSpec, ...]], dict[str, torch.Tensor]] = {}
+        self._staging: dict[tuple[int, Layout], dict[str, torch.Tensor]] = {}
 
-    def staging(self, slot: int, layout: tuple[TensorSpec, ...]) -> dict[str, torch.Tensor]:
+    def staging(self, slot: int, layout: Layout) -> dict[str, torch.Tensor]:
         key = (slot, layout)
         if key not in self._staging:
             self._staging[key] = _views(self.pinned[slot], layout)
         return self._staging[key]
 
+    def free(self) -> None:
+        super().free()
+        self.pinned = []
+        self._staging = {}
+
     def before_fetch(self, slot: int) -> None:
         # The previous host->device copy out of this staging buffer must finish before it is overwritten.
         self.ready[slot].synchronize()
 
-    def fill(self, slot: int, layout: tuple[TensorSpec, ...], host: dict[str, torch.Tensor]) -> None:
+    def fill(self, slot: int, layout: Layout, host: dict[str, torch.Tensor]) -> None:
         with torch.cuda.stream(self.stream):
             self.stream.wait_event(self.done[slot])
             for name, dst in self.params(slot, layout).items():

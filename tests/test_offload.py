@@ -170,6 +170,29 @@ def test_never_more_than_k_layers_materialised(tiny_dir, k, d):
     offloader.close()
 
 
+def test_a_pass_aborted_mid_model_leaves_a_usable_offloader(tiny_dir):
+    """An exception in layer 2 (layer 3 already prefetched) must not leak slots or break later passes."""
+    ref = resident(tiny_dir)
+    model, offloader = offloaded(tiny_dir, "disk", k=2, d=1)
+    fail = [True]
+
+    def explode_once(module, args):
+        if fail.pop() if fail else False:
+            raise RuntimeError("abort inside layer 2")
+
+    model.model.layers[2].register_forward_pre_hook(explode_once)
+    ids = torch.arange(1, 12)[None]
+    with torch.inference_mode():
+        with pytest.raises(RuntimeError, match="abort inside layer 2"):
+            model(ids)
+        assert all(p.is_meta for p in model.model.layers.parameters())
+        for _ in range(2):
+            assert torch.equal(ref(ids).logits, model(ids).logits)
+    assert offloader.stats.peak_materialised == 2
+    assert list(offloader.stats.order) == [0, 1, 2] + [0, 1, 2, 3] * 2
+    offloader.close()
+
+
 def test_enable_on_a_loaded_model_frees_its_layers(tiny_dir):
     ref = resident(tiny_dir)
     model = resident(tiny_dir)

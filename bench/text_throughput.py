@@ -1,8 +1,9 @@
-"""Tokenization throughput: one-shot `tokenizer(text)` vs IncrementalEncoder fed UTF-8 bytes in blocks.
+"""Tokenization throughput: one-shot `tokenizer(text)` vs IncrementalEncoder fed UTF-8 bytes in blocks,
+and one-shot `decode(ids)` vs IncrementalDecoder fed one id at a time.
 
 Usage: python bench/text_throughput.py [--shared ../shared] [--repeat 3]
 Prints a markdown table and writes bench/results/text_throughput.md. Every incremental run is checked
-to give exactly the one-shot ids.
+to give exactly the one-shot ids / text.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 
 from transformers import AutoTokenizer
 
-from core.text import IncrementalEncoder
+from core.text import IncrementalDecoder, IncrementalEncoder
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -35,6 +36,11 @@ def incremental(tokenizer, data: bytes, block: int) -> list[int]:
     for i in range(0, len(data), block):
         ids += encoder.push(data[i:i + block])
     return ids + encoder.flush()
+
+
+def streamed_decode(tokenizer, ids: list[int]) -> str:
+    decoder = IncrementalDecoder(tokenizer)
+    return "".join(decoder.push(i) for i in ids) + decoder.flush()
 
 
 def main() -> None:
@@ -60,6 +66,13 @@ def main() -> None:
                                      args.repeat)
             rows.append(f"| {name} | incremental, {block} B pieces | {len(data) / 1e6:.2f} | {len(ids)} | "
                         f"{seconds:.3f} | {len(ids) / seconds:,.0f} | {ids == whole} |")
+    ids = tokenizer(sotu[:300_000])["input_ids"]
+    seconds, whole_text = best_time(lambda: tokenizer.decode(ids, skip_special_tokens=True), args.repeat)
+    rows.append(f"| sotu.txt[:300k] ids | one-shot decode | 0.30 | {len(ids)} | {seconds:.3f} | "
+                f"{len(ids) / seconds:,.0f} | - |")
+    seconds, text = best_time(lambda: streamed_decode(tokenizer, ids), args.repeat)
+    rows.append(f"| sotu.txt[:300k] ids | IncrementalDecoder, one id per push | 0.30 | {len(ids)} | "
+                f"{seconds:.3f} | {len(ids) / seconds:,.0f} | {text == whole_text} |")
     table = "\n".join(rows)
     print(table)
     out = REPO / "bench" / "results" / "text_throughput.md"

@@ -163,19 +163,25 @@ class IncrementalEncoder:
         return self._prefix + ids
 
     def _commit(self, cut: int) -> list[int] | None:
-        """Commit self._held[:cut]; None if the tokenization does not have a boundary at the cut."""
-        for context in self._left_contexts():
-            tokens = tokens_between(self._backend, context + self._held, len(context), len(context) + cut)
-            if tokens == "end":  # no boundary at the cut itself: another context will not fix that
-                return None
-            if tokens is not None:
-                break
-        else:  # no context gives a boundary in front of the held text
-            raise RuntimeError("tokenizer has no token boundary at the start of the held text")
-        committed = self._held[:cut]
+        """Commit self._held[:cut]; None if the tokenization has no token boundary at the cut."""
+        context, enc, offsets, first = self._encode_held()
+        last = first_token_at(offsets, len(context) + cut)
+        if last is None:
+            return None
+        self._context = self._context_for(context + self._held[:cut])
         self._held = self._held[cut:]
-        self._context = self._context_for(context + committed)
-        return tokens
+        return enc.ids[first:last]
+
+    def _encode_held(self):
+        """Tokenize (left context + held text) with the first left context that leaves a token boundary
+        in front of the held text. Returns (context, Encoding, offsets [n, 2], index of first held token)."""
+        for context in self._left_contexts():
+            enc = self._backend.encode(context + self._held, add_special_tokens=False)
+            offsets = np.asarray(enc.offsets, dtype=np.int64).reshape(-1, 2)
+            first = first_token_at(offsets, len(context))
+            if first is not None:
+                return context, enc, offsets, first
+        raise AssertionError("unreachable: the empty context always leaves a boundary at 0")
 
     def _left_contexts(self) -> tuple[str, ...]:
         """Left contexts to try, best first, for tokenizing the held text as the stream has it."""
@@ -192,48 +198,28 @@ class IncrementalEncoder:
     def _commit_by_agreement(self) -> list[int]:
         """No whitespace cut in a long held text: commit the tokens on which two tokenizations, with
         different amounts of look-ahead, agree, keeping 8 tokens of safety margin."""
-        context = self._left_contexts()[0]
+        context, full, offsets, first = self._encode_held()
         text = context + self._held
-        a = len(context)
-        probe_end = len(text) - self.max_hold_chars // 2
-        full = self._backend.encode(text, add_special_tokens=False)
-        short = self._backend.encode(text[:probe_end], add_special_tokens=False)
+        short = self._backend.encode(text[:len(text) - self.max_hold_chars // 2], add_special_tokens=False)
         n = min(len(full.ids), len(short.ids))
         differs = np.flatnonzero(np.asarray(full.ids[:n]) != np.asarray(short.ids[:n]))
-        agree = int(differs[0]) if len(differs) else n
-        offsets = np.asarray(full.offsets, dtype=np.int64).reshape(-1, 2)
-        first = int(np.searchsorted(offsets[:, 0], a, "left"))
-        if first > 0 and offsets[first - 1, 1] > a:  # the context's last token runs into the held text
-            return []
-        last = agree - 8
+        last = (int(differs[0]) if len(differs) else n) - 8
         # the cut must also be a clean boundary: the previous token ends where the next one starts
         while last > first and offsets[last - 1, 1] > offsets[last, 0]:
             last -= 1
         if last <= first:
             return []
-        cut = int(offsets[last, 0]) - a
-        ids = full.ids[first:last]
-        self._context = self._context_for(text[:a + cut])
-        self._held = self._held[cut:]
-        return ids
+        end = int(offsets[last, 0])
+        self._context = self._context_for(text[:end])
+        self._held = text[end:]
+        return full.ids[first:last]
 
 
-def tokens_between(backend, text: str, start: int, end: int) -> list[int] | str | None:
-    """Ids of the tokens of `text` (no special tokens added) covering text[start:end].
-
-    Returns None if a token straddles `start`, "end" if one straddles `end`.
-    """
-    enc = backend.encode(text, add_special_tokens=False)
-    if not enc.ids:
-        return []
-    offsets = np.asarray(enc.offsets, dtype=np.int64).reshape(-1, 2)  # [n, 2] char spans
-    first = int(np.searchsorted(offsets[:, 0], start, "left")) if start > 0 else 0
-    last = int(np.searchsorted(offsets[:, 0], end, "left")) if end < len(text) else len(enc.ids)
-    if first > 0 and offsets[first - 1, 1] > start:
-        return None
-    if 0 < last < len(enc.ids) and offsets[last - 1, 1] > end:
-        return "end"
-    return enc.ids[first:last]
+def first_token_at(offsets: np.ndarray, pos: int) -> int | None:
+    """Index of the first token starting at or after char `pos`, given token char spans offsets [n, 2];
+    None if a token straddles `pos` (no token boundary there)."""
+    index = int(np.searchsorted(offsets[:, 0], pos, "left")) if pos > 0 else 0
+    return None if index > 0 and offsets[index - 1, 1] > pos else index
 
 
 def iter_file_ids(file: BinaryIO, encoder: IncrementalEncoder,

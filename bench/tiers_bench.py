@@ -1,0 +1,309 @@
+"""Memory tiers benchmark: quality at an equal slot budget, long-range recall, and ingest overhead.
+
+  stream   independent stories sampled from stories260K itself (temperature 1.0, fixed seed, each story
+           sampled within the trained context, 8 stories at a time in one batched engine), concatenated
+           BOS-separated. Stories are longer than the small windows compared, so they run across window
+           boundaries.
+  quality  mean next-token NLL over the whole stream, chunk C = 16, for:
+             S=4 W=60 (64 slots, no tiers)           the equal-budget baseline
+             S=4 W=28 (32 slots, no tiers)           what the tiers are added to
+             S=4 W=28 + tiers (32 tier slots)        for each merge policy and tier shape
+             S=4 W=124 / W=252 (no tiers)            larger windows as reference points
+  recall   mean log-probability of the tokens of words that repeat, within the same story, a word whose
+           latest earlier occurrence is more than 60 + 16 = 76 tokens back (out of the 64-slot baseline's
+           reach even at the end of a chunk): `names` = capitalised words never seen lower-case in the
+           stream (Lily, Tom, Max, ...), `words` = every repeated word of 3+ letters.
+  overhead ingest tokens/s (C = 64) of S=4 W=60 vs S=4 W=28 + tiers, variants interleaved round by round
+           on the same stream, ratio = median of per-round paired ratios (the machine is shared).
+
+  python bench/tiers_bench.py            # writes bench/results/tiers.{json,md,png}
+  python bench/tiers_bench.py --tokens 20000 --rounds 3    # quicker
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from core.config import StreamConfig, TierSpec  # noqa: E402
+from core.generation import Generation  # noqa: E402
+from core.sampling import SamplingParams  # noqa: E402
+from core.streaming import StreamingInference  # noqa: E402
+
+RESULTS = ROOT / "bench" / "results"
+SHARED = Path(os.environ.get("SINKSTREAM_SHARED", ROOT.parent / "shared"))
+STORIES = SHARED / "models" / "stories260K"
+BOS = 1
+QUALITY_CHUNK = 16
+BASE_WINDOW = 60
+RECALL_GAP = BASE_WINDOW + QUALITY_CHUNK
+POLICIES = ("mean", "attention", "heavy-hitters")
+TIER_SHAPES = ("24x4,8x4", "32x4")
+
+
+def load_stories():
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(STORIES, attn_implementation="sdpa").eval()
+    return model, AutoTokenizer.from_pretrained(STORIES)
+
+
+# ============================================================================ the stream
+def sample_stories(model, n_tokens: int, seed: int, rows: int = 8, max_story: int = 440) -> list[int]:
+    """Stories (BOS + tokens sampled to EOS or max_story) from `rows` streams decoded in one batch,
+    concatenated in the order they finish until n_tokens."""
+    engine = StreamingInference(model, StreamConfig(sink_tokens=4, window=444, chunk=64), max_rows=rows)
+    params = SamplingParams(temperature=1.0, max_new_tokens=max_story, stop_on_eos=True)
+    stream: list[int] = []
+    gens: dict[int, Generation] = {}
+    started = 0
+    starting = []
+    for _ in range(rows):
+        starting.append(engine.open_row(seed=seed + started))
+        started += 1
+    while len(stream) < n_tokens:
+        batch = {row: [BOS] for row in starting}
+        chosen = {}
+        for row, gen in gens.items():
+            chosen[row] = gen.choose()
+            batch[row] = [chosen[row][0]]
+        engine.step(batch)
+        for row in starting:
+            gens[row] = Generation(engine, row, params)
+        starting = []
+        for row, (token, logprob) in chosen.items():
+            gen = gens[row]
+            gen.accept(token, logprob)
+            if gen.finished:
+                stream += [BOS] + gen.generated
+                del gens[row]
+                engine.reset_row(row, seed + started)
+                started += 1
+                starting.append(row)
+    return stream[:n_tokens]
+
+
+def load_stream(model, n_tokens: int, seed: int) -> list[int]:
+    path = RESULTS / "tiers_stream.json"
+    meta = {"seed": seed, "tokens": n_tokens, "temperature": 1.0}
+    if path.exists():
+        cached = json.loads(path.read_text())
+        if cached["meta"] == meta:
+            print(f"stream: reusing {path.relative_to(ROOT)}")
+            return cached["ids"]
+    t0 = time.perf_counter()
+    stream = sample_stories(model, n_tokens, seed)
+    print(f"stream: sampled {len(stream)} tokens in {time.perf_counter() - t0:.0f} s")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"meta": meta, "ids": stream}) + "\n")
+    return stream
+
+
+# ============================================================================ recall targets
+def repeated_word_tokens(stream: list[int], tokenizer, gap: int) -> dict[str, list[int]]:
+    """Token positions of words repeating, within one story, a word last seen more than `gap` tokens
+    earlier: {"names": [...], "words": [...]} (see the module docstring)."""
+    pieces = tokenizer.convert_ids_to_tokens(stream)
+    words: list[tuple[int, int, str]] = []  # (start, end, text)
+    start = None
+    for i, piece in enumerate(pieces + ["▁"]):
+        continues = start is not None and piece.isalpha()
+        if continues:
+            continue
+        if start is not None:
+            text = "".join(pieces[start:i]).lstrip("▁")
+            if text.isalpha():
+                words.append((start, i, text))
+            start = None
+        if piece.startswith("▁") and piece[1:].isalpha():
+            start = i
+    lower_seen = {w for _, _, w in words if w[0].islower()}
+    names_tokens, words_tokens = [], []
+    story_of = torch.tensor(stream).eq(BOS).cumsum(0).tolist()  # story index of every position
+    last_seen: dict[str, int] = {}
+    story = 0
+    for s, e, w in words:
+        if story_of[s] != story:
+            last_seen, story = {}, story_of[s]
+        previous = last_seen.get(w)
+        if previous is not None and s - previous > gap and len(w) >= 3:
+            words_tokens += range(s, e)
+            if w[0].isupper() and w.lower() not in lower_seen:
+                names_tokens += range(s, e)
+        last_seen[w] = e
+    return {"names": names_tokens, "words": words_tokens}
+
+
+# ============================================================================ quality
+# (window, tier shape, policies) compared at the 64-slot budget, then at 128 slots.
+TIERED = ((28, "24x4,8x4", POLICIES), (28, "32x4", POLICIES), (28, "16x2,16x4", ("mean", "attention")),
+          (44, "12x4,4x4", ("mean", "attention")), (60, "48x4,16x4", POLICIES))
+
+
+def variants() -> list[tuple[str, StreamConfig]]:
+    out = [(f"S=4 W={w}", StreamConfig(4, w, QUALITY_CHUNK)) for w in (BASE_WINDOW, 28)]
+    for window, shape, policies in TIERED[:-1]:
+        out += [(f"S=4 W={window} + {shape} {policy}",
+                 StreamConfig(4, window, QUALITY_CHUNK, tiers=TierSpec.parse(shape), merge_policy=policy))
+                for policy in policies]
+    out.append(("S=4 W=124", StreamConfig(4, 124, QUALITY_CHUNK)))
+    window, shape, policies = TIERED[-1]
+    out += [(f"S=4 W={window} + {shape} {policy}",
+             StreamConfig(4, window, QUALITY_CHUNK, tiers=TierSpec.parse(shape), merge_policy=policy))
+            for policy in policies]
+    out.append(("S=4 W=252", StreamConfig(4, 252, QUALITY_CHUNK)))
+    return out
+
+
+def stream_logprobs(model, config: StreamConfig, stream: list[int]) -> torch.Tensor:
+    engine = StreamingInference(model, config)
+    row = engine.open_row()
+    return torch.cat([r.logprobs for r in engine.append(row, stream)])
+
+
+def run_quality(model, stream: list[int], targets: dict[str, list[int]]) -> list[dict]:
+    rows = []
+    for name, config in variants():
+        t0 = time.perf_counter()
+        lp = stream_logprobs(model, config, stream)
+        scored = lp[1:].double()
+        row = {"name": name, "slots": config.cache_slots, "tiers": ",".join(map(str, config.tiers)),
+               "policy": config.merge_policy if config.tiers else "", "mean_nll": float(-scored.mean())}
+        for kind, positions in targets.items():
+            row[f"{kind}_logprob"] = float(lp[torch.tensor(positions)].double().mean())
+        rows.append(row)
+        print(f"quality: {name:<34} NLL {row['mean_nll']:.4f}  names {row['names_logprob']:.3f}  "
+              f"words {row['words_logprob']:.3f}  ({time.perf_counter() - t0:.0f} s)")
+    return rows
+
+
+# ============================================================================ overhead
+def ingest_rate(model, config: StreamConfig, ids: list[int], repeats: int) -> float:
+    """tokens/s of appending `ids` to a fresh stream, best of `repeats` (warm start: one chunk first)."""
+    best = 0.0
+    for _ in range(repeats):
+        engine = StreamingInference(model, config)
+        row = engine.open_row()
+        list(engine.append(row, ids[: config.chunk]))
+        t0 = time.perf_counter()
+        for _ in engine.append(row, ids[config.chunk :]):
+            pass
+        best = max(best, (len(ids) - config.chunk) / (time.perf_counter() - t0))
+    return best
+
+
+def run_overhead(model, stream: list[int], rounds: int, tokens: int) -> dict:
+    chunk = 64
+    configs = {f"S=4 W={BASE_WINDOW}": StreamConfig(4, BASE_WINDOW, chunk)}
+    for policy in POLICIES:
+        configs[f"S=4 W=28 + 24x4,8x4 {policy}"] = StreamConfig(
+            4, 28, chunk, tiers=TierSpec.parse("24x4,8x4"), merge_policy=policy)
+    ids = stream[:tokens]
+    rates: dict[str, list[float]] = {name: [] for name in configs}
+    for r in range(rounds):
+        for name, config in configs.items():
+            rates[name].append(ingest_rate(model, config, ids, repeats=1))
+        print(f"overhead round {r + 1}: " + ", ".join(f"{n}: {v[-1]:,.0f}" for n, v in rates.items()))
+    base = next(iter(configs))
+    out = {}
+    for name, values in rates.items():
+        ratios = [b / v for b, v in zip(rates[base], values, strict=True)]
+        out[name] = {"tokens_per_s": statistics.median(values), "slowdown": statistics.median(ratios) - 1.0}
+    return out
+
+
+# ============================================================================ report
+def markdown(data: dict) -> str:
+    s = data["stream"]
+    lines = [
+        "# Memory tiers: quality at an equal slot budget, long-range recall, overhead",
+        "",
+        f"Stream: {s['tokens']:,} tokens, {s['stories']} stories sampled from stories260K (seed {s['seed']}, "
+        f"temperature 1.0), concatenated. Quality chunk C = {QUALITY_CHUNK}. Recall targets: "
+        f"{s['names']} name tokens and {s['words']} repeated-word tokens whose word was last seen more than "
+        f"{RECALL_GAP} tokens earlier in the same story. Torch threads: {data['threads']}; "
+        f"load average at the end: {data['load_average']}.",
+        "",
+        "| cache | slots (S+T+W) | mean NLL | names: mean log p | repeated words: mean log p |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for r in data["quality"]:
+        lines.append(f"| {r['name']} | {r['slots']} | {r['mean_nll']:.4f} | {r['names_logprob']:.3f} | "
+                     f"{r['words_logprob']:.3f} |")
+    lines += ["", f"Ingest (C = 64, {data['overhead_tokens']:,} tokens, median of {data['rounds']} "
+              "interleaved rounds; slowdown = median of per-round paired ratios vs the first row):", "",
+              "| cache | tokens/s | slowdown |", "|---|---:|---:|"]
+    for name, r in data["overhead"].items():
+        lines.append(f"| {name} | {r['tokens_per_s']:,.0f} | {100 * r['slowdown']:+.1f}% |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(data: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = data["quality"]
+    names = [r["name"] for r in rows]
+    colors = ["tab:blue" if not r["tiers"] else {"mean": "tab:green", "attention": "tab:orange",
+                                                  "heavy-hitters": "tab:red"}[r["policy"]] for r in rows]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 5.5), sharey=True)
+    for ax, key, title in zip(axes, ("mean_nll", "names_logprob", "words_logprob"),
+                              ("mean NLL (lower is better)", f"names > {RECALL_GAP} tokens back: mean log p",
+                               f"repeated words > {RECALL_GAP} back: mean log p"), strict=True):
+        values = [r[key] for r in rows]
+        ax.barh(range(len(rows)), values, color=colors)
+        low, high = min(values), max(values)
+        pad = (high - low) * 0.15 or 0.05
+        ax.set_xlim(low - pad, high + pad)
+        for i, v in enumerate(values):
+            ax.text(v, i, f" {v:.3f}", va="center", fontsize=7)
+        ax.set_title(title, fontsize=9)
+    axes[0].set_yticks(range(len(rows)), names, fontsize=8)
+    axes[0].invert_yaxis()
+    fig.suptitle("stories260K sampled story stream: sinks + window vs sinks + tiers + window (C = 16)")
+    fig.tight_layout()
+    fig.savefig(RESULTS / "tiers.png", dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tokens", type=int, default=40_000, help="stream length (default 40000)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--rounds", type=int, default=5, help="overhead rounds (default 5)")
+    p.add_argument("--overhead-tokens", type=int, default=20_000)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, tokenizer = load_stories()
+    stream = load_stream(model, args.tokens, args.seed)
+    targets = repeated_word_tokens(stream, tokenizer, RECALL_GAP)
+    print(f"recall targets: {len(targets['names'])} name tokens, {len(targets['words'])} word tokens")
+    quality = run_quality(model, stream, targets)
+    overhead = run_overhead(model, stream, args.rounds, args.overhead_tokens)
+    data = {"stream": {"tokens": len(stream), "stories": stream.count(BOS), "seed": args.seed,
+                       "names": len(targets["names"]), "words": len(targets["words"])},
+            "quality": quality, "overhead": overhead, "rounds": args.rounds,
+            "overhead_tokens": args.overhead_tokens, "threads": torch.get_num_threads(),
+            "load_average": " ".join(f"{x:.1f}" for x in os.getloadavg())}
+    (RESULTS / "tiers.json").write_text(json.dumps(data, indent=1) + "\n")
+    (RESULTS / "tiers.md").write_text(markdown(data))
+    plot(data)
+    print(markdown(data))
+
+
+if __name__ == "__main__":
+    main()

@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
 from collections.abc import AsyncIterable, AsyncIterator, Iterable
 
 import grpc
 
 from clients import protocol
+from clients.protocol import Progress
 from clients.results import (
     Checkpointed,
     ChunkResult,
@@ -39,8 +41,10 @@ class AsyncSinkStreamClient:
     """An asyncio channel to a sinkstream server; unary calls and sessions."""
 
     def __init__(self, address: str, *, timeout: float | None = None,
-                 max_message_bytes: int = protocol.DEFAULT_MAX_MESSAGE_BYTES) -> None:
-        self.channel = grpc.aio.insecure_channel(address, options=protocol.channel_options(max_message_bytes))
+                 max_message_bytes: int = protocol.DEFAULT_MAX_MESSAGE_BYTES,
+                 retry_attempts: int = 5) -> None:
+        self.channel = grpc.aio.insecure_channel(address, options=protocol.channel_options(
+            max_message_bytes, retry_attempts=retry_attempts))
         self.stub = pb_grpc.SinkStreamStub(self.channel)
         self.timeout = timeout
 
@@ -187,16 +191,26 @@ class AsyncSession:
         self.last_flush = await self._collect_chunks_until(Flushed)
         return self._take_chunks()
 
-    async def stream_text(self, pieces: Iterable[str] | AsyncIterable[str]) -> AsyncIterator[ChunkResult]:
-        """Send pieces from a task while yielding chunk results; ends after the final flush."""
+    async def stream_text(self, pieces: Iterable[str] | AsyncIterable[str], progress: Progress | None = None,
+                          total_bytes: int | None = None) -> AsyncIterator[ChunkResult]:
+        """Send pieces from a task while yielding chunk results; ends after the final flush.
+        `progress(bytes_sent, total_bytes)` is called after each piece."""
+        sent = 0
+
+        async def send(piece: str) -> None:
+            nonlocal sent
+            await self.send_text(piece)
+            if progress is not None:
+                sent += len(piece.encode("utf-8"))
+                progress(sent, total_bytes)
 
         async def feed() -> None:
             if isinstance(pieces, AsyncIterable):
                 async for piece in pieces:
-                    await self.send_text(piece)
+                    await send(piece)
             else:
                 for piece in pieces:
-                    await self.send_text(piece)
+                    await send(piece)
             await self.send_text("", flush=True)
 
         sender = asyncio.create_task(feed())
@@ -214,6 +228,12 @@ class AsyncSession:
         finally:
             if not sender.done():
                 sender.cancel()
+
+    def stream_file(self, path: str | os.PathLike, progress: Progress | None = None,
+                    block_chars: int = protocol.FILE_BLOCK_CHARS) -> AsyncIterator[ChunkResult]:
+        """stream_text over a UTF-8 file read in blocks; `progress(bytes_sent, file_size)` per block."""
+        return self.stream_text(protocol.read_text_blocks(path, block_chars), progress,
+                                os.path.getsize(path))
 
     # ------------------------------------------------------------------ generation
     async def generate_stream(self, params: GenerateParams | None = None,

@@ -7,6 +7,9 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from clients import chat
+from clients.analysis_report import add_output_options, check_output_options, write_outputs
+
 
 def add_stream_options(p: argparse.ArgumentParser) -> None:
     """Options shaping the bounded cache, shared by analyze, generate and serve."""
@@ -41,9 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
     ana.add_argument("--model", help="model folder or hub id (in-process mode)")
     ana.add_argument("--server", help="host:port of a sinkstream server instead of --model")
     ana.add_argument("--dense", action="store_true", help="plain full-cache baseline for comparison")
-    ana.add_argument("--json", metavar="OUT", help="write the summary and per-token NLL as JSON")
-    ana.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_output_options(ana)
     add_stream_options(ana)
+
+    chat.add_parser(sub)
 
     # Options of `serve` live with the server (service.server.build_parser); main() hands them over.
     sub.add_parser("serve", help="run the gRPC server (sinkstream serve --help)", add_help=False)
@@ -63,6 +67,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return serve_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "analyze" and (problem := check_output_options(args)):
+        parser.error(problem)
+    if args.command == "chat":
+        return chat.run(args)
     if args.command in ("generate", "analyze") and not args.server:
         _need_model(args, parser)
         try:
@@ -80,10 +88,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     print(delta, end="", flush=True)
                 print()
             else:
-                summary = local_runner.analyze(args)
-                print(summary.format())
-                if args.json:
-                    summary.write_json(args.json)
+                write_outputs(local_runner.analyze(args), args)
         except (ConfigError, SamplingError, UnsupportedModelError) as exc:
             print(f"sinkstream: error: {exc}", file=sys.stderr)
             return 2

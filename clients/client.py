@@ -14,6 +14,7 @@ Each Session is one bidirectional `Stream` call. Its methods are meant to be cal
 from __future__ import annotations
 
 import itertools
+import os
 import queue
 import threading
 from collections.abc import Iterable, Iterator
@@ -21,6 +22,7 @@ from collections.abc import Iterable, Iterator
 import grpc
 
 from clients import protocol
+from clients.protocol import Progress
 from clients.results import (
     Checkpointed,
     ChunkResult,
@@ -47,9 +49,10 @@ class SinkStreamClient:
 
     def __init__(self, address: str, *, timeout: float | None = None,
                  max_message_bytes: int = protocol.DEFAULT_MAX_MESSAGE_BYTES,
+                 retry_attempts: int = 5,
                  channel: grpc.Channel | None = None) -> None:
         self.channel = channel or grpc.insecure_channel(address, options=protocol.channel_options(
-            max_message_bytes))
+            max_message_bytes, retry_attempts=retry_attempts))
         self.stub = pb_grpc.SinkStreamStub(self.channel)
         self.timeout = timeout
 
@@ -198,15 +201,21 @@ class Session:
     def flush(self) -> list[ChunkResult]:
         return self.append_text("")
 
-    def stream_text(self, pieces: Iterable[str]) -> Iterator[ChunkResult]:
+    def stream_text(self, pieces: Iterable[str], progress: Progress | None = None,
+                    total_bytes: int | None = None) -> Iterator[ChunkResult]:
         """Send pieces from a background thread while yielding chunk results as they arrive; ends with
-        a flush, so every piece's tokens are processed when the iterator is exhausted."""
+        a flush, so every piece's tokens are processed when the iterator is exhausted.
+        `progress(bytes_sent, total_bytes)` is called (from the sending thread) after each piece."""
         errors: list[BaseException] = []
 
         def feed() -> None:
             try:
+                sent = 0
                 for piece in pieces:
                     self.send_text(piece)
+                    if progress is not None:
+                        sent += len(piece.encode("utf-8"))
+                        progress(sent, total_bytes)
                 self.send_text("", flush=True)
             except BaseException as exc:  # surfaced to the reading thread
                 errors.append(exc)
@@ -226,6 +235,13 @@ class Session:
                 raise errors[0] from None
             raise
         sender.join()
+
+    def stream_file(self, path: str | os.PathLike, progress: Progress | None = None,
+                    block_chars: int = protocol.FILE_BLOCK_CHARS) -> Iterator[ChunkResult]:
+        """stream_text over a UTF-8 file read in blocks (any size; memory stays bounded);
+        `progress(bytes_sent, file_size)` after each block."""
+        return self.stream_text(protocol.read_text_blocks(path, block_chars), progress,
+                                os.path.getsize(path))
 
     # ------------------------------------------------------------------ generation
     def generate_stream(self, params: GenerateParams | None = None, **kwargs) -> Iterator[GeneratedToken]:

@@ -3,6 +3,10 @@ asyncio clients, plus the channel options both use."""
 
 from __future__ import annotations
 
+import json
+import os
+from collections.abc import Callable, Iterator
+
 import grpc
 
 from clients.results import (
@@ -24,13 +28,43 @@ from clients.results import (
 from clients.sinkstream_pb import sinkstream_pb2 as pb
 
 DEFAULT_MAX_MESSAGE_BYTES = 64 << 20
+FILE_BLOCK_CHARS = 1 << 16  # text per AppendText when streaming a file
+
+Progress = Callable[[int, "int | None"], None]  # (bytes sent, total bytes or None when unknown)
+
+
+def read_text_blocks(path: str | os.PathLike, block_chars: int = FILE_BLOCK_CHARS) -> Iterator[str]:
+    """A UTF-8 file as text blocks; the server's incremental tokenizer makes block cuts invisible."""
+    with open(path, encoding="utf-8", newline="") as f:
+        while block := f.read(block_chars):
+            yield block
+
+
+# Calls that are safe to repeat: the read-only unary calls, and `Stream` before the server has answered
+# anything (gRPC never retries a call once a response has arrived, so a running session is never replayed).
+RETRYABLE_METHODS = ("Tokenize", "ModelInfo", "GetSession", "ListSessions", "Stream")
+
+
+def retry_service_config(max_attempts: int, initial_backoff_s: float = 0.2,
+                         max_backoff_s: float = 5.0) -> str:
+    """gRPC service config: retry RETRYABLE_METHODS on UNAVAILABLE (server restarting, connection refused)
+    with exponential backoff (randomised by gRPC, up to `max_backoff_s`), `max_attempts` tries in all."""
+    policy = {"maxAttempts": max_attempts, "initialBackoff": f"{initial_backoff_s}s",
+              "maxBackoff": f"{max_backoff_s}s", "backoffMultiplier": 2,
+              "retryableStatusCodes": ["UNAVAILABLE"]}
+    names = [{"service": "sinkstream.v1.SinkStream", "method": m} for m in RETRYABLE_METHODS]
+    return json.dumps({"methodConfig": [{"name": names, "retryPolicy": policy}]})
 
 
 def channel_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-                    keepalive_ms: int = 30_000) -> list[tuple[str, int]]:
+                    keepalive_ms: int = 30_000, retry_attempts: int = 5) -> list[tuple[str, int | str]]:
     """Client channel arguments: large messages both ways; keepalive pings every `keepalive_ms` (the
-    server accepts pings every 10 s, so this never triggers a too_many_pings GOAWAY)."""
-    return [
+    server accepts pings every 10 s, so this never triggers a too_many_pings GOAWAY); retries on
+    UNAVAILABLE for calls safe to repeat (`retry_attempts` <= 1: none)."""
+    retries: list[tuple[str, int | str]] = [("grpc.enable_retries", 0)]
+    if retry_attempts > 1:
+        retries = [("grpc.enable_retries", 1), ("grpc.service_config", retry_service_config(retry_attempts))]
+    return retries + [
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.keepalive_time_ms", keepalive_ms),

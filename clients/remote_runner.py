@@ -4,6 +4,7 @@ in-process runner (service.local_runner), through the gRPC client. No torch here
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,10 +12,9 @@ from pathlib import Path
 from tqdm import tqdm
 
 from clients.analysis import AnalysisSummary
+from clients.analysis_report import write_outputs
 from clients.client import SinkStreamClient
 from clients.results import GenerateParams, SessionSettings, SinkStreamError, TierSpec
-
-BLOCK_CHARS = 1 << 16
 
 
 def session_settings(args: argparse.Namespace, logprobs: bool = False) -> SessionSettings:
@@ -27,28 +27,24 @@ def session_settings(args: argparse.Namespace, logprobs: bool = False) -> Sessio
                            tiers=tuple(tiers), merge_policy=args.merge_policy, logprobs=logprobs)
 
 
-def read_blocks(path: Path, progress: tqdm) -> Iterator[str]:
-    with path.open("r", encoding="utf-8", newline="") as f:
-        while block := f.read(BLOCK_CHARS):
-            progress.update(len(block.encode("utf-8")))
-            yield block
-
-
 def analyze(args: argparse.Namespace) -> AnalysisSummary:
     path = Path(args.file)
-    settings = session_settings(args, logprobs=True)
+    settings = dataclasses.replace(session_settings(args, logprobs=True), token_ids=True)
     shown = {"sink_tokens": args.sink_tokens, "window": args.window, "chunk": args.chunk}
     if settings.tiers:
         shown.update(tiers=args.tiers, merge_policy=args.merge_policy)
     summary = AnalysisSummary(source=str(path), mode=f"streaming via {args.server}", settings=shown)
-    with SinkStreamClient(args.server) as client, client.open_session(settings) as session, \
-            tqdm(total=path.stat().st_size, unit="B", unit_scale=True, disable=args.quiet, file=sys.stderr,
-                 desc="analyze") as bar:
-        for chunk in session.stream_text(read_blocks(path, bar)):
-            summary.add_chunk(chunk.logprobs)
-            bar.set_postfix(tokens=summary.tokens, tok_s=f"{summary.tokens_per_second:,.0f}")
-            summary.cache_bytes = chunk.cache.cache_bytes if chunk.cache else None
-        session.close()
+    with SinkStreamClient(args.server) as client:
+        with client.open_session(settings) as session, \
+                tqdm(total=path.stat().st_size, unit="B", unit_scale=True, disable=args.quiet,
+                     file=sys.stderr, desc="analyze") as bar:
+            for chunk in session.stream_file(path, progress=lambda sent, _: bar.update(sent - bar.n)):
+                summary.add_chunk(chunk.logprobs, chunk.token_ids, chunk.cache.used if chunk.cache else None)
+                bar.set_postfix(tokens=summary.tokens, tok_s=f"{summary.tokens_per_second:,.0f}",
+                                refresh=False)
+                summary.cache_bytes = chunk.cache.cache_bytes if chunk.cache else None
+            session.close()
+        summary.find_passages(path, client.tokenize, args.passages, args.passage_tokens)
     return summary
 
 
@@ -76,10 +72,7 @@ def run(args: argparse.Namespace) -> int:
                 print(delta, end="", flush=True)
             print()
         else:
-            summary = analyze(args)
-            print(summary.format())
-            if args.json:
-                summary.write_json(args.json)
+            write_outputs(analyze(args), args)
     except SinkStreamError as exc:
         print(f"sinkstream: error: {exc}", file=sys.stderr)
         return 2

@@ -76,11 +76,13 @@ def analyze(args: argparse.Namespace) -> AnalysisSummary:
             # Only whole chunks go through now, so chunk boundaries do not depend on the block size.
             whole = len(pending) - len(pending) % config.chunk
             for result in append(pending[:whole]):
-                summary.add_chunk(result.logprobs.tolist())
+                summary.add_chunk(result.logprobs.tolist(), result.token_ids)
             pending = pending[whole:]
             bar.set_postfix(tokens=summary.tokens, tok_s=f"{summary.tokens_per_second:,.0f}")
         for result in append(pending + encoder.flush()):
-            summary.add_chunk(result.logprobs.tolist())
+            summary.add_chunk(result.logprobs.tolist(), result.token_ids)
+    summary.find_passages(path, lambda text: loaded.tokenizer(text, add_special_tokens=False)["input_ids"],
+                          args.passages, args.passage_tokens)
     summary.peak_rss_mib = peak_rss_mib()
     summary.cache_bytes = runner.cache_bytes if args.dense else engine.cache_bytes
     return summary

@@ -51,6 +51,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top-k", type=int, default=40)
     p.add_argument("--top-p", type=float, default=0.95)
     p.add_argument("--repetition-penalty", type=float, default=1.1)
+    p.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence")
     p.add_argument("--seed", type=int, default=None, help="seed of a new session's sampling")
     p.add_argument("--window", type=int, default=None, help="recent tokens kept (default: server's)")
     p.add_argument("--sink-tokens", type=int, default=None, help="attention sinks (default: server's)")
@@ -91,7 +92,7 @@ class Conversation:
         self.params = GenerateParams(
             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
             repetition_penalty=args.repetition_penalty, max_new_tokens=args.max_new_tokens,
-            stop_sequences=(f"\n{args.user}",))
+            stop_sequences=(f"\n{args.user}",), ignore_eos=args.ignore_eos)
         self.session: Session | None = None
         self.open_turn = False  # the stream already ends with "\n<user prefix>"
         self.fresh = True  # nothing said yet in this session

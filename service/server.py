@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
+import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -221,6 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--chunk", type=int, default=d.defaults.chunk)
     g.add_argument("--tiers", default="", help="e.g. 32x4,16x4")
     g.add_argument("--merge-policy", default=d.defaults.merge_policy)
+    p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
     p.add_argument("--log-level", default="info")
     p.add_argument("--plain-logs", action="store_true", help="human-readable logs instead of JSON lines")
     return p
@@ -261,6 +263,8 @@ def serve_main(argv: list[str] | None = None) -> int:
     logs.configure(args.log_level, json_lines=not args.plain_logs)
     try:
         config = config_from_args(args)
+        if args.threads:
+            torch.set_num_threads(args.threads)
         loaded = load_model(args.model)
         asyncio.run(serve_until_signal(config, loaded))
     except (ConfigError, ValueError, OSError) as exc:

@@ -1,0 +1,229 @@
+"""gRPC serving benchmark: ingest over gRPC vs in-process, aggregate throughput at 1/8/32 concurrent
+streams, and generation latency (time to first token, p50/p99 per token) while other sessions ingest.
+
+    python bench/grpc_bench.py [--model ../shared/models/stories260K] [--text ../shared/data/sotu.txt]
+
+The server runs as a separate `sinkstream serve` process on 127.0.0.1 (as in production); clients use
+the asyncio client library. Writes bench/results/grpc.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from clients.aio import AsyncSinkStreamClient  # noqa: E402
+from clients.results import GenerateParams, SessionSettings  # noqa: E402
+from core.config import StreamConfig  # noqa: E402
+from core.model_loading import load_model  # noqa: E402
+from core.streaming import StreamingInference  # noqa: E402
+from core.text import IncrementalEncoder  # noqa: E402
+
+PIECE_CHARS = 8192
+CONFIG = StreamConfig(sink_tokens=4, window=252, chunk=64)
+SETTINGS = SessionSettings(sink_tokens=4, window=252, chunk=64, logprobs=True)
+
+
+def pieces(text: str, size: int = PIECE_CHARS) -> list[str]:
+    return [text[i:i + size] for i in range(0, len(text), size)]
+
+
+@torch.inference_mode()
+def in_process_ingest(model_dir: str, text: str) -> tuple[int, float]:
+    """(tokens, seconds) for the core alone: same tokenization and chunking as the server."""
+    loaded = load_model(model_dir)
+    engine = StreamingInference(loaded.model, CONFIG, tokenizer=loaded.tokenizer)
+    row = engine.open_row()
+    for _ in engine.append(row, list(range(3, 3 + 256))):  # warm-up
+        pass
+    engine.reset_row(row)
+    started = time.perf_counter()
+    encoder = IncrementalEncoder(loaded.tokenizer)
+    tokens, pending = 0, []
+    for piece in pieces(text):
+        pending += encoder.push(piece)
+        whole = len(pending) - len(pending) % CONFIG.chunk
+        for result in engine.append(row, pending[:whole]):
+            tokens += len(result.token_ids)
+            result.logprobs.tolist()  # the server converts these for the wire; so does this baseline
+        pending = pending[whole:]
+    for result in engine.append(row, pending + encoder.flush()):
+        tokens += len(result.token_ids)
+    return tokens, time.perf_counter() - started
+
+
+def start_server(model_dir: str, rows: int, threads: int) -> tuple[subprocess.Popen, str]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "clients.cli", "serve", "--model", model_dir, "--port", "0",
+         "--max-resident", str(rows), "--threads", str(threads), "--log-level", "warning"],
+        cwd=ROOT, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    line = proc.stdout.readline()
+    match = re.search(r"listening on (\S+)", line)
+    if not match:
+        proc.kill()
+        raise RuntimeError(f"server did not start: {line!r}")
+    return proc, match.group(1)
+
+
+async def ingest(client: AsyncSinkStreamClient, text: str, settings: SessionSettings = SETTINGS) -> int:
+    session = await client.open_session(settings)
+    tokens = 0
+    async for chunk in session.stream_text(pieces(text)):
+        tokens += chunk.num_tokens
+    await session.close()
+    return tokens
+
+
+async def concurrent_ingest(address: str, texts: list[str], chunk: int = 64) -> tuple[int, float]:
+    settings = SessionSettings(sink_tokens=4, window=252, chunk=chunk, logprobs=True)
+    async with AsyncSinkStreamClient(address) as client:
+        await ingest(client, texts[0][:2000], settings)  # warm-up (engine allocation)
+        started = time.perf_counter()
+        counts = await asyncio.gather(*(ingest(client, t, settings) for t in texts))
+        return sum(counts), time.perf_counter() - started
+
+
+async def concurrent_decode(address: str, n: int, new_tokens: int) -> tuple[int, float]:
+    """(tokens, seconds) for n sessions generating new_tokens each at the same time."""
+    async with AsyncSinkStreamClient(address) as client:
+        sessions = [await client.open_session(SETTINGS) for _ in range(n)]
+        for session in sessions:
+            await session.append_text("Once upon a time")
+        started = time.perf_counter()
+        params = GenerateParams(max_new_tokens=new_tokens, ignore_eos=True)
+        results = await asyncio.gather(*(s.generate(params) for s in sessions))
+        seconds = time.perf_counter() - started
+        for session in sessions:
+            await session.close()
+        return sum(r.generated_tokens for r in results), seconds
+
+
+async def generation_latency(address: str, background: list[str], new_tokens: int) -> dict[str, float]:
+    """TTFT and per-token gaps of one greedy generation while `background` texts are being ingested."""
+    async with AsyncSinkStreamClient(address) as client:
+        stop = asyncio.Event()
+
+        async def keep_ingesting(text: str) -> None:
+            session = await client.open_session(SETTINGS)
+            while not stop.is_set():
+                for piece in pieces(text, 2048):
+                    if stop.is_set():
+                        break
+                    await session.append_text(piece)
+            await session.close()
+
+        tasks = [asyncio.create_task(keep_ingesting(t)) for t in background]
+        await asyncio.sleep(0.5 if background else 0)
+        session = await client.open_session(SETTINGS)
+        await session.append_text("Once upon a time")
+        started = time.perf_counter()
+        stamps = []
+        async for _ in session.generate_stream(GenerateParams(max_new_tokens=new_tokens, ignore_eos=True)):
+            stamps.append(time.perf_counter())
+        stop.set()
+        await asyncio.gather(*tasks)
+        await session.close()
+    gaps = sorted(b - a for a, b in zip(stamps, stamps[1:], strict=False))
+    return {"ttft_ms": (stamps[0] - started) * 1e3, "p50_ms": statistics.median(gaps) * 1e3,
+            "p99_ms": gaps[min(len(gaps) - 1, int(0.99 * len(gaps)))] * 1e3, "tokens": len(stamps)}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default=str(ROOT.parent / "shared" / "models" / "stories260K"))
+    parser.add_argument("--text", default=str(ROOT.parent / "shared" / "data" / "sotu.txt"))
+    parser.add_argument("--ingest-chars", type=int, default=200_000, help="text for the 1-stream comparison")
+    parser.add_argument("--stream-chars", type=int, default=24_000, help="text per concurrent stream")
+    parser.add_argument("--new-tokens", type=int, default=200)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads for the server and the in-process baseline alike")
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "grpc.md"))
+    args = parser.parse_args()
+    text = Path(args.text).read_text(encoding="utf-8")
+
+    torch.set_num_threads(args.threads)
+    local_tokens, local_s = in_process_ingest(args.model, text[:args.ingest_chars])
+    proc, address = start_server(args.model, rows=32, threads=args.threads)
+    try:
+        grpc_tokens, grpc_s = asyncio.run(concurrent_ingest(address, [text[:args.ingest_chars]]))
+        assert grpc_tokens == local_tokens, (grpc_tokens, local_tokens)
+        concurrency = {}
+        for chunk in (64, 16):
+            for n in (1, 8, 32):
+                texts = [(text * 2)[i * 7919:i * 7919 + args.stream_chars] for i in range(n)]
+                concurrency[chunk, n] = asyncio.run(concurrent_ingest(address, texts, chunk))
+        decode = {n: asyncio.run(concurrent_decode(address, n, args.new_tokens)) for n in (1, 8, 32)}
+        quiet = asyncio.run(generation_latency(address, [], args.new_tokens))
+        busy = asyncio.run(generation_latency(address, [text[i * 50_000:(i + 1) * 50_000] for i in range(4)],
+                                              args.new_tokens))
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+    local_rate, grpc_rate = local_tokens / local_s, grpc_tokens / grpc_s
+    lines = [
+        "# gRPC serving benchmark (stories260K, CPU)",
+        "",
+        f"Command: `python bench/grpc_bench.py` ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; "
+        f"{os.cpu_count()} cores, {args.threads} torch thread(s) for server and baseline alike; "
+        f"torch {torch.__version__}; settings sink 4, window 252, chunk 64, "
+        "per-token logprobs on). Server: `sinkstream serve` in its own process, asyncio client.",
+        "",
+        "## Ingest, one stream",
+        "",
+        "| path | tokens | seconds | tokens/s | vs in-process |",
+        "|---|---:|---:|---:|---:|",
+        f"| in-process core | {local_tokens:,} | {local_s:.2f} | {local_rate:,.0f} | 1.00 |",
+        f"| gRPC | {grpc_tokens:,} | {grpc_s:.2f} | {grpc_rate:,.0f} | {grpc_rate / local_rate:.2f} |",
+        "",
+        f"## Aggregate ingest throughput ({args.stream_chars:,} characters per stream)",
+        "",
+        "| chunk | concurrent streams | tokens | seconds | tokens/s | vs 1 stream |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
+    for (chunk, n), (tokens, seconds) in concurrency.items():
+        one = concurrency[chunk, 1][0] / concurrency[chunk, 1][1]
+        lines.append(f"| {chunk} | {n} | {tokens:,} | {seconds:.2f} | {tokens / seconds:,.0f} | "
+                     f"{tokens / seconds / one:.2f}x |")
+    lines += [
+        "",
+        f"## Aggregate decode throughput ({args.new_tokens} greedy tokens per session)",
+        "",
+        "| concurrent generations | tokens | seconds | tokens/s | vs 1 |",
+        "|---:|---:|---:|---:|---:|",
+    ]
+    for n, (tokens, seconds) in decode.items():
+        lines.append(f"| {n} | {tokens:,} | {seconds:.2f} | {tokens / seconds:,.0f} | "
+                     f"{tokens / seconds / (decode[1][0] / decode[1][1]):.2f}x |")
+    lines += [
+        "",
+        f"## Generation latency ({args.new_tokens} greedy tokens)",
+        "",
+        "| condition | time to first token (ms) | p50 per token (ms) | p99 per token (ms) |",
+        "|---|---:|---:|---:|",
+        f"| alone | {quiet['ttft_ms']:.1f} | {quiet['p50_ms']:.2f} | {quiet['p99_ms']:.2f} |",
+        f"| while 4 other sessions ingest | {busy['ttft_ms']:.1f} | {busy['p50_ms']:.2f} | "
+        f"{busy['p99_ms']:.2f} |",
+        "",
+    ]
+    report = "\n".join(lines)
+    print(report)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -17,17 +17,18 @@ server). Ctrl-C during a reply cancels the reply only; the conversation goes on.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
 import sys
 import threading
-from contextlib import contextmanager
 from pathlib import Path
 
 import grpc
 
 from clients.client import Session, SinkStreamClient
+from clients.remote_runner import unreachable_hint
 from clients.results import GenerateParams, SessionSettings, SinkStreamError
 
 STREAM_ENDING = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.INTERNAL,
@@ -151,7 +152,7 @@ class Conversation:
         self.open_turn = result.stop_reason == "STOP_SEQUENCE"
         self._remember()
 
-    @contextmanager
+    @contextlib.contextmanager
     def _cancel_on_sigint(self):
         """While a reply streams, Ctrl-C sends CancelGeneration (from a helper thread: a signal handler
         must not block on the session's send queue) instead of raising KeyboardInterrupt."""
@@ -212,6 +213,9 @@ def run(args: argparse.Namespace) -> int:
               "with `sinkstream serve --model PATH`", file=sys.stderr)
         return 2
     interactive = sys.stdin.isatty()
+    if interactive:
+        with contextlib.suppress(ImportError):  # line editing and history for input(), where available
+            import readline  # noqa: F401
     try:
         with SinkStreamClient(args.server) as client:
             chat = Conversation(client, args)
@@ -243,6 +247,6 @@ def run(args: argparse.Namespace) -> int:
                 chat.reply(message)
             chat.quit()
     except SinkStreamError as exc:
-        print(f"\nsinkstream chat: error: {exc}", file=sys.stderr)
+        print(f"\nsinkstream chat: error: {exc}{unreachable_hint(exc, args.server)}", file=sys.stderr)
         return 2
     return 0

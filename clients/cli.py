@@ -4,11 +4,15 @@ the model code (service.local_runner) only when they run, so a client-only insta
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
 from clients import chat
 from clients.analysis_report import add_output_options, check_output_options, write_outputs
+
+DEFAULT_SERVER = os.environ.get("SINKSTREAM_SERVER")
+SERVER_HELP = "host:port of a sinkstream server (default $SINKSTREAM_SERVER); --model wins if given"
 
 
 def add_stream_options(p: argparse.ArgumentParser) -> None:
@@ -23,12 +27,15 @@ def add_stream_options(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sinkstream", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="sinkstream", description="Run a language model over text of any length in fixed memory: "
+        "analyze a document, chat without end, generate, or serve over gRPC. Client commands take "
+        "--server HOST:PORT (default $SINKSTREAM_SERVER); analyze/generate also run in-process with --model.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     gen = sub.add_parser("generate", help="continue a prompt (temperature 0 = greedy)")
     gen.add_argument("--model", help="model folder or hub id (in-process mode)")
-    gen.add_argument("--server", help="host:port of a sinkstream server instead of --model")
+    gen.add_argument("--server", default=DEFAULT_SERVER, help=SERVER_HELP)
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--max-new-tokens", type=int, default=64)
     gen.add_argument("--temperature", type=float, default=0.0)
@@ -42,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     ana = sub.add_parser("analyze", help="stream a text file and summarise per-token NLL / perplexity")
     ana.add_argument("file")
     ana.add_argument("--model", help="model folder or hub id (in-process mode)")
-    ana.add_argument("--server", help="host:port of a sinkstream server instead of --model")
+    ana.add_argument("--server", default=DEFAULT_SERVER, help=SERVER_HELP)
     ana.add_argument("--dense", action="store_true", help="plain full-cache baseline for comparison")
     add_output_options(ana)
     add_stream_options(ana)
@@ -71,7 +78,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(problem)
     if args.command == "chat":
         return chat.run(args)
-    if args.command in ("generate", "analyze") and not args.server:
+    if args.command in ("generate", "analyze") and (args.model or not args.server):
         _need_model(args, parser)
         try:
             from service import local_runner

@@ -9,6 +9,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 from tqdm import tqdm
 
 from clients.analysis import AnalysisSummary
@@ -60,6 +61,14 @@ def generate_text(args: argparse.Namespace) -> Iterator[str]:
         session.close()
 
 
+def unreachable_hint(exc: SinkStreamError, server: str) -> str:
+    """A next step for the most common first-run failure: no server at that address."""
+    if exc.code != grpc.StatusCode.UNAVAILABLE:
+        return ""
+    return (f"\n(no sinkstream server answers at {server}: start one with "
+            f"`sinkstream serve --model PATH --port {server.rpartition(':')[2]}`)")
+
+
 def run(args: argparse.Namespace) -> int:
     """Run analyze / generate against args.server; returns the exit status."""
     if getattr(args, "dense", False):
@@ -74,6 +83,6 @@ def run(args: argparse.Namespace) -> int:
         else:
             write_outputs(analyze(args), args)
     except SinkStreamError as exc:
-        print(f"sinkstream: error: {exc}", file=sys.stderr)
+        print(f"sinkstream: error: {exc}{unreachable_hint(exc, args.server)}", file=sys.stderr)
         return 2
     return 0

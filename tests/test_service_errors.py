@@ -3,6 +3,7 @@ and metrics answer."""
 
 from __future__ import annotations
 
+import time
 import urllib.request
 
 import grpc
@@ -169,3 +170,16 @@ def test_metrics_endpoint_serves_counters(client, server, bystander):
     generated = [line for line in text.splitlines()
                  if line.startswith("sinkstream_tokens_processed_total{kind=\"generated\"}")]
     assert float(generated[0].split()[-1]) >= 3
+
+
+def test_aggressive_client_keepalive_is_not_goawayed(server, bystander):
+    # gRPC's server defaults answer pings more often than every 5 minutes with GOAWAY "too_many_pings"
+    # (this exact setup fails that way against a default grpc.aio server); ours accepts them.
+    options = [("grpc.keepalive_time_ms", 1000), ("grpc.keepalive_timeout_ms", 1000),
+               ("grpc.keepalive_permit_without_calls", 1), ("grpc.http2.max_pings_without_data", 0)]
+    channel = grpc.insecure_channel(server.address, options=options)
+    with SinkStreamClient(server.address, channel=channel, timeout=30) as client, \
+            client.open_session() as session:
+        session.append_text("Once upon a time")
+        time.sleep(4)  # several keepalive pings without data
+        assert session.generate(GenerateParams(max_new_tokens=3)).generated_tokens == 3

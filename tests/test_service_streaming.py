@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
+from conftest import REPO_ROOT
 from service_support import pieces, reference_chat, reference_chunks, start_server, stories
 
 from clients.client import SinkStreamClient
@@ -88,3 +92,21 @@ def test_sampled_generation_equals_in_process(client, model_dir):
     assert [t.token_id for t in result.tokens] == want[0][0]
     assert result.text == want[0][1] == "".join(t.text for t in result.tokens)
     assert result.stop_reason == want[0][2]
+
+
+def test_cli_analyze_and_generate_over_grpc(server, model_dir, sotu_path, tmp_path):
+    doc = tmp_path / "doc.txt"
+    doc.write_text(sotu_path.read_text(encoding="utf-8")[:6000], encoding="utf-8")
+    out = tmp_path / "summary.json"
+    run = [sys.executable, "-m", "clients.cli"]
+    subprocess.run([*run, "analyze", str(doc), "--server", server.address, "--quiet", "--window", "100",
+                    "--chunk", "32", "--json", str(out)], cwd=REPO_ROOT, check=True, capture_output=True)
+    summary = json.loads(out.read_text())
+    want = reference_chunks(stories(model_dir), StreamConfig(sink_tokens=4, window=100, chunk=32),
+                            [doc.read_text(encoding="utf-8")])
+    assert summary["tokens"] == want[-1].tokens_seen
+    assert math.isclose(summary["mean_nll"], want[-1].mean_nll, rel_tol=1e-5)
+    printed = subprocess.run([*run, "generate", "--server", server.address, "--prompt", "Once upon a time",
+                              "--max-new-tokens", "100", "--stop", "too high."], cwd=REPO_ROOT, check=True,
+                             capture_output=True, text=True).stdout
+    assert printed.strip() == PUBLISHED.removesuffix("too high.").strip()

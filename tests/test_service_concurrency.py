@@ -133,3 +133,38 @@ def test_deadline_stops_generation_and_session_resumes(client):
         assert resumed.opened.tokens_seen == seen
         resumed.append_text(" and")
         assert resumed.generate(GenerateParams(max_new_tokens=2, ignore_eos=True)).generated_tokens == 2
+
+
+def test_fast_writer_is_held_back_by_bounded_queues(server, client):
+    """A client that writes much faster than the model reads and never reads its responses: the server
+    buffers a bounded number of requests and responses, and flow control stops the writer."""
+    from service.sessions import INBOX_LIMIT, OUTBOX_LIMIT
+
+    piece = "the cat sat on the mat and " * 80  # ~2 kB, ~700 tokens
+    total = 4000  # ~8 MB if the server buffered everything
+    session = client.open_session(SessionSettings(window=60, chunk=16))
+    sent = 0
+
+    def write() -> None:
+        nonlocal sent
+        try:
+            for _ in range(total):
+                session.send_text(piece)
+                sent += 1
+        except SinkStreamError:
+            pass  # the call was cancelled below
+
+    writer = threading.Thread(target=write, daemon=True)
+    writer.start()
+    state = server.server.manager.sessions[session.id]
+    time.sleep(2)
+    # The writer gets ahead only by what HTTP/2 windows hold (a few MB), then at the model's pace
+    # (~700 tokens per request): far from all of its 4000 requests.
+    assert sent < total, "the writer was never held back"
+    assert state.inbox.qsize() <= INBOX_LIMIT
+    assert state.outbox.qsize() <= OUTBOX_LIMIT + 2
+    assert len(state.pending) <= 2 * len(piece)  # about one request's tokens, never the backlog
+    session.abort()
+    writer.join(10)
+    settled_tokens(client, session.id)  # work stops once the call is gone
+    client.delete_session(session.id)

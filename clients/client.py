@@ -142,8 +142,14 @@ class Session:
             raise SinkStreamError(grpc.StatusCode.FAILED_PRECONDITION, "the session's stream has ended")
         with self._lock:
             request.request_id = request.request_id or next(self._ids)
-        self._requests.put(request)
-        return request.request_id
+        while True:  # blocks while the server applies backpressure, but not past the call's end
+            try:
+                self._requests.put(request, timeout=0.1)
+                return request.request_id
+            except queue.Full:
+                if self._ended or not self._call.is_active():
+                    self._ended = True
+                    raise SinkStreamError(grpc.StatusCode.CANCELLED, "the stream has ended") from None
 
     def _next(self):
         """The next response as a dataclass; raises SinkStreamError for an Error or a failed call."""

@@ -41,6 +41,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        description=__doc__.split("\n\n")[0])
     p.add_argument("--server", default=os.environ.get("SINKSTREAM_SERVER"),
                    help="host:port of a sinkstream server (default: $SINKSTREAM_SERVER)")
+    p.add_argument("--model", help="no server: run this model in-process (needs the server extra); "
+                   "conversations persist under $XDG_STATE_HOME/sinkstream/chat")
     p.add_argument("--session", metavar="ID", help="conversation to continue or create (default: the "
                    "one remembered for this server)")
     p.add_argument("--new", action="store_true", help="start a new conversation")
@@ -88,8 +90,9 @@ def remember(server: str, session_id: str, open_turn: bool) -> None:
 class Conversation:
     """One chat on one session: turn formatting, streaming replies, cancellation, commands."""
 
-    def __init__(self, client: SinkStreamClient, args: argparse.Namespace) -> None:
-        self.client, self.args = client, args
+    def __init__(self, client: SinkStreamClient, args: argparse.Namespace, key: str, again: str) -> None:
+        """key: what the session is remembered under; again: the command that continues it."""
+        self.client, self.args, self.key, self.again = client, args, key, again
         self.params = GenerateParams(
             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
             repetition_penalty=args.repetition_penalty, max_new_tokens=args.max_new_tokens,
@@ -99,7 +102,7 @@ class Conversation:
         self.fresh = True  # nothing said yet in this session
 
     def start(self) -> None:
-        remembered = load_state()["sessions"].get(self.args.server, {})
+        remembered = load_state()["sessions"].get(self.key, {})
         wanted = self.args.session or (None if self.args.new else remembered.get("session_id"))
         if wanted:
             try:
@@ -125,7 +128,7 @@ class Conversation:
         print(f"new session {self.session.id}")
 
     def _remember(self) -> None:
-        remember(self.args.server, self.session.id, self.open_turn)
+        remember(self.key, self.session.id, self.open_turn)
 
     def turn_text(self, message: str) -> str:
         a = self.args
@@ -192,7 +195,7 @@ class Conversation:
 
     def quit(self) -> None:
         self.session.detach()
-        print(f"bye. `sinkstream chat --server {self.args.server}` continues session {self.session.id}")
+        print(f"bye. `{self.again}` continues session {self.session.id}")
 
 
 def _read_line(interactive: bool) -> str | None:
@@ -206,19 +209,61 @@ def _read_line(interactive: bool) -> str | None:
             print("\n(Ctrl-D or /quit to leave)")
 
 
+def local_state_dir() -> Path:
+    """Where `chat --model` persists its conversations (XDG_STATE_HOME respected)."""
+    base = os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state"
+    return Path(base) / "sinkstream" / "chat"
+
+
+@contextlib.contextmanager
+def local_server(model: str):
+    """A server in this process on a free port, persisting sessions to local_state_dir() when it stops,
+    so the next `sinkstream chat --model` resumes them. Imports torch (the server extra)."""
+    from core.model_loading import load_model
+    from service.server import ServerConfig, ServerThread
+
+    config = ServerConfig(model=model, port=0, state_dir=local_state_dir(), session_ttl_s=0, idle_evict_s=0,
+                          grace_s=0.5)
+    server = ServerThread(config, load_model(model))
+    try:
+        yield server.address
+    finally:
+        server.stop()
+
+
 def run(args: argparse.Namespace) -> int:
     """The REPL; returns the exit status."""
+    if args.model:
+        try:
+            import service.server  # noqa: F401  (the server extra: torch, transformers)
+        except ImportError as exc:
+            print(f"sinkstream chat: error: --model needs the server extra (pip install "
+                  f"'sinkstream[server]'): {exc}", file=sys.stderr)
+            return 2
+        key = f"local:{Path(args.model).resolve() if Path(args.model).exists() else args.model}"
+        try:
+            with local_server(args.model) as address:
+                return converse(args, address, key, f"sinkstream chat --model {args.model}")
+        except (OSError, ValueError) as exc:  # model not found / not supported
+            print(f"sinkstream chat: error: {exc}", file=sys.stderr)
+            return 2
     if not args.server:
-        print("sinkstream chat: error: give --server HOST:PORT (or set SINKSTREAM_SERVER); start a server "
-              "with `sinkstream serve --model PATH`", file=sys.stderr)
+        print("sinkstream chat: error: give --server HOST:PORT (or set SINKSTREAM_SERVER; start a server "
+              "with `sinkstream serve --model PATH`), or --model PATH to run the model in-process",
+              file=sys.stderr)
         return 2
+    return converse(args, args.server, args.server, f"sinkstream chat --server {args.server}")
+
+
+def converse(args: argparse.Namespace, address: str, key: str, again: str) -> int:
+    """The REPL against the server at `address`; returns the exit status."""
     interactive = sys.stdin.isatty()
     if interactive:
         with contextlib.suppress(ImportError):  # line editing and history for input(), where available
             import readline  # noqa: F401
     try:
-        with SinkStreamClient(args.server) as client:
-            chat = Conversation(client, args)
+        with SinkStreamClient(address) as client:
+            chat = Conversation(client, args, key, again)
             chat.start()
             if interactive:
                 print(HELP)
@@ -247,6 +292,6 @@ def run(args: argparse.Namespace) -> int:
                 chat.reply(message)
             chat.quit()
     except SinkStreamError as exc:
-        print(f"\nsinkstream chat: error: {exc}{unreachable_hint(exc, args.server)}", file=sys.stderr)
+        print(f"\nsinkstream chat: error: {exc}{unreachable_hint(exc, address)}", file=sys.stderr)
         return 2
     return 0

@@ -106,3 +106,22 @@ def test_ctrl_c_cancels_the_reply_but_not_the_session(server, tmp_path):
     assert tokens < 4000  # the reply stopped early
     with SinkStreamClient(server.address, timeout=30) as client:
         assert client.get_session(session_id).tokens_seen == tokens  # the session lives on
+
+
+def test_in_process_chat_persists_the_conversation_between_runs(model_dir, tmp_path):
+    env = {**os.environ, "XDG_CONFIG_HOME": str(tmp_path / "config"),
+           "XDG_STATE_HOME": str(tmp_path / "state")}
+
+    def run(lines: list[str]) -> str:
+        command = [sys.executable, "-m", "clients.cli", "chat", "--model", str(model_dir), *GREEDY]
+        proc = subprocess.run(command, input="".join(f"{x}\n" for x in lines), cwd=REPO_ROOT, env=env,
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        return proc.stdout
+
+    first = run(["Hello, who are you?", "/stats", "/quit"])
+    (session_id, tokens, used, _), = stats(first)
+    assert (tmp_path / "state" / "sinkstream" / "chat" / f"{session_id}.safetensors").is_file()
+    second = run(["/stats", "What next?", "/stats", "/quit"])
+    (id_a, tokens_a, used_a, _), (_, tokens_b, _, _) = stats(second)
+    assert (id_a, tokens_a, used_a) == (session_id, tokens, used) and tokens_b > tokens_a

@@ -49,6 +49,16 @@ ATTENTION_POLICIES = ("attention", "heavy-hitters")
 
 
 @dataclass
+class _Observed:
+    """Attention logits recorded during one forward pass (see TierMemory.observe)."""
+
+    index: torch.Tensor  # [b, seen] observed query of each row
+    valid: torch.Tensor | None  # [b, seen], None when every index is a real query
+    bias: torch.Tensor  # [b, 1, 1, seen, N] the mask at those queries
+    logits: list[torch.Tensor]  # per layer [b, kv_heads, group * seen, N]
+
+
+@dataclass
 class Units:
     """A run of slots in age order: keys/values [L, H, n, D] (float32), count and attention [n]."""
 
@@ -155,6 +165,7 @@ class TierMemory:
         self.dropped = [0] * rows  # tokens dropped from the last tier
         # Attention each slot has received (summed over observed queries, heads and layers).
         self.attention = torch.zeros(rows, cache.num_slots, dtype=torch.float32, device=cache.count.device)
+        self._observed: _Observed | None = None
         cache.on_evict = self.absorb
         if self.policy in ATTENTION_POLICIES:
             if model is None:
@@ -238,30 +249,47 @@ class TierMemory:
     # ----------------------------------------------------------------- attention accounting
     def observe(self, layer: int, query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None,
                 scaling: float | None) -> None:
-        """Add the attention that the last OBSERVED_QUERIES queries of each row pay to every slot.
+        """Record the logits of the last OBSERVED_QUERIES queries of each row over every slot.
 
         query [b, heads, n, D] (rotated), key [b, kv_heads, N, D] (every slot, rotated), mask
-        [b, 1, n, N] additive (SinkCache.begin_step's). Summed over heads, observed queries and layers.
+        [b, 1, n, N] additive (SinkCache.begin_step's). `account` turns them into attention at the end of
+        the forward pass, for all layers at once (fewer, larger ops than per layer).
         """
         st = self.cache._step
         if st is None or mask is None:
             return
-        if layer == 0:  # the chunk's slots now hold new tokens: forget what their previous owners got
-            self.attention[st.rows[:, None], st.chunk_slots] = 0.0
         b, heads, n, d = query.shape
         kv_heads, slots = key.shape[1], key.shape[2]
-        seen = min(OBSERVED_QUERIES, n)
-        lengths = torch.tensor(st.lengths, device=query.device)
-        index = lengths[:, None] - seen + torch.arange(seen, device=query.device)  # [b, seen]
-        valid = index >= 0
-        index = index.clamp(min=0)
-        q = query.gather(2, index[:, None, :, None].expand(b, heads, seen, d))
-        q = q.view(b, kv_heads, heads // kv_heads * seen, d)
-        logits = (q @ key.transpose(2, 3)).view(b, kv_heads, heads // kv_heads, seen, slots)
-        logits = logits * (scaling or d ** -0.5) + mask.gather(
-            2, index[:, None, :, None].expand(b, 1, seen, slots))[:, :, None]
-        probs = logits.float().softmax(-1) * valid[:, None, None, :, None]
-        received = probs.sum((1, 2, 3))  # [b, N]
+        if layer == 0 or self._observed is None:
+            seen = min(OBSERVED_QUERIES, n)
+            lengths = torch.tensor(st.lengths, device=query.device)
+            index = lengths[:, None] - seen + torch.arange(seen, device=query.device)  # [b, seen]
+            valid = index >= 0
+            index = index.clamp(min=0)
+            bias = mask.gather(2, index[:, None, :, None].expand(b, 1, seen, slots))[:, :, None]
+            self._observed = _Observed(index, None if bool(valid.all()) else valid, bias, [])
+        obs = self._observed
+        seen = obs.index.shape[1]
+        q = query.gather(2, obs.index[:, None, :, None].expand(b, heads, seen, d))
+        q = q.view(b, kv_heads, heads // kv_heads * seen, d) * (scaling or d ** -0.5)
+        obs.logits.append(q @ key.transpose(2, 3))  # [b, kv_heads, group * seen, N]
+
+    def account(self) -> None:
+        """Add the attention recorded in this forward pass to each slot's total (call before eviction)."""
+        obs, self._observed = self._observed, None
+        st = self.cache._step
+        if obs is None or not obs.logits or st is None:
+            return
+        layers = torch.stack(obs.logits)  # [layers, b, kv_heads, group * seen, N]
+        l_, b, kv_heads, _, slots = layers.shape
+        seen = obs.index.shape[1]
+        logits = layers.view(l_, b, kv_heads, -1, seen, slots) + obs.bias
+        probs = logits.float().softmax(-1)
+        if obs.valid is not None:
+            probs = probs * obs.valid[:, None, None, :, None]
+        received = probs.sum((0, 2, 3, 4))  # [b, N]
+        # The chunk's slots now hold new tokens: forget what their previous owners received.
+        self.attention[st.rows[:, None], st.chunk_slots] = 0.0
         if st.all_rows:
             self.attention += received
         else:
@@ -349,10 +377,12 @@ def install_observer(model: nn.Module, cache: SinkCache, memory: TierMemory) -> 
 
     def end_step() -> None:
         _ACTIVE.memory = None
+        memory.account()
         end()
 
     def abort_step() -> None:
         _ACTIVE.memory = None
+        memory._observed = None
         abort()
 
     cache.begin_step, cache.end_step, cache.abort_step = begin_step, end_step, abort_step

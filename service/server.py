@@ -89,7 +89,7 @@ class SinkStreamServer:
         config.defaults.validate(model_config.max_position_embeddings)
         pool = EnginePool(loaded.model, loaded.tokenizer, config.max_resident, config.max_cache_shapes,
                           self.metrics)
-        store = SessionStore(config.state_dir) if config.state_dir is not None else None
+        store = SessionStore(Path(config.state_dir)) if config.state_dir is not None else None
         self.manager = SessionManager(pool, store, self.metrics, max_sessions=config.max_sessions,
                                       session_ttl_s=config.session_ttl_s, idle_evict_s=config.idle_evict_s)
         self.scheduler = Scheduler(self.manager, self.metrics)

@@ -14,7 +14,8 @@ from service_support import pieces, reference_chat, reference_chunks, start_serv
 
 from clients.client import SinkStreamClient
 from clients.results import GenerateParams, SessionSettings
-from core.config import StreamConfig
+from clients.results import TierSpec as ClientTier
+from core.config import StreamConfig, TierSpec
 from core.sampling import SamplingParams
 
 PUBLISHED = ("Once upon a time, there was a little girl named Lily. She loved to play outside in the park. "
@@ -110,3 +111,16 @@ def test_cli_analyze_and_generate_over_grpc(server, model_dir, sotu_path, tmp_pa
                               "--max-new-tokens", "100", "--stop", "too high."], cwd=REPO_ROOT, check=True,
                              capture_output=True, text=True).stdout
     assert printed.strip() == PUBLISHED.removesuffix("too high.").strip()
+
+
+def test_tiered_session_equals_in_process(client, model_dir, sotu_path):
+    text = sotu_path.read_text(encoding="utf-8")[:4000]
+    config = StreamConfig(sink_tokens=4, window=64, chunk=16, tiers=(TierSpec(16, 4),), merge_policy="mean")
+    settings = SessionSettings(sink_tokens=4, window=64, chunk=16, tiers=(ClientTier(16, 4),),
+                               merge_policy="mean", logprobs=True)
+    with client.open_session(settings) as session:
+        chunks = session.append_text(text)
+    want = reference_chunks(stories(model_dir), config, [text])
+    got_lp = torch.tensor([lp for c in chunks for lp in c.logprobs])
+    assert torch.allclose(got_lp, torch.cat([r.logprobs for r in want]), atol=1e-4, equal_nan=True)
+    assert chunks[-1].cache.tier_used[0] > 0

@@ -55,6 +55,7 @@ class AsyncSinkStreamClient:
         await self.close()
 
     async def close(self) -> None:
+        """Close the channel (the server keeps sessions for resume)."""
         await self.channel.close()
 
     async def _unary(self, method, request):
@@ -64,21 +65,26 @@ class AsyncSinkStreamClient:
             raise protocol.rpc_error(exc) from None
 
     async def tokenize(self, text: str, add_bos: bool = False) -> list[int]:
+        """Token ids of `text` as a session would get them (add_bos: as in its first append)."""
         request = pb.TokenizeRequest(text=text, add_bos=add_bos)
         return list((await self._unary(self.stub.Tokenize, request)).ids)
 
     async def model_info(self) -> ModelInfo:
+        """The served model, the server's session defaults and its limits."""
         return protocol.model_info_from_pb(await self._unary(self.stub.ModelInfo, pb.ModelInfoRequest()))
 
     async def get_session(self, session_id: str) -> SessionInfo:
+        """One session's state (raises SinkStreamError NOT_FOUND for an unknown id)."""
         return protocol.session_info_from_pb(
             await self._unary(self.stub.GetSession, pb.GetSessionRequest(session_id=session_id)))
 
     async def list_sessions(self) -> list[SessionInfo]:
+        """Every live session, in creation order."""
         response = await self._unary(self.stub.ListSessions, pb.ListSessionsRequest())
         return [protocol.session_info_from_pb(s) for s in response.sessions]
 
     async def delete_session(self, session_id: str) -> int:
+        """Delete a detached session; returns the tokens it had processed."""
         request = pb.DeleteSessionRequest(session_id=session_id)
         return (await self._unary(self.stub.DeleteSession, request)).tokens_seen
 
@@ -92,10 +98,12 @@ class AsyncSinkStreamClient:
 
     async def open_session(self, settings: SessionSettings | None = None, *, seed: int | None = None,
                            session_id: str | None = None, timeout: float | None = None) -> AsyncSession:
+        """Start a new session on a new stream (`timeout`: the stream's deadline in seconds)."""
         return await AsyncSession.start(self.stub, protocol.open_request(settings, seed, session_id), timeout)
 
     async def resume_session(self, session_id: str, settings: SessionSettings | None = None, *,
                              timeout: float | None = None) -> AsyncSession:
+        """Attach to an existing session (settings given replace its analysis options)."""
         return await AsyncSession.start(self.stub, protocol.resume_request(session_id, settings), timeout)
 
 
@@ -115,6 +123,7 @@ class AsyncSession:
     @classmethod
     async def start(cls, stub: pb_grpc.SinkStreamStub, first: pb.StreamRequest,
                     timeout: float | None) -> AsyncSession:
+        """Open the stream, send `first` (open or resume) and wait for SessionOpened."""
         self = cls(stub.Stream(timeout=timeout))
         await self._write(first)
         self.opened = await self._next()
@@ -176,17 +185,21 @@ class AsyncSession:
 
     # ------------------------------------------------------------------ input
     async def send_text(self, text: str, flush: bool = False) -> str:
+        """Queue text without waiting for results; returns the request id."""
         return await self._write(pb.StreamRequest(append_text=pb.AppendText(text=text, flush=flush)))
 
     async def send_tokens(self, ids: Iterable[int], flush: bool = False) -> str:
+        """Queue token ids (used as they are, no BOS) without waiting; returns the request id."""
         return await self._write(pb.StreamRequest(append_tokens=pb.AppendTokens(ids=list(ids), flush=flush)))
 
     async def append_text(self, text: str) -> list[ChunkResult]:
+        """Append text and process everything pending; the chunk results since the last call."""
         await self.send_text(text, flush=True)
         self.last_flush = await self._collect_chunks_until(Flushed)
         return self._take_chunks()
 
     async def append_tokens(self, ids: Iterable[int]) -> list[ChunkResult]:
+        """Append token ids and process everything pending; the chunk results since the last call."""
         await self.send_tokens(ids, flush=True)
         self.last_flush = await self._collect_chunks_until(Flushed)
         return self._take_chunks()
@@ -254,19 +267,23 @@ class AsyncSession:
                 return
 
     async def generate(self, params: GenerateParams | None = None, **kwargs) -> GenerationResult:
+        """Generate and wait for the end; the result holds the text and every token."""
         async for _ in self.generate_stream(params, **kwargs):
             pass
         return self.last_generation
 
     async def cancel_generation(self) -> None:
+        """Stop the running (or next queued) generation; it ends with stop reason CANCELLED."""
         await self._write(pb.StreamRequest(cancel=pb.CancelGeneration()))
 
     # ------------------------------------------------------------------ lifecycle
     async def checkpoint(self) -> Checkpointed:
+        """Persist the session on the server now (needs `serve --state-dir`)."""
         await self._write(pb.StreamRequest(checkpoint=pb.Checkpoint()))
         return await self._collect_chunks_until(Checkpointed)
 
     async def close(self) -> Closed:
+        """End the session for good (its state is deleted)."""
         await self._write(pb.StreamRequest(close=pb.Close()))
         closed = await self._collect_chunks_until(Closed)
         await self._drain()

@@ -63,6 +63,7 @@ class SinkStreamClient:
         self.close()
 
     def close(self) -> None:
+        """Close the channel (the server keeps sessions for resume)."""
         self.channel.close()
 
     def _unary(self, method, request):
@@ -73,16 +74,20 @@ class SinkStreamClient:
 
     # ------------------------------------------------------------------ unary calls
     def tokenize(self, text: str, add_bos: bool = False) -> list[int]:
+        """Token ids of `text` as a session would get them (add_bos: as in its first append)."""
         return list(self._unary(self.stub.Tokenize, pb.TokenizeRequest(text=text, add_bos=add_bos)).ids)
 
     def model_info(self) -> ModelInfo:
+        """The served model, the server's session defaults and its limits."""
         return protocol.model_info_from_pb(self._unary(self.stub.ModelInfo, pb.ModelInfoRequest()))
 
     def get_session(self, session_id: str) -> SessionInfo:
+        """One session's state (raises SinkStreamError NOT_FOUND for an unknown id)."""
         return protocol.session_info_from_pb(
             self._unary(self.stub.GetSession, pb.GetSessionRequest(session_id=session_id)))
 
     def list_sessions(self) -> list[SessionInfo]:
+        """Every live session, in creation order."""
         response = self._unary(self.stub.ListSessions, pb.ListSessionsRequest())
         return [protocol.session_info_from_pb(s) for s in response.sessions]
 
@@ -122,6 +127,8 @@ class Session:
         self._lock = threading.Lock()
         self._ended = False
         self._chunks: list[ChunkResult] = []  # results read while waiting for something else
+        self.last_flush: Flushed | None = None  # set by append_*/flush/stream_*
+        self.last_generation: GenerationResult | None = None  # set by generate/generate_stream
         opened = self._next()
         assert isinstance(opened, SessionOpened)
         self.opened: SessionOpened = opened
@@ -191,6 +198,7 @@ class Session:
         return self._send(pb.StreamRequest(append_text=pb.AppendText(text=text, flush=flush)))
 
     def send_tokens(self, ids: Iterable[int], flush: bool = False) -> str:
+        """Queue token ids (used as they are, no BOS) without waiting; returns the request id."""
         return self._send(pb.StreamRequest(append_tokens=pb.AppendTokens(ids=list(ids), flush=flush)))
 
     def append_text(self, text: str) -> list[ChunkResult]:
@@ -200,11 +208,13 @@ class Session:
         return self._take_chunks()
 
     def append_tokens(self, ids: Iterable[int]) -> list[ChunkResult]:
+        """Append token ids and process everything pending; the chunk results since the last call."""
         self.send_tokens(ids, flush=True)
         self.last_flush = self._collect_chunks_until(Flushed)
         return self._take_chunks()
 
     def flush(self) -> list[ChunkResult]:
+        """Process everything pending (a final partial chunk, held-back text); the chunk results."""
         return self.append_text("")
 
     def stream_text(self, pieces: Iterable[str], progress: Progress | None = None,
@@ -277,6 +287,7 @@ class Session:
 
     # ------------------------------------------------------------------ lifecycle
     def checkpoint(self) -> Checkpointed:
+        """Persist the session on the server now (needs `serve --state-dir`)."""
         self._send(pb.StreamRequest(checkpoint=pb.Checkpoint()))
         return self._collect_chunks_until(Checkpointed)
 

@@ -56,6 +56,7 @@ class GenerateParams:
 
 @dataclass
 class CacheStats:
+    """Occupancy of a session's bounded cache (slots), and the bytes of the storage it is part of."""
     used: int
     capacity: int
     sink_used: int
@@ -66,6 +67,7 @@ class CacheStats:
 
 @dataclass
 class SessionOpened:
+    """Answer to open / resume: the session's id, effective settings and progress so far."""
     session_id: str
     settings: SessionSettings
     resumed: bool
@@ -94,6 +96,7 @@ class ChunkResult:
 
 @dataclass
 class Flushed:
+    """Everything appended up to a flush is processed; running totals of the stream."""
     tokens_seen: int
     mean_nll: float
     perplexity: float
@@ -101,6 +104,7 @@ class Flushed:
 
 @dataclass
 class GeneratedToken:
+    """One generated token: id, the text it completes (may be empty), log-prob, index."""
     token_id: int
     text: str
     logprob: float
@@ -125,6 +129,7 @@ class GenerationResult:
 
 @dataclass
 class Checkpointed:
+    """The session was persisted: tokens it holds and bytes written."""
     session_id: str
     tokens_seen: int
     bytes: int
@@ -132,12 +137,14 @@ class Checkpointed:
 
 @dataclass
 class Closed:
+    """The session was closed and its state deleted."""
     session_id: str
     tokens_seen: int
 
 
 @dataclass
 class SessionInfo:
+    """A session's settings and progress (GetSession / ListSessions); state RESIDENT or PERSISTED."""
     session_id: str
     settings: SessionSettings
     state: str  # RESIDENT | PERSISTED
@@ -153,6 +160,7 @@ class SessionInfo:
 
 @dataclass
 class ModelInfo:
+    """The served model, the defaults a session gets and the server's limits."""
     name: str
     model_type: str
     vocab_size: int

@@ -13,7 +13,9 @@ forward pass (which runs in a worker thread); any other code that touches an eng
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Callable
@@ -170,8 +172,6 @@ class Session:
 
 
 def _exp(x: float) -> float:
-    import math
-
     return math.exp(x) if x < 700 else math.inf
 
 
@@ -197,21 +197,24 @@ class SessionStore:
         return path.stat().st_size
 
     def load(self, session_id: str) -> tuple[dict, dict]:
-        return load_snapshot(self.path(session_id))
+        try:
+            return load_snapshot(self.path(session_id))
+        except SnapshotError:
+            raise
+        except Exception as exc:  # e.g. safetensors' own error for a damaged header
+            raise SnapshotError(f"cannot read snapshot of {session_id}: {exc}") from exc
 
     def delete(self, session_id: str) -> None:
         self.path(session_id).unlink(missing_ok=True)
 
     def scan(self) -> list[dict[str, Any]]:
         """Metadata of every readable snapshot (unreadable files are logged and skipped)."""
-        import json
-
         metas = []
         for path in sorted(self.root.glob("*.safetensors")):
             try:
                 with safe_open(str(path), framework="pt") as f:
                     metas.append(json.loads((f.metadata() or {})["sinkstream"]))
-            except (OSError, ValueError, KeyError) as exc:
+            except Exception as exc:  # a damaged file must not stop the server from starting
                 log.warning("skipping unreadable snapshot", extra={"path": str(path), "error": str(exc)})
         return metas
 
@@ -260,7 +263,10 @@ class SessionManager:
         self.on_work: Callable[[], None] = lambda: None  # the scheduler's wake-up
         if store is not None:
             for meta in store.scan():
-                self._adopt_persisted(meta)
+                try:
+                    self._adopt_persisted(meta)
+                except (KeyError, TypeError, ValueError) as exc:
+                    log.warning("skipping snapshot without session state: %r", exc)
         self._update_gauges()
 
     # ------------------------------------------------------------------ lookup

@@ -9,12 +9,13 @@ import subprocess
 import sys
 import time
 
+import grpc
 import pytest
 from conftest import REPO_ROOT
 from service_support import reference_chat, start_server, stories
 
 from clients.client import SinkStreamClient
-from clients.results import GenerateParams, SessionSettings
+from clients.results import GenerateParams, SessionSettings, SinkStreamError
 from core.config import StreamConfig
 from core.sampling import SamplingParams
 
@@ -116,3 +117,24 @@ def test_sigterm_persists_sessions_and_restart_resumes(model_dir, reference, tmp
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)
+
+
+def test_ttl_expires_detached_sessions_and_corrupt_snapshots_are_data_loss(model_dir, tmp_path):
+    server = start_server(model_dir, state_dir=tmp_path, idle_evict_s=0.1, session_ttl_s=1.5)
+    try:
+        with SinkStreamClient(server.address, timeout=30) as client:
+            with client.open_session(SETTINGS) as kept, client.open_session(SETTINGS) as corrupt:
+                kept.append_text("Once upon a time")
+                corrupt.append_text("Once upon a time")
+            wait_for(lambda: client.get_session(corrupt.id).state == "PERSISTED")
+            (tmp_path / f"{corrupt.id}.safetensors").write_bytes(b"not a snapshot")
+            err = pytest.raises(SinkStreamError, client.resume_session, corrupt.id).value
+            assert err.code == grpc.StatusCode.DATA_LOSS
+            assert client.health() == "SERVING"
+            # detached and unused for longer than the TTL: deleted, memory and disk
+            wait_for(lambda: not any(s.session_id == kept.id for s in client.list_sessions()))
+            assert pytest.raises(SinkStreamError, client.resume_session, kept.id).value.code == \
+                grpc.StatusCode.NOT_FOUND
+            assert not (tmp_path / f"{kept.id}.safetensors").exists()
+    finally:
+        server.stop()

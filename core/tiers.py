@@ -93,6 +93,17 @@ def merge_units(units: Units, group: torch.Tensor, num_groups: int, weights: tor
     return Units(share @ units.keys, share @ units.values, member @ units.count, member @ units.attention)
 
 
+def merge_runs(units: Units, run: int, weights: torch.Tensor) -> Units:
+    """`merge_units` for consecutive groups of `run` units (n divisible by run): reshapes, no scatter."""
+    layers, heads, n, d = units.keys.shape
+    groups = n // run
+    share = weights.view(groups, run)
+    share = (share / share.sum(1, keepdim=True))[:, :, None]  # [groups, run, 1]
+    keys = (units.keys.view(layers, heads, groups, run, d) * share).sum(3)
+    values = (units.values.view(layers, heads, groups, run, d) * share).sum(3)
+    return Units(keys, values, units.count.view(groups, run).sum(1), units.attention.view(groups, run).sum(1))
+
+
 def block_groups(attention: torch.Tensor, slots: int, heavy: int) -> torch.Tensor:
     """Slot index (0..slots-1, in age order) of each token of blocks of B tokens, attention [nb, B].
 
@@ -194,6 +205,8 @@ class TierMemory:
 
     def _form_blocks(self, tokens: Units, blocks: int) -> Units:
         """Merge `blocks` blocks of block_tokens tokens into block_slots slots each."""
+        if self.heavy == 0 and self.block_slots == 1:
+            return merge_runs(tokens, self.block_tokens, self._weights(tokens))
         attention = tokens.attention.view(blocks, self.block_tokens)
         within = block_groups(attention, self.block_slots, self.heavy)
         offset = torch.arange(blocks, device=within.device)[:, None] * self.block_slots
@@ -224,8 +237,7 @@ class TierMemory:
         if last:
             self.dropped[row] += int(leaving.count.sum())
             return None
-        group = torch.arange(leaving_n, device=device) // ratio
-        return merge_units(leaving, group, leaving_n // ratio, self._weights(leaving))
+        return merge_runs(leaving, ratio, self._weights(leaving))
 
     # ----------------------------------------------------------------- storage access
     def _read(self, row: int, slots: torch.Tensor) -> Units:

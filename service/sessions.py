@@ -344,6 +344,8 @@ class SessionManager:
     async def _take_row(self, session: Session, seed: int | None = None) -> int:
         """Give the session a row on its config's engine, evicting the least recently used idle session
         of that engine when all rows are taken. Lock held."""
+        if session.config not in self.pool.engines and len(self.pool.engines) >= self.pool.max_shapes:
+            await self._free_a_shape()
         engine = self.pool.engine_for(session.config, self._engine_in_use)
         try:
             row = engine.open_row(seed)
@@ -358,6 +360,20 @@ class SessionManager:
             row = engine.open_row(seed)
         session.engine, session.row = engine, row
         return row
+
+    async def _free_a_shape(self) -> None:
+        """Persist the sessions of the least recently used engine whose sessions are all idle, so that
+        engine can be dropped for a new cache shape. Lock held."""
+        if self.store is None:
+            return
+        candidates = []
+        for engine in self.pool.engines.values():
+            users = [s for s in self.sessions.values() if s.engine is engine]
+            if all(s.idle() for s in users):
+                candidates.append((max((s.last_used for s in users), default=0.0), users))
+        if candidates:
+            for user in min(candidates, key=lambda c: c[0])[1]:
+                await self._evict(user)
 
     def _engine_in_use(self, engine: StreamingInference) -> bool:
         return any(s.engine is engine for s in self.sessions.values())

@@ -23,8 +23,9 @@ PUBLISHED = ("Once upon a time, there was a little girl named Lily. She loved to
 
 
 @pytest.fixture(scope="module")
-def server(model_dir):
-    srv = start_server(model_dir)
+def server(model_dir, tmp_path_factory):
+    # Sessions of 6 cache shapes, at most 4 in memory at once: idle ones go to disk to make room.
+    srv = start_server(model_dir, state_dir=tmp_path_factory.mktemp("state"), max_cache_shapes=4)
     yield srv
     srv.stop()
 

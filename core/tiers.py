@@ -29,6 +29,7 @@ Policies (StreamConfig.merge_policy):
 from __future__ import annotations
 
 import math
+import sys
 import threading
 from dataclasses import dataclass
 
@@ -348,11 +349,16 @@ class TierMemory:
 _ACTIVE = threading.local()  # the TierMemory whose cache is in a forward pass on this thread
 
 
-def _observed(base_name: str):
-    base = ALL_ATTENTION_FUNCTIONS[base_name]
+def _base_attention(base_name: str, module: nn.Module):
+    """The attention function `base_name` names; "eager" is each model family's own function."""
+    if base_name == "eager":
+        return sys.modules[type(module).__module__].eager_attention_forward
+    return ALL_ATTENTION_FUNCTIONS[base_name]
 
+
+def _observed(base_name: str):
     def attention(module, query, key, value, attention_mask, *args, **kwargs):
-        out = base(module, query, key, value, attention_mask, *args, **kwargs)
+        out = _base_attention(base_name, module)(module, query, key, value, attention_mask, *args, **kwargs)
         memory = getattr(_ACTIVE, "memory", None)
         if memory is not None:
             memory.observe(module.layer_idx, query, key, attention_mask, kwargs.get("scaling"))
@@ -370,13 +376,13 @@ def install_observer(model: nn.Module, cache: SinkCache, memory: TierMemory) -> 
     """
     current = model.config._attn_implementation
     base_name = current.removeprefix("sinkstream_observed_")
-    if base_name not in ALL_ATTENTION_FUNCTIONS:
-        base_name = "sdpa"
+    if base_name != "eager" and base_name not in ALL_ATTENTION_FUNCTIONS:
+        raise ValueError(f"merge policy {memory.policy!r} cannot observe attention implementation "
+                         f"{current!r}; load the model with sdpa or eager attention")
     name = f"sinkstream_observed_{base_name}"
     if name not in ALL_ATTENTION_FUNCTIONS:
         AttentionInterface.register(name, _observed(base_name))
-        mask_fn = ALL_MASK_ATTENTION_FUNCTIONS[base_name]
-        AttentionMaskInterface.register(name, mask_fn)
+        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[base_name])
     if current != name:
         model.set_attn_implementation(name)
 

@@ -15,7 +15,7 @@ from core.generation import generate
 from core.sampling import SamplingParams
 from core.snapshot import load_snapshot, save_snapshot
 from core.streaming import StreamingInference
-from core.tiers import Units, block_groups, merge_units
+from core.tiers import OBSERVED_QUERIES, Units, block_groups, merge_units
 
 POLICIES = ("mean", "attention", "heavy-hitters")
 
@@ -288,6 +288,44 @@ def test_mean_policy_matches_plain_reference(stories, chunk):
     assert engine.tier_memory.used(0) == [len(ref.slots[0]) + len(ref.pending), len(ref.slots[1])]
     assert (got - torch.tensor(want[1:])).abs().max() <= 1e-4
     assert (engine.next_logprobs(0) - prev).abs().max() <= 1e-4
+
+
+# ------------------------------------------------------------------ attention accounting
+def test_attention_accounting_matches_eager_attention_weights():
+    """What the observer adds per forward pass equals the model's own (eager) attention weights summed
+    over layers, heads and each row's last OBSERVED_QUERIES real queries; padded queries count nothing."""
+    model = tiny_model("llama")
+    model.set_attn_implementation("eager")
+    engine = StreamingInference(model, StreamConfig(4, 16, 8, tiers=TierSpec.parse("8x2"),
+                                                    merge_policy="attention"), max_rows=2)
+    assert model.config._attn_implementation == "sinkstream_observed_eager"
+    captured: list[torch.Tensor] = []
+    hooks = [layer.self_attn.register_forward_hook(lambda m, i, o: captured.append(o[1]))
+             for layer in model.model.layers]
+    rows = [engine.open_row(), engine.open_row()]
+    gen = torch.Generator().manual_seed(9)
+    tiers, cache = engine.tier_memory, engine.cache
+    try:
+        for lengths in [(8, 3), (8, 8), (5, 8), (8, 1), (8, 8), (2, 7), (8, 8), (8, 8)]:
+            captured.clear()
+            before = tiers.attention.clone()
+            chunk_slots = [cache.ring_start + (cache.tokens_seen[r] + torch.arange(n)) % cache.ring_size
+                           for r, n in zip(rows, lengths, strict=True)]
+            engine.step({r: torch.randint(0, 97, (n,), generator=gen).tolist()
+                         for r, n in zip(rows, lengths, strict=True)})
+            weights = torch.stack(captured)  # [layers, b, heads, n, N]
+            for i, (r, n) in enumerate(zip(rows, lengths, strict=True)):
+                expected = weights[:, i, :, max(0, n - OBSERVED_QUERIES) : n].sum((0, 1, 2))
+                start = before[r].clone()
+                start[chunk_slots[i]] = 0.0
+                window = (cache.count[r] == 1) & (torch.arange(cache.num_slots) >= cache.ring_start)
+                assert window.sum() == cache.window_used[r]
+                got = tiers.attention[r]
+                assert torch.allclose(got[window], start[window] + expected[window], atol=1e-5)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert tiers.received[rows[0]] > 0 and tiers.attention[:, 4 : cache.ring_start].sum() > 0
 
 
 # ------------------------------------------------------------------ heavy hitters

@@ -145,7 +145,8 @@ def main() -> int:
     parser.add_argument("--model", default=str(ROOT.parent / "shared" / "models" / "stories260K"))
     parser.add_argument("--text", default=str(ROOT.parent / "shared" / "data" / "sotu.txt"))
     parser.add_argument("--ingest-chars", type=int, default=200_000, help="text for the 1-stream comparison")
-    parser.add_argument("--stream-chars", type=int, default=24_000, help="text per concurrent stream")
+    parser.add_argument("--stream-chars", type=int, default=12_000, help="text per concurrent stream")
+    parser.add_argument("--repeat", type=int, default=2, help="interleaved repeats; the best is reported")
     parser.add_argument("--new-tokens", type=int, default=200)
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads for the server and the in-process baseline alike")
@@ -154,23 +155,37 @@ def main() -> int:
     text = Path(args.text).read_text(encoding="utf-8")
 
     torch.set_num_threads(args.threads)
-    local_tokens, local_s = in_process_ingest(args.model, text[:args.ingest_chars])
+    best: dict = {}
+
+    def keep(key, tokens: int, seconds: float) -> None:
+        if key not in best or seconds < best[key][1]:
+            best[key] = (tokens, seconds)
+
+    latency: dict[str, dict[str, float]] = {}
     proc, address = start_server(args.model, rows=32, threads=args.threads)
     try:
-        grpc_tokens, grpc_s = asyncio.run(concurrent_ingest(address, [text[:args.ingest_chars]]))
-        assert grpc_tokens == local_tokens, (grpc_tokens, local_tokens)
-        concurrency = {}
-        for chunk in (64, 16):
+        for _ in range(args.repeat):  # interleaved repeats, best kept: the machine is shared and noisy
+            keep("local", *in_process_ingest(args.model, text[:args.ingest_chars]))
+            keep("grpc", *asyncio.run(concurrent_ingest(address, [text[:args.ingest_chars]])))
+            for chunk in (64, 16):
+                for n in (1, 8, 32):
+                    texts = [(text * 2)[i * 7919:i * 7919 + args.stream_chars] for i in range(n)]
+                    keep(("ingest", chunk, n), *asyncio.run(concurrent_ingest(address, texts, chunk)))
             for n in (1, 8, 32):
-                texts = [(text * 2)[i * 7919:i * 7919 + args.stream_chars] for i in range(n)]
-                concurrency[chunk, n] = asyncio.run(concurrent_ingest(address, texts, chunk))
-        decode = {n: asyncio.run(concurrent_decode(address, n, args.new_tokens)) for n in (1, 8, 32)}
-        quiet = asyncio.run(generation_latency(address, [], args.new_tokens))
-        busy = asyncio.run(generation_latency(address, [text[i * 50_000:(i + 1) * 50_000] for i in range(4)],
-                                              args.new_tokens))
+                keep(("decode", n), *asyncio.run(concurrent_decode(address, n, args.new_tokens)))
+            background = {"alone": [], "busy": [text[i * 50_000:(i + 1) * 50_000] for i in range(4)]}
+            for name, texts in background.items():
+                run = asyncio.run(generation_latency(address, texts, args.new_tokens))
+                if name not in latency or run["p50_ms"] < latency[name]["p50_ms"]:
+                    latency[name] = run
     finally:
         proc.terminate()
         proc.wait(30)
+    (local_tokens, local_s), (grpc_tokens, grpc_s) = best["local"], best["grpc"]
+    assert grpc_tokens == local_tokens, (grpc_tokens, local_tokens)
+    concurrency = {(c, n): best["ingest", c, n] for c in (64, 16) for n in (1, 8, 32)}
+    decode = {n: best["decode", n] for n in (1, 8, 32)}
+    quiet, busy = latency["alone"], latency["busy"]
 
     local_rate, grpc_rate = local_tokens / local_s, grpc_tokens / grpc_s
     lines = [
@@ -179,7 +194,9 @@ def main() -> int:
         f"Command: `python bench/grpc_bench.py` ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; "
         f"{os.cpu_count()} cores, {args.threads} torch thread(s) for server and baseline alike; "
         f"torch {torch.__version__}; settings sink 4, window 252, chunk 64, "
-        "per-token logprobs on). Server: `sinkstream serve` in its own process, asyncio client.",
+        f"per-token logprobs on). Server: `sinkstream serve` in its own process, asyncio client. Best of "
+        f"{args.repeat} interleaved runs (latency: the run with the best p50), on a machine shared with "
+        "other jobs.",
         "",
         "## Ingest, one stream",
         "",

@@ -80,6 +80,7 @@ class Scheduler:
                 await self.manager.sweep()
             except Exception:
                 log.exception("session sweep failed")
+            self.wake()  # retry sessions waiting for a free row
 
     async def _run(self) -> None:
         while True:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata
 import logging
 import secrets
 import time
@@ -34,7 +35,13 @@ from service.work import AppendWork, CheckpointWork, CloseWork, DetachWork, Erro
 
 log = logging.getLogger("sinkstream.servicer")
 BIG_TEXT_CHARS = 16384  # tokenize pieces larger than this in a worker thread
-VERSION = "0.1.0"
+
+
+def server_version() -> str:
+    try:
+        return importlib.metadata.version("sinkstream")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
 
 
 class SinkStreamServicer(pb_grpc.SinkStreamServicer):
@@ -62,9 +69,9 @@ class SinkStreamServicer(pb_grpc.SinkStreamServicer):
             return
         outbox = self.manager.attach(session)
         log.info("stream attached", extra={"session": session.id, "peer": context.peer()})
-        yield opened
         reader = asyncio.create_task(self._read(requests, session, outbox))
         try:
+            yield opened
             while True:
                 response = await outbox.get()
                 if isinstance(response, StreamEnd):
@@ -215,7 +222,7 @@ class SinkStreamServicer(pb_grpc.SinkStreamServicer):
             max_position_embeddings=cfg.max_position_embeddings, hidden_size=cfg.hidden_size,
             num_layers=cfg.num_hidden_layers, eos_token_ids=sorted(eos_token_ids(cfg, self.tokenizer)),
             default_settings=settings_to_pb(self.defaults, AnalysisOptions()),
-            limits=self.limits.to_pb(), server_version=VERSION)
+            limits=self.limits.to_pb(), server_version=server_version())
         bos = getattr(self.tokenizer, "bos_token_id", None)
         if bos is not None:
             info.bos_token_id = bos

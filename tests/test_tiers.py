@@ -119,7 +119,7 @@ def test_attention_observer_changes_no_output(stories):
     """Installing the attention-accounting wrapper leaves every output bit-identical: tiered streams
     before any merge, and plain streams on the same model."""
     model, _ = stories
-    ids = random_ids(70, seed=3)  # evicts into tier 1 but forms no block of r1 * 4 = 16 tokens
+    ids = random_ids(70, seed=3)  # evicts 6 tokens into tier 1: no block of r1 * 2 = 8 forms
     plain_before = run(StreamingInference(model, StreamConfig(4, 60, 16)), ids)
     config = StreamConfig(4, 60, 16, tiers=TierSpec.parse("24x4"))
     mean = run(StreamingInference(model, config), ids)
@@ -352,7 +352,7 @@ def test_tier_configs_are_validated(stories):
     with pytest.raises(ConfigError, match=r"4 \+ 48 \+ 400 \+ 64 = 516 exceeds"):
         StreamingInference(model, StreamConfig(4, 400, 64, tiers=TierSpec.parse("32x4,16x4")))
     with pytest.raises(ConfigError, match="tier 1"):
-        StreamingInference(model, StreamConfig(4, 60, 16, tiers=TierSpec.parse("8x4"),
+        StreamingInference(model, StreamConfig(4, 60, 16, tiers=TierSpec.parse("6x4"),
                                                merge_policy="heavy-hitters"))
     with pytest.raises(ConfigError, match="tiers"):
         TierSpec.parse("32x")

@@ -48,8 +48,10 @@ class Piece:
 class Scheduler:
     """Runs forever on the server's loop; `wake()` whenever a session may have new work."""
 
-    def __init__(self, manager: SessionManager, metrics: ServerMetrics) -> None:
+    def __init__(self, manager: SessionManager, metrics: ServerMetrics, decode_input_budget: int = 0) -> None:
         self._progressed = False
+        self._turn = 0
+        self.decode_input_budget = decode_input_budget
         self.manager = manager
         self.metrics = metrics
         self._wake = asyncio.Event()
@@ -109,11 +111,27 @@ class Scheduler:
                 if piece is not None:
                     by_engine.setdefault(id(session.engine), (session.engine, []))[1].append(piece)
             for engine, pieces in by_engine.values():
-                await self._step(engine, pieces)
+                await self._step(engine, self._budget(pieces))
                 self._progressed = True
         self.metrics.queue_depth.set(sum(s.inbox.qsize() for s in self.manager.sessions.values()))
         self.metrics.pending_tokens.set(sum(len(s.pending) for s in self.manager.sessions.values()))
         return self._progressed
+
+    def _budget(self, pieces: list[Piece]) -> list[Piece]:
+        """While sessions are generating, keep input tokens per pass within `decode_input_budget` (input
+        pieces take turns), so a pass - and so each generated token - stays short. Pieces left out keep
+        their work for a later pass."""
+        inputs = [p for p in pieces if p.ids is not None]
+        if len(inputs) == len(pieces) or not self.decode_input_budget:
+            return pieces
+        self._turn = (self._turn + 1) % len(inputs) if inputs else 0
+        chosen, used = [p for p in pieces if p.ids is None], 0
+        for p in inputs[self._turn:] + inputs[:self._turn]:
+            if used + len(p.ids) > self.decode_input_budget and used:
+                break
+            chosen.append(p)
+            used += len(p.ids)
+        return chosen
 
     async def _advance(self, s: Session) -> Piece | None:
         """Answer s's requests that need no forward pass; return its piece of the next pass, if any."""

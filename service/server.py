@@ -55,6 +55,7 @@ class ServerConfig:
     max_top_k: int = 64
     max_stop_sequences: int = 16
     grace_s: float = 10.0
+    decode_input_budget: int = 64
     defaults: StreamConfig = field(default_factory=StreamConfig)
 
 
@@ -92,7 +93,7 @@ class SinkStreamServer:
         store = SessionStore(Path(config.state_dir)) if config.state_dir is not None else None
         self.manager = SessionManager(pool, store, self.metrics, max_sessions=config.max_sessions,
                                       session_ttl_s=config.session_ttl_s, idle_evict_s=config.idle_evict_s)
-        self.scheduler = Scheduler(self.manager, self.metrics)
+        self.scheduler = Scheduler(self.manager, self.metrics, config.decode_input_budget)
         self.servicer = SinkStreamServicer(self.manager, self.scheduler, self.metrics, self.limits,
                                            config.defaults, loaded.name)
         self.health = health.aio.HealthServicer()
@@ -214,6 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="shortest client keepalive interval accepted without too_many_pings")
     p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help="limit per Generate")
     p.add_argument("--max-top-k", type=int, default=d.max_top_k, help="limit on analysis top_k")
+    p.add_argument("--decode-input-budget", type=int, default=d.decode_input_budget, metavar="TOKENS",
+                   help="input tokens per forward pass while sessions generate (0 = no limit; "
+                        f"default {d.decode_input_budget}): lower = faster tokens, slower ingest")
     p.add_argument("--grace", type=float, default=d.grace_s, metavar="SECONDS",
                    help="on SIGTERM, time open streams get to finish")
     g = p.add_argument_group("session defaults")
@@ -237,7 +241,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         metrics_host=args.metrics_host, keepalive_time_ms=args.keepalive_time_ms,
         keepalive_timeout_ms=args.keepalive_timeout_ms,
         min_client_ping_interval_ms=args.min_client_ping_interval_ms, max_new_tokens=args.max_new_tokens,
-        max_top_k=args.max_top_k, grace_s=args.grace,
+        max_top_k=args.max_top_k, grace_s=args.grace, decode_input_budget=args.decode_input_budget,
         defaults=StreamConfig(sink_tokens=args.sink_tokens, window=args.window, chunk=args.chunk,
                               tiers=TierSpec.parse(args.tiers), merge_policy=args.merge_policy))
 

@@ -8,16 +8,21 @@
              S=4 W=60 (64 slots, no tiers)           the equal-budget baseline
              S=4 W=28 (32 slots, no tiers)           what the tiers are added to
              S=4 W=28 + tiers (32 tier slots)        for each merge policy and tier shape
+             S=4 W=28 + 32x4 mean without +log(n)    ablation of proportional attention
              S=4 W=124 / W=252 (no tiers)            larger windows as reference points
+             S=4 W=60 + 48x4,16x4                    tiers at the 128-slot budget
   recall   mean log-probability of the tokens of words that repeat, within the same story, a word whose
            latest earlier occurrence is more than 60 + 16 = 76 tokens back (out of the 64-slot baseline's
            reach even at the end of a chunk): `names` = capitalised words never seen lower-case in the
            stream (Lily, Tom, Max, ...), `words` = every repeated word of 3+ letters.
-  overhead ingest tokens/s (C = 64) of S=4 W=60 vs S=4 W=28 + tiers, variants interleaved round by round
-           on the same stream, ratio = median of per-round paired ratios (the machine is shared).
+  overhead ingest rate (C = 64) at equal slot budgets, plain window vs smaller window + tiers, variants
+           interleaved round by round, ratio = median of per-round paired ratios (the machine is shared):
+           stories260K S=4 W=60 vs W=28 + 24x4,8x4 on the stream, and a random-weight Llama (hidden 512,
+           8 layers, vocab 32000) S=4 W=252 vs W=188 + 48x4,16x4 on random ids. Rates per CPU second of
+           this process (primary: stable under other load) and per wall second.
 
-  python bench/tiers_bench.py            # writes bench/results/tiers.{json,md,png}
-  python bench/tiers_bench.py --tokens 20000 --rounds 3    # quicker
+  python bench/tiers_bench.py                       # writes bench/results/tiers.{json,md,png} (~10 min)
+  python bench/tiers_bench.py --parts overhead      # rerun one part, keep the other from tiers.json
 """
 
 from __future__ import annotations
@@ -156,6 +161,8 @@ def variants() -> list[tuple[str, StreamConfig]]:
         out += [(f"S=4 W={window} + {shape} {policy}",
                  StreamConfig(4, window, QUALITY_CHUNK, tiers=TierSpec.parse(shape), merge_policy=policy))
                 for policy in policies]
+    out.append((f"S=4 W=28 + 32x4 mean{NO_LOG_COUNT}",
+                StreamConfig(4, 28, QUALITY_CHUNK, tiers=TierSpec.parse("32x4"))))
     out.append(("S=4 W=124", StreamConfig(4, 124, QUALITY_CHUNK)))
     window, shape, policies = TIERED[-1]
     out += [(f"S=4 W={window} + {shape} {policy}",
@@ -165,8 +172,28 @@ def variants() -> list[tuple[str, StreamConfig]]:
     return out
 
 
-def stream_logprobs(model, config: StreamConfig, stream: list[int]) -> torch.Tensor:
+NO_LOG_COUNT = " without +log(n)"
+
+
+def without_proportional_attention(engine: StreamingInference) -> None:
+    """Ablation: take the +log(count) back out of the tier slots' logits (merged slots count as one)."""
+    cache, begin = engine.cache, engine.cache.begin_step
+
+    def begin_step(rows, ids, lengths):
+        position_ids, mask = begin(rows, ids, lengths)
+        count = cache.count[rows][:, cache.sink_slots : cache.ring_start]
+        bias = torch.where(count > 0, count.clamp(min=1).log(), 0.0)
+        mask[..., cache.sink_slots : cache.ring_start] -= bias[:, None, None, :].to(mask.dtype)
+        return position_ids, mask
+
+    cache.begin_step = begin_step
+
+
+def stream_logprobs(model, config: StreamConfig, stream: list[int],
+                    proportional: bool = True) -> torch.Tensor:
     engine = StreamingInference(model, config)
+    if not proportional:
+        without_proportional_attention(engine)
     row = engine.open_row()
     return torch.cat([r.logprobs for r in engine.append(row, stream)])
 
@@ -175,7 +202,7 @@ def run_quality(model, stream: list[int], targets: dict[str, list[int]]) -> list
     rows = []
     for name, config in variants():
         t0 = time.perf_counter()
-        lp = stream_logprobs(model, config, stream)
+        lp = stream_logprobs(model, config, stream, proportional=not name.endswith(NO_LOG_COUNT))
         scored = lp[1:].double()
         row = {"name": name, "slots": config.cache_slots, "tiers": ",".join(map(str, config.tiers)),
                "policy": config.merge_policy if config.tiers else "", "mean_nll": float(-scored.mean())}
@@ -188,38 +215,55 @@ def run_quality(model, stream: list[int], targets: dict[str, list[int]]) -> list
 
 
 # ============================================================================ overhead
-def ingest_rate(model, config: StreamConfig, ids: list[int], repeats: int) -> float:
-    """tokens/s of appending `ids` to a fresh stream, best of `repeats` (warm start: one chunk first)."""
-    best = 0.0
-    for _ in range(repeats):
-        engine = StreamingInference(model, config)
-        row = engine.open_row()
-        list(engine.append(row, ids[: config.chunk]))
-        t0 = time.perf_counter()
-        for _ in engine.append(row, ids[config.chunk :]):
-            pass
-        best = max(best, (len(ids) - config.chunk) / (time.perf_counter() - t0))
-    return best
+def random_llama():
+    """Random-weight Llama where the model, not Python overhead, dominates (hidden 512, 8 layers)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=32000, hidden_size=512, intermediate_size=1024, num_hidden_layers=8,
+                         num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=2048,
+                         tie_word_embeddings=True)
+    torch.manual_seed(0)
+    return LlamaForCausalLM._from_config(config, attn_implementation="sdpa").eval()
 
 
-def run_overhead(model, stream: list[int], rounds: int, tokens: int) -> dict:
+def ingest_rates(model, config: StreamConfig, ids: list[int]) -> tuple[float, float]:
+    """(tokens per CPU second, tokens per wall second) appending `ids` to a stream already evicting."""
+    engine = StreamingInference(model, config)
+    row = engine.open_row()
+    warm = config.cache_slots + 4 * config.chunk
+    list(engine.append(row, ids[:warm]))
+    cpu, wall = time.process_time(), time.perf_counter()
+    for _ in engine.append(row, ids[warm:]):
+        pass
+    n = len(ids) - warm
+    return n / (time.process_time() - cpu), n / (time.perf_counter() - wall)
+
+
+def run_overhead(name: str, model, ids: list[int], window: int, tiered_window: int, shape: str,
+                 rounds: int) -> dict:
+    """Equal slot budget, C = 64: plain window vs smaller window + tiers, for each policy."""
     chunk = 64
-    configs = {f"S=4 W={BASE_WINDOW}": StreamConfig(4, BASE_WINDOW, chunk)}
+    configs = {f"S=4 W={window}": StreamConfig(4, window, chunk)}
     for policy in POLICIES:
-        configs[f"S=4 W=28 + 24x4,8x4 {policy}"] = StreamConfig(
-            4, 28, chunk, tiers=TierSpec.parse("24x4,8x4"), merge_policy=policy)
-    ids = stream[:tokens]
-    rates: dict[str, list[float]] = {name: [] for name in configs}
+        configs[f"S=4 W={tiered_window} + {shape} {policy}"] = StreamConfig(
+            4, tiered_window, chunk, tiers=TierSpec.parse(shape), merge_policy=policy)
+    cpu: dict[str, list[float]] = {n: [] for n in configs}
+    wall: dict[str, list[float]] = {n: [] for n in configs}
     for r in range(rounds):
-        for name, config in configs.items():
-            rates[name].append(ingest_rate(model, config, ids, repeats=1))
-        print(f"overhead round {r + 1}: " + ", ".join(f"{n}: {v[-1]:,.0f}" for n, v in rates.items()))
+        for variant, config in configs.items():
+            c, w = ingest_rates(model, config, ids)
+            cpu[variant].append(c)
+            wall[variant].append(w)
+        print(f"overhead {name} round {r + 1}: " + ", ".join(f"{n}: {v[-1]:,.0f}" for n, v in cpu.items()))
     base = next(iter(configs))
-    out = {}
-    for name, values in rates.items():
-        ratios = [b / v for b, v in zip(rates[base], values, strict=True)]
-        out[name] = {"tokens_per_s": statistics.median(values), "slowdown": statistics.median(ratios) - 1.0}
-    return out
+
+    def slowdown(rates: dict[str, list[float]], variant: str) -> float:
+        return statistics.median(b / v for b, v in zip(rates[base], rates[variant], strict=True)) - 1.0
+
+    return {"model": name, "tokens": len(ids), "rows": {
+        v: {"cpu_tokens_per_s": statistics.median(cpu[v]), "cpu_slowdown": slowdown(cpu, v),
+            "wall_tokens_per_s": statistics.median(wall[v]), "wall_slowdown": slowdown(wall, v)}
+        for v in configs}}
 
 
 # ============================================================================ report
@@ -240,11 +284,17 @@ def markdown(data: dict) -> str:
     for r in data["quality"]:
         lines.append(f"| {r['name']} | {r['slots']} | {r['mean_nll']:.4f} | {r['names_logprob']:.3f} | "
                      f"{r['words_logprob']:.3f} |")
-    lines += ["", f"Ingest (C = 64, {data['overhead_tokens']:,} tokens, median of {data['rounds']} "
-              "interleaved rounds; slowdown = median of per-round paired ratios vs the first row):", "",
-              "| cache | tokens/s | slowdown |", "|---|---:|---:|"]
-    for name, r in data["overhead"].items():
-        lines.append(f"| {name} | {r['tokens_per_s']:,.0f} | {100 * r['slowdown']:+.1f}% |")
+    lines += ["", f"Ingest at C = 64, equal slot budgets, median of {data['rounds']} interleaved rounds; "
+              "slowdown = median of per-round paired ratios against the plain window. CPU time (user + "
+              "system of this process) is the primary measure: the machine is shared and wall time swings "
+              "by 2x between rounds.", "",
+              "| model | cache | tokens / CPU s | slowdown (CPU) | tokens / wall s | slowdown (wall) |",
+              "|---|---|---:|---:|---:|---:|"]
+    for part in data["overhead"]:
+        for name, r in part["rows"].items():
+            lines.append(f"| {part['model']} | {name} | {r['cpu_tokens_per_s']:,.0f} | "
+                         f"{100 * r['cpu_slowdown']:+.1f}% | {r['wall_tokens_per_s']:,.0f} | "
+                         f"{100 * r['wall_slowdown']:+.1f}% |")
     return "\n".join(lines) + "\n"
 
 
@@ -260,8 +310,10 @@ def plot(data: dict) -> None:
                                                   "heavy-hitters": "tab:red"}[r["policy"]] for r in rows]
     fig, axes = plt.subplots(1, 3, figsize=(15, 5.5), sharey=True)
     for ax, key, title in zip(axes, ("mean_nll", "names_logprob", "words_logprob"),
-                              ("mean NLL (lower is better)", f"names > {RECALL_GAP} tokens back: mean log p",
-                               f"repeated words > {RECALL_GAP} back: mean log p"), strict=True):
+                              ("mean NLL (lower is better)",
+                               f"names > {RECALL_GAP} tokens back: mean log p (higher is better)",
+                               f"repeated words > {RECALL_GAP} back: mean log p (higher is better)"),
+                              strict=True):
         values = [r[key] for r in rows]
         ax.barh(range(len(rows)), values, color=colors)
         low, high = min(values), max(values)
@@ -283,23 +335,35 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=40_000, help="stream length (default 40000)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--rounds", type=int, default=5, help="overhead rounds (default 5)")
-    p.add_argument("--overhead-tokens", type=int, default=20_000)
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--overhead-tokens", type=int, default=12_000)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: stable on a shared box)")
+    p.add_argument("--parts", default="quality,overhead",
+                   help="parts to run (quality, overhead, or none to re-render); others come from tiers.json")
     args = p.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
+    parts = set(args.parts.split(","))
+    saved = RESULTS / "tiers.json"
+    data = json.loads(saved.read_text()) if saved.exists() else {}
     model, tokenizer = load_stories()
     stream = load_stream(model, args.tokens, args.seed)
-    targets = repeated_word_tokens(stream, tokenizer, RECALL_GAP)
-    print(f"recall targets: {len(targets['names'])} name tokens, {len(targets['words'])} word tokens")
-    quality = run_quality(model, stream, targets)
-    overhead = run_overhead(model, stream, args.rounds, args.overhead_tokens)
-    data = {"stream": {"tokens": len(stream), "stories": stream.count(BOS), "seed": args.seed,
-                       "names": len(targets["names"]), "words": len(targets["words"])},
-            "quality": quality, "overhead": overhead, "rounds": args.rounds,
-            "overhead_tokens": args.overhead_tokens, "threads": torch.get_num_threads(),
-            "load_average": " ".join(f"{x:.1f}" for x in os.getloadavg())}
-    (RESULTS / "tiers.json").write_text(json.dumps(data, indent=1) + "\n")
+    if "quality" in parts:
+        targets = repeated_word_tokens(stream, tokenizer, RECALL_GAP)
+        print(f"recall targets: {len(targets['names'])} name tokens, {len(targets['words'])} word tokens")
+        data["quality"] = run_quality(model, stream, targets)
+        data["stream"] = {"tokens": len(stream), "stories": stream.count(BOS), "seed": args.seed,
+                          "names": len(targets["names"]), "words": len(targets["words"])}
+    if "overhead" in parts:
+        big_ids = torch.randint(3, 32000, (args.overhead_tokens // 2,),
+                                generator=torch.Generator().manual_seed(args.seed)).tolist()
+        data["overhead"] = [
+            run_overhead("stories260K", model, stream[: args.overhead_tokens], BASE_WINDOW, 28, "24x4,8x4",
+                         args.rounds),
+            run_overhead("random Llama 512x8", random_llama(), big_ids, 252, 188, "48x4,16x4", args.rounds),
+        ]
+        data["rounds"] = args.rounds
+    data["threads"] = torch.get_num_threads()
+    data["load_average"] = " ".join(f"{x:.1f}" for x in os.getloadavg())
+    saved.write_text(json.dumps(data, indent=1) + "\n")
     (RESULTS / "tiers.md").write_text(markdown(data))
     plot(data)
     print(markdown(data))

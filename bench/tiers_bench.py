@@ -40,6 +40,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from core_bench import random_llama  # noqa: E402  (bench/ is on sys.path when run as a script)
+
 from core.config import StreamConfig, TierSpec  # noqa: E402
 from core.generation import Generation  # noqa: E402
 from core.sampling import SamplingParams  # noqa: E402
@@ -215,17 +217,6 @@ def run_quality(model, stream: list[int], targets: dict[str, list[int]]) -> list
 
 
 # ============================================================================ overhead
-def random_llama():
-    """Random-weight Llama where the model, not Python overhead, dominates (hidden 512, 8 layers)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(vocab_size=32000, hidden_size=512, intermediate_size=1024, num_hidden_layers=8,
-                         num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=2048,
-                         tie_word_embeddings=True)
-    torch.manual_seed(0)
-    return LlamaForCausalLM._from_config(config, attn_implementation="sdpa").eval()
-
-
 def ingest_rates(model, config: StreamConfig, ids: list[int]) -> tuple[float, float]:
     """(tokens per CPU second, tokens per wall second) appending `ids` to a stream already evicting."""
     engine = StreamingInference(model, config)

@@ -11,6 +11,7 @@ from tiny_models import tiny_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from core.config import ConfigError, StreamConfig, TierSpec
+from core.dense import DenseInference
 from core.generation import generate
 from core.sampling import SamplingParams
 from core.snapshot import load_snapshot, save_snapshot
@@ -117,10 +118,11 @@ def test_no_tiers_is_bit_identical_to_the_sink_cache(stories, policy):
 
 def test_attention_observer_changes_no_output(stories):
     """Installing the attention-accounting wrapper leaves every output bit-identical: tiered streams
-    before any merge, and plain streams on the same model."""
+    before any merge, and plain streams and the dense baseline on the same model."""
     model, _ = stories
     ids = random_ids(70, seed=3)  # evicts 6 tokens into tier 1: no block of r1 * 2 = 8 forms
     plain_before = run(StreamingInference(model, StreamConfig(4, 60, 16)), ids)
+    dense_before = torch.cat([r.logprobs for r in DenseInference(model, chunk=16).append(ids)])
     config = StreamConfig(4, 60, 16, tiers=TierSpec.parse("24x4"))
     mean = run(StreamingInference(model, config), ids)
     observed_engine = StreamingInference(model, StreamConfig(4, 60, 16, tiers=config.tiers,
@@ -130,6 +132,9 @@ def test_attention_observer_changes_no_output(stories):
     assert observed_engine.tier_memory.attention.sum() > 0
     assert torch.equal(observed, mean)
     assert torch.equal(run(StreamingInference(model, StreamConfig(4, 60, 16)), ids), plain_before)
+    # the dense path builds its own mask: the registered mask function must match sdpa's
+    dense_after = torch.cat([r.logprobs for r in DenseInference(model, chunk=16).append(ids)])
+    assert torch.equal(dense_after[1:], dense_before[1:])
 
 
 # ------------------------------------------------------------------ invariants over a long stream

@@ -41,6 +41,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from core.config import ConfigError, StreamConfig
 from core.sink_cache import SinkCache
+from core.snapshot import SnapshotError
 
 HEAVY_BLOCK_SLOTS = 2  # heavy-hitters: slots a block of evicted tokens becomes (2 beat 4 in bench)
 HEAVY_KEEP = 1  # heavy-hitters: of which individual most-attended tokens
@@ -332,17 +333,26 @@ class TierMemory:
         return {"attention": self.attention[row].clone()}, meta
 
     def load_state(self, row: int, tensors: dict[str, torch.Tensor], meta: dict) -> None:
-        """Inverse of `state` (the cache storage is restored by core.snapshot)."""
-        merged = [int(x) for x in meta["merged"]]
+        """Inverse of `state` (the cache storage is restored by core.snapshot). Raises SnapshotError,
+        changing nothing, when the tier state is missing or does not fit these tiers."""
+        try:
+            merged = [int(x) for x in meta["merged"]]
+            pending, received, dropped = int(meta["pending"]), int(meta["received"]), int(meta["dropped"])
+            attention = tensors["attention"]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise SnapshotError(f"snapshot tier state is missing or malformed: {exc!r}") from exc
         if len(merged) != len(self.capacity) or any(
                 not 0 <= m <= cap for m, cap in zip(merged, self.merged_capacity, strict=True)):
-            raise ValueError(f"tier snapshot {merged} does not fit tiers {self.merged_capacity}")
-        pending = int(meta["pending"])
+            raise SnapshotError(f"tier snapshot {merged} does not fit tiers {self.merged_capacity}")
         if not 0 <= pending <= self.pending_capacity:
-            raise ValueError(f"tier snapshot has {pending} pending tokens, at most {self.pending_capacity}")
-        self.attention[row].copy_(tensors["attention"])
+            raise SnapshotError(f"tier snapshot has {pending} pending tokens, "
+                                f"at most {self.pending_capacity}")
+        if attention.shape != self.attention[row].shape:
+            raise SnapshotError(f"tier attention shape {tuple(attention.shape)} != "
+                                f"{tuple(self.attention[row].shape)}")
+        self.attention[row].copy_(attention)
         self._merged[row], self._pending[row] = merged, pending
-        self.received[row], self.dropped[row] = int(meta["received"]), int(meta["dropped"])
+        self.received[row], self.dropped[row] = received, dropped
 
 
 # --------------------------------------------------------------------- the attention observer

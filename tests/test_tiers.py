@@ -14,7 +14,7 @@ from core.config import ConfigError, StreamConfig, TierSpec
 from core.dense import DenseInference
 from core.generation import generate
 from core.sampling import SamplingParams
-from core.snapshot import load_snapshot, save_snapshot
+from core.snapshot import SnapshotError, load_snapshot, save_snapshot
 from core.streaming import StreamingInference
 from core.tiers import OBSERVED_QUERIES, Units, block_groups, merge_units
 
@@ -384,3 +384,18 @@ def test_snapshot_restore_with_tiers_continues_identically(stories, tmp_path, po
     assert [t.token_id for t in generate(other, restored, params)] == original
     assert other.tier_memory.used(restored) == after
     assert other.stats(restored).tier_used == after
+
+
+def test_corrupt_tier_snapshot_is_refused(stories):
+    model, _ = stories
+    config = StreamConfig(4, 40, 16, tiers=TierSpec.parse("24x4,8x2"))
+    engine = StreamingInference(model, config)
+    row = engine.open_row()
+    list(engine.append(row, random_ids(300, seed=10)))
+    tensors, meta = engine.snapshot(row)
+    bad_pending = {**meta, "tiers": {**meta["tiers"], "pending": 99}}
+    bad_merged = {**meta, "tiers": {**meta["tiers"], "merged": [1, 2, 3]}}
+    no_attention = {k: v for k, v in tensors.items() if k != "tiers.attention"}
+    for t, m in ((tensors, bad_pending), (tensors, bad_merged), (no_attention, meta)):
+        with pytest.raises(SnapshotError):
+            engine.restore(row, t, m)

@@ -43,7 +43,7 @@ from core.config import ConfigError, StreamConfig
 from core.sink_cache import SinkCache
 from core.snapshot import SnapshotError
 
-HEAVY_BLOCK_SLOTS = 2  # heavy-hitters: slots a block of evicted tokens becomes (2 beat 4 in bench)
+HEAVY_BLOCK_SLOTS = 2  # heavy-hitters: slots a block of evicted tokens becomes (2 had lower NLL than 4)
 HEAVY_KEEP = 1  # heavy-hitters: of which individual most-attended tokens
 OBSERVED_QUERIES = 8  # attention accounting: last queries of each chunk whose attention is recorded
 ATTENTION_FLOOR = 1e-6  # per-token weight floor so a never-attended group still has a defined mean
@@ -381,8 +381,9 @@ def install_observer(model: nn.Module, cache: SinkCache, memory: TierMemory) -> 
     """Make `model` run its attention through a wrapper that also reports attention to `memory`.
 
     The wrapper computes exactly what the model's own attention function computes (it calls it), so
-    streams without tiers on the same model are unaffected. It only reports while `cache` is inside a
-    forward pass on the current thread.
+    streams without tiers and the dense path on the same model are unaffected. It only reports while
+    `cache` is inside a forward pass on the current thread: this wraps the cache instance's begin_step
+    (marks it active), end_step (turns the recorded logits into attention, then evicts) and abort_step.
     """
     current = model.config._attn_implementation
     base_name = current.removeprefix("sinkstream_observed_")

@@ -120,7 +120,10 @@ class StreamingInference:
         self._has_next[row] = False
         self._nll_sum[row] = 0.0
         self._scored[row] = 0
-        self.generators[row].manual_seed(seed if seed is not None else torch.seed())
+        if seed is None:
+            self.generators[row].seed()  # fresh entropy, without reseeding torch's global generator
+        else:
+            self.generators[row].manual_seed(seed)
 
     def _check_row(self, row: int) -> None:
         if not 0 <= row < self.max_rows or row in self._free:

@@ -8,8 +8,9 @@ stream exactly as the original would have.
 from __future__ import annotations
 
 import json
+import math
 import os
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -20,6 +21,7 @@ from core.config import StreamConfig, TierSpec
 
 if TYPE_CHECKING:
     from core.streaming import StreamingInference
+    from core.tiers import TierState
 
 FORMAT = "sinkstream.snapshot.v1"
 
@@ -34,16 +36,25 @@ def _fingerprint(engine: StreamingInference) -> dict[str, Any]:
             "vocab": engine.vocab_size, "dtype": str(keys.dtype)}
 
 
+def _row_state(engine: StreamingInference, row: int) -> dict[str, torch.Tensor]:
+    """The tensors of one row's state, as views of the engine's storage (rng_state: a copy).
+
+    keys/values [L, kv_heads, slots, D], count/token_ids [slots], next_logprobs [vocab], rng_state [bytes].
+    """
+    cache = engine.cache
+    return {
+        "keys": cache.keys[:, row], "values": cache.values[:, row],
+        "count": cache.count[row], "token_ids": cache.token_ids[row],
+        "next_logprobs": engine._next_logprobs[row],
+        "rng_state": engine.generators[row].get_state(),
+    }
+
+
 def snapshot_row(engine: StreamingInference, row: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Copy one stream's state out of the engine: (tensors, json-able metadata)."""
     engine._check_row(row)
     cache = engine.cache
-    tensors = {
-        "keys": cache.keys[:, row].clone(), "values": cache.values[:, row].clone(),
-        "count": cache.count[row].clone(), "token_ids": cache.token_ids[row].clone(),
-        "next_logprobs": engine._next_logprobs[row].clone(),
-        "rng_state": engine.generators[row].get_state(),
-    }
+    tensors = {name: t.clone() for name, t in _row_state(engine, row).items()}
     meta: dict[str, Any] = {
         "format": FORMAT, "config": asdict(engine.config), "model": _fingerprint(engine),
         "tokens_seen": cache.tokens_seen[row], "sink_used": cache.sink_used[row],
@@ -57,10 +68,30 @@ def snapshot_row(engine: StreamingInference, row: int) -> tuple[dict[str, torch.
     return tensors, meta
 
 
-def restore_row(engine: StreamingInference, row: int, tensors: dict[str, torch.Tensor],
-                meta: dict[str, Any]) -> None:
-    """Load a snapshot into an open row, after checking it was made with the same model and config."""
-    engine._check_row(row)
+@dataclass
+class _Checked:
+    """A snapshot's row state, checked against the engine: writing it into a row cannot fail."""
+
+    tensors: dict[str, torch.Tensor]  # as _row_state names them
+    tokens_seen: int
+    sink_used: int
+    window_used: int
+    has_next: bool
+    nll_sum: float
+    scored: int
+    tiers: TierState | None
+
+
+def _integer(meta: dict[str, Any], key: str, low: int, high: int | float) -> int:
+    value = meta[key]
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise SnapshotError(f"snapshot {key} = {value!r} is not an integer in {low}..{high}")
+    return value
+
+
+def _check(engine: StreamingInference, row: int, tensors: dict[str, torch.Tensor],
+           meta: dict[str, Any]) -> _Checked:
+    """Everything restore_row will write, validated; raises SnapshotError and touches nothing."""
     if meta.get("format") != FORMAT:
         raise SnapshotError(f"not a sinkstream snapshot (format {meta.get('format')!r})")
     config = dict(meta["config"])
@@ -69,27 +100,72 @@ def restore_row(engine: StreamingInference, row: int, tensors: dict[str, torch.T
         raise SnapshotError(f"snapshot was made with {config}, this engine runs {asdict(engine.config)}")
     if meta["model"] != _fingerprint(engine):
         raise SnapshotError(f"snapshot model {meta['model']} does not match {_fingerprint(engine)}")
-    cache = engine.cache
-    try:
-        cache.keys[:, row].copy_(tensors["keys"])
-        cache.values[:, row].copy_(tensors["values"])
-        cache.count[row].copy_(tensors["count"])
-        cache.token_ids[row].copy_(tensors["token_ids"])
-        engine._next_logprobs[row].copy_(tensors["next_logprobs"])
-        engine.generators[row].set_state(tensors["rng_state"])
-    except (KeyError, RuntimeError) as exc:
-        engine.reset_row(row)
-        raise SnapshotError(f"snapshot tensors are missing or malformed: {exc}") from exc
-    cache.tokens_seen[row] = int(meta["tokens_seen"])
-    cache.sink_used[row] = int(meta["sink_used"])
-    cache.window_used[row] = int(meta["window_used"])
-    engine._has_next[row] = bool(meta["has_next"])
-    engine._nll_sum[row] = float(meta["nll_sum"])
-    engine._scored[row] = int(meta["scored"])
+
+    checked: dict[str, torch.Tensor] = {}
+    for name, like in _row_state(engine, row).items():
+        t = tensors.get(name)
+        if not isinstance(t, torch.Tensor) or t.shape != like.shape or t.dtype != like.dtype:
+            got = "missing" if not isinstance(t, torch.Tensor) else f"{t.dtype} {tuple(t.shape)}"
+            raise SnapshotError(f"snapshot tensor {name!r} is {got}, "
+                                f"expected {like.dtype} {tuple(like.shape)}")
+        checked[name] = t
+    try:  # a scratch generator: the row's own must not see a state it may refuse
+        torch.Generator().set_state(checked["rng_state"])
+    except RuntimeError as exc:
+        raise SnapshotError(f"snapshot rng_state is invalid: {exc}") from exc
+    ids = checked["token_ids"]
+    if int(ids.min()) < 0 or int(ids.max()) >= engine.vocab_size:
+        raise SnapshotError(f"snapshot token ids outside 0..{engine.vocab_size - 1}")
+
+    cfg, cache = engine.config, engine.cache
+    tokens_seen = _integer(meta, "tokens_seen", 0, math.inf)
+    # Both follow from tokens_seen: the window keeps the last W tokens, the sinks take the first evicted.
+    window_used = _integer(meta, "window_used", min(cfg.window, tokens_seen), min(cfg.window, tokens_seen))
+    evicted = tokens_seen - window_used
+    sink_used = _integer(meta, "sink_used", min(cfg.sink_tokens, evicted), min(cfg.sink_tokens, evicted))
+    scored = _integer(meta, "scored", 0, tokens_seen)
+    has_next, nll_sum = meta["has_next"], meta["nll_sum"]
+    if not isinstance(has_next, bool):
+        raise SnapshotError(f"snapshot has_next = {has_next!r} is not a boolean")
+    if isinstance(nll_sum, bool) or not isinstance(nll_sum, int | float) or not math.isfinite(nll_sum):
+        raise SnapshotError(f"snapshot nll_sum = {nll_sum!r} is not a finite number")
+
+    # The sink and window slot counts must say what the counters say (1 = a kept token, 0 = empty).
+    count = checked["count"]
+    expected_sinks = (torch.arange(cache.sink_slots) < sink_used).float()
+    ring = torch.zeros(cache.ring_size)
+    ring[torch.arange(tokens_seen - window_used, tokens_seen) % cache.ring_size] = 1.0
+    if not (torch.equal(count[: cache.sink_slots].cpu(), expected_sinks)
+            and torch.equal(count[cache.ring_start :].cpu(), ring)):
+        raise SnapshotError(f"snapshot slot counts do not hold {sink_used} sinks and a window of "
+                            f"{window_used}")
+
+    tiers = None
     if engine.tier_memory is not None:
         prefix = "tiers."
-        engine.tier_memory.load_state(
-            row, {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}, meta["tiers"])
+        tiers = engine.tier_memory.check_state(
+            {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}, meta["tiers"])
+    return _Checked(checked, tokens_seen, sink_used, window_used, has_next, float(nll_sum), scored, tiers)
+
+
+def restore_row(engine: StreamingInference, row: int, tensors: dict[str, torch.Tensor],
+                meta: dict[str, Any]) -> None:
+    """Load a snapshot into an open row, after checking it was made with the same model and config and
+    that its state is whole and consistent. A refused snapshot (SnapshotError) changes nothing."""
+    engine._check_row(row)
+    state = _check(engine, row, tensors, meta)
+    # Nothing below can fail: every value was checked above.
+    for name, dst in _row_state(engine, row).items():
+        if name != "rng_state":
+            dst.copy_(state.tensors[name])
+    engine.generators[row].set_state(state.tensors["rng_state"])
+    cache = engine.cache
+    cache.tokens_seen[row], cache.sink_used[row] = state.tokens_seen, state.sink_used
+    cache.window_used[row] = state.window_used
+    engine._has_next[row], engine._nll_sum[row] = state.has_next, state.nll_sum
+    engine._scored[row] = state.scored
+    if state.tiers is not None:
+        engine.tier_memory.load_state(row, state.tiers)
 
 
 def save_snapshot(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:

@@ -61,6 +61,17 @@ class _Observed:
 
 
 @dataclass
+class TierState:
+    """One row's tier bookkeeping, as a snapshot holds it (see TierMemory.state / check_state)."""
+
+    merged: list[int]  # merged slots used per tier, finest first
+    pending: int  # tier 1 tokens not merged yet
+    received: int  # tokens handed to the tiers
+    dropped: int  # tokens dropped from the last tier
+    attention: torch.Tensor  # [slots] attention each slot has received
+
+
+@dataclass
 class Units:
     """A run of slots in age order: keys/values [L, H, n, D] (float32), count and attention [n]."""
 
@@ -332,9 +343,9 @@ class TierMemory:
                 "received": self.received[row], "dropped": self.dropped[row]}
         return {"attention": self.attention[row].clone()}, meta
 
-    def load_state(self, row: int, tensors: dict[str, torch.Tensor], meta: dict) -> None:
-        """Inverse of `state` (the cache storage is restored by core.snapshot). Raises SnapshotError,
-        changing nothing, when the tier state is missing or does not fit these tiers."""
+    def check_state(self, tensors: dict[str, torch.Tensor], meta: dict) -> TierState:
+        """Validate what `state` returned (the cache storage is checked by core.snapshot); raises
+        SnapshotError when the tier state is missing or does not fit these tiers. Changes nothing."""
         try:
             merged = [int(x) for x in meta["merged"]]
             pending, received, dropped = int(meta["pending"]), int(meta["received"]), int(meta["dropped"])
@@ -347,12 +358,18 @@ class TierMemory:
         if not 0 <= pending <= self.pending_capacity:
             raise SnapshotError(f"tier snapshot has {pending} pending tokens, "
                                 f"at most {self.pending_capacity}")
-        if attention.shape != self.attention[row].shape:
-            raise SnapshotError(f"tier attention shape {tuple(attention.shape)} != "
-                                f"{tuple(self.attention[row].shape)}")
-        self.attention[row].copy_(attention)
-        self._merged[row], self._pending[row] = merged, pending
-        self.received[row], self.dropped[row] = received, dropped
+        like = self.attention[0]
+        if not isinstance(attention, torch.Tensor) or attention.shape != like.shape \
+                or attention.dtype != like.dtype:
+            raise SnapshotError(f"tier attention {getattr(attention, 'shape', attention)} is not "
+                                f"{like.dtype} {tuple(like.shape)}")
+        return TierState(merged, pending, received, dropped, attention)
+
+    def load_state(self, row: int, state: TierState) -> None:
+        """Inverse of `state`, for a state `check_state` accepted."""
+        self.attention[row].copy_(state.attention)
+        self._merged[row], self._pending[row] = list(state.merged), state.pending
+        self.received[row], self.dropped[row] = state.received, state.dropped
 
 
 # --------------------------------------------------------------------- the attention observer

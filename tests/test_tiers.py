@@ -399,3 +399,71 @@ def test_corrupt_tier_snapshot_is_refused(stories):
     for t, m in ((tensors, bad_pending), (tensors, bad_merged), (no_attention, meta)):
         with pytest.raises(SnapshotError):
             engine.restore(row, t, m)
+
+
+TIER_CONFIG = StreamConfig(4, 40, 16, tiers=TierSpec.parse("24x4,8x2"))
+
+
+def _target_and_twin(model) -> tuple[StreamingInference, StreamingInference, int]:
+    """Two engines whose row holds the same stream of its own (the twin is never restored into)."""
+    engines = []
+    for _ in range(2):
+        engine = StreamingInference(model, TIER_CONFIG)
+        row = engine.open_row(seed=3)
+        list(engine.append(row, random_ids(150, seed=11)))
+        engines.append(engine)
+    assert engines[0].tier_memory.used(row)[0] > 0
+    return engines[0], engines[1], row
+
+
+def assert_refused_and_unchanged(model, bad: list[tuple[dict, dict]]) -> None:
+    """Each (tensors, meta) raises SnapshotError on restore, and the target row keeps its whole state:
+    snapshot, stats, next-token distribution and the logits of a continuation."""
+    target, twin, row = _target_and_twin(model)
+    before_tensors, before_meta = target.snapshot(row)
+    before_stats, before_next = target.stats(row), target.next_logprobs(row).clone()
+    for tensors, meta in bad:
+        with pytest.raises(SnapshotError):
+            target.restore(row, tensors, meta)
+        after_tensors, after_meta = target.snapshot(row)
+        assert after_meta == before_meta
+        assert after_tensors.keys() == before_tensors.keys()
+        assert all(torch.equal(after_tensors[k], before_tensors[k]) for k in before_tensors)
+        assert target.stats(row) == before_stats
+        assert torch.equal(target.next_logprobs(row), before_next)
+    continuation = random_ids(80, seed=12)
+    assert torch.equal(run_on(target, row, continuation), run_on(twin, row, continuation))
+
+
+def run_on(engine: StreamingInference, row: int, ids: list[int]) -> torch.Tensor:
+    return torch.cat([r.logprobs for r in engine.append(row, ids)])
+
+
+@pytest.fixture(scope="module")
+def tier_snapshot(stories) -> tuple[dict[str, torch.Tensor], dict]:
+    """A snapshot of a 300-token stream whose tokens reached both tiers."""
+    model, _ = stories
+    engine = StreamingInference(model, TIER_CONFIG)
+    row = engine.open_row(seed=2)
+    list(engine.append(row, random_ids(300, seed=10)))
+    assert engine.tier_memory.used(row)[1] > 0
+    return engine.snapshot(row)
+
+
+def test_refused_tier_snapshot_changes_nothing(stories, tier_snapshot):
+    tensors, meta = tier_snapshot
+    tiers = meta["tiers"]
+    no_attention = {k: v for k, v in tensors.items() if k != "tiers.attention"}
+    short_attention = {**tensors, "tiers.attention": tensors["tiers.attention"][:-1]}
+    assert_refused_and_unchanged(stories[0], [
+        (tensors, {**meta, "tiers": {**tiers, "pending": 99}}),
+        (tensors, {**meta, "tiers": {**tiers, "merged": [1, 2, 3]}}),
+        (tensors, {**meta, "tiers": {**tiers, "merged": "many"}}),
+        (no_attention, meta),
+        (short_attention, meta),
+        # the cache part is checked before the tiers are: nothing is written before both pass
+        ({**tensors, "keys": tensors["keys"][..., :-1]}, meta),
+        ({**tensors, "count": tensors["count"].double()}, meta),
+        (tensors, {**meta, "tokens_seen": meta["tokens_seen"] - 1}),
+        (tensors, {**meta, "window_used": 7}),
+    ])

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 from clients import chat
 from clients.analysis_report import add_output_options, check_output_options, write_outputs
+from core.offload_config import add_offload_options, check_offload_options  # torch-free
 
 DEFAULT_SERVER = os.environ.get("SINKSTREAM_SERVER")
 SERVER_HELP = "host:port of a sinkstream server (default $SINKSTREAM_SERVER); --model wins if given"
@@ -45,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--stop", action="append", help="stop sequence (repeatable)")
     add_stream_options(gen)
+    add_offload_options(gen)
 
     ana = sub.add_parser("analyze", help="stream a text file and summarise per-token NLL / perplexity")
     ana.add_argument("file")
@@ -53,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     ana.add_argument("--dense", action="store_true", help="plain full-cache baseline for comparison")
     add_output_options(ana)
     add_stream_options(ana)
+    add_offload_options(ana)
 
     chat.add_parser(sub)
 
@@ -64,6 +67,14 @@ def build_parser() -> argparse.ArgumentParser:
 def _need_model(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     if not args.model:
         parser.error(f"{args.command}: give --model PATH (in-process) or --server ADDR")
+
+
+def _fail(args: argparse.Namespace, exc: Exception, code: int) -> int:
+    """Report an in-process failure in one line and return the exit code."""
+    if args.command == "generate":
+        print(flush=True)  # end the prompt line already printed, so the error stands on its own line
+    print(f"sinkstream: error: {exc}", file=sys.stderr)
+    return code
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -78,6 +89,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(problem)
     if args.command == "chat":
         return chat.run(args)
+    if problem := check_offload_options(args):
+        parser.error(problem)
     if args.command in ("generate", "analyze") and (args.model or not args.server):
         _need_model(args, parser)
         try:
@@ -85,8 +98,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ImportError as exc:
             parser.error(f"in-process mode needs the server extra (pip install 'sinkstream[server]'): {exc}")
         from core.config import ConfigError
+        from core.layer_prefetch import OffloadError
         from core.model_loading import UnsupportedModelError
         from core.sampling import SamplingError
+        from core.weight_store import CheckpointError
 
         try:
             if args.command == "generate":
@@ -96,10 +111,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print()
             else:
                 write_outputs(local_runner.analyze(args), args)
-        except (ConfigError, SamplingError, UnsupportedModelError) as exc:
-            print(f"sinkstream: error: {exc}", file=sys.stderr)
-            return 2
+        except (ConfigError, SamplingError, UnsupportedModelError, CheckpointError) as exc:
+            return _fail(args, exc, 2)
+        except OffloadError as exc:  # a layer failed to load mid-run (storage error or timeout)
+            return _fail(args, exc, 1)
         return 0
+    if args.offload != "none":  # the server's weights are its own: `sinkstream serve --offload`
+        parser.error(f"--offload {args.offload} runs the model in-process: give --model PATH, or start "
+                     "the server with `sinkstream serve --offload ...`")
     from clients import remote_runner
 
     return remote_runner.run(args)

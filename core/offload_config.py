@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass
 
 from core.config import ConfigError
@@ -52,3 +53,37 @@ class OffloadConfig:
                 f"{self.resident_layers} exceeds the model's {num_layers} decoder layers; use offload "
                 f"'none' to keep every layer resident",
             )
+
+
+# The command-line option of each OffloadConfig field, so errors name what the user typed.
+_OPTION_OF_FIELD = {"offload": "--offload", "resident_layers": "--resident-layers",
+                    "prefetch_depth": "--prefetch-depth"}
+
+
+def add_offload_options(parser: argparse.ArgumentParser) -> None:
+    """--offload, --resident-layers and --prefetch-depth (shared by analyze, generate and serve)."""
+    d = OffloadConfig()
+    g = parser.add_argument_group("weight offloading")
+    g.add_argument("--offload", choices=OFFLOAD_MODES, default=d.mode,
+                   help="keep the decoder layers on disk (read as needed) or in host memory, only "
+                        f"--resident-layers of them materialised at once (default {d.mode})")
+    g.add_argument("--resident-layers", type=int, default=d.resident_layers, metavar="K",
+                   help=f"decoder layers materialised at most at once, >= 1 (default {d.resident_layers})")
+    g.add_argument("--prefetch-depth", type=int, default=d.prefetch_depth, metavar="D",
+                   help="layers loaded ahead of the running one, 0 = synchronous; needs D < K "
+                        f"(default {d.prefetch_depth})")
+
+
+def offload_from_args(args: argparse.Namespace) -> OffloadConfig:
+    """The OffloadConfig of the parsed options of `add_offload_options` (not validated)."""
+    return OffloadConfig(mode=args.offload, resident_layers=args.resident_layers,
+                         prefetch_depth=args.prefetch_depth)
+
+
+def check_offload_options(args: argparse.Namespace) -> str | None:
+    """A message naming the first invalid offload option, or None (for `parser.error`)."""
+    try:
+        offload_from_args(args).validate()
+    except ConfigError as exc:
+        return f"{_OPTION_OF_FIELD.get(exc.field, exc.field)}: {exc.message}"
+    return None

@@ -16,6 +16,7 @@ from core.config import StreamConfig, TierSpec
 from core.dense import DenseInference
 from core.generation import generate
 from core.model_loading import LoadedModel, load_model
+from core.offload_config import offload_from_args
 from core.sampling import SamplingParams
 from core.streaming import StreamingInference
 from core.text import IncrementalEncoder
@@ -30,7 +31,8 @@ def stream_config(args: argparse.Namespace) -> StreamConfig:
 
 
 def load(args: argparse.Namespace) -> LoadedModel:
-    return load_model(args.model)
+    """The model of args.model, its decoder layers offloaded as --offload/--resident-layers ask."""
+    return load_model(args.model, offload=offload_from_args(args))
 
 
 def read_blocks(path: Path, progress: tqdm | None) -> Iterator[str]:

@@ -20,6 +20,7 @@ from clients.sinkstream_pb import sinkstream_pb2 as pb
 from clients.sinkstream_pb import sinkstream_pb2_grpc as pb_grpc
 from core.config import ConfigError, StreamConfig, TierSpec
 from core.model_loading import LoadedModel, load_model
+from core.offload_config import add_offload_options, check_offload_options, offload_from_args
 from service import logs
 from service.metrics import ServerMetrics
 from service.requests import Limits
@@ -226,6 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--chunk", type=int, default=d.defaults.chunk)
     g.add_argument("--tiers", default="", help="e.g. 32x4,16x4")
     g.add_argument("--merge-policy", default=d.defaults.merge_policy)
+    add_offload_options(p)
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
     p.add_argument("--log-level", default="info")
     p.add_argument("--plain-logs", action="store_true", help="human-readable logs instead of JSON lines")
@@ -264,12 +266,14 @@ async def serve_until_signal(config: ServerConfig, loaded: LoadedModel) -> None:
 def serve_main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if problem := check_offload_options(args):
+        parser.error(problem)
     logs.configure(args.log_level, json_lines=not args.plain_logs)
     try:
         config = config_from_args(args)
         if args.threads:
             torch.set_num_threads(args.threads)
-        loaded = load_model(args.model)
+        loaded = load_model(args.model, offload=offload_from_args(args))
         asyncio.run(serve_until_signal(config, loaded))
     except (ConfigError, ValueError, OSError) as exc:
         print(f"sinkstream serve: error: {exc}", flush=True)

@@ -10,11 +10,15 @@ than K layers are ever materialised. prefetch_depth 0 is plain synchronous load-
 
 from __future__ import annotations
 
+import queue
+import threading
 import time
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -41,6 +45,73 @@ class OffloadStats:
     peak_bound: int = 0  # layers whose parameters were bound to the model at once
     # The most recent layers in the order they started running (bounded: servers run for days).
     order: deque[int] = field(default_factory=lambda: deque(maxlen=4096))
+
+
+class PrefetchWorker:
+    """One daemon thread running submitted calls in order; shutdown never waits for the running call.
+
+    Not a ThreadPoolExecutor: its threads are joined at interpreter exit, so a read hung in the kernel
+    would keep the process alive; a daemon thread does not.
+    """
+
+    def __init__(self, name: str) -> None:
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._lock = threading.Lock()  # guards _busy, _closed and _then
+        self._busy = False
+        self._closed = False
+        self._then: Callable[[], None] | None = None
+        self.thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self.thread.start()
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Future:
+        """Queue fn(*args); RuntimeError once shut down (as ThreadPoolExecutor.submit)."""
+        future: Future = Future()
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("cannot schedule new futures after shutdown")
+            self._jobs.put((future, fn, args))
+        return future
+
+    def shutdown(self, then: Callable[[], None]) -> None:
+        """Cancel the queued calls and run `then` once no call runs: now, or on the worker when the
+        running call returns (the caller does not wait for it). Later calls do nothing."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            while True:
+                try:
+                    self._jobs.get_nowait()[0].cancel()
+                except queue.Empty:
+                    break
+            self._jobs.put(None)  # wakes an idle worker so it exits
+            if self._busy:
+                self._then = then
+                return
+        then()
+
+    def _run(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            future, fn, args = job
+            with self._lock:
+                if self._closed:  # taken off the queue just before shutdown drained it
+                    future.cancel()
+                    return
+                if not future.set_running_or_notify_cancel():
+                    continue
+                self._busy = True
+            try:
+                result = fn(*args)
+            except BaseException as exc:
+                future.set_exception(exc)
+            else:
+                future.set_result(result)
+            with self._lock:
+                self._busy = False
+                then, self._then = self._then, None
+            if then is not None:  # shut down while this call ran: the cleanup is ours
+                then()
+                return
 
 
 def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
@@ -100,7 +171,7 @@ class LayerOffloader:
         self._futures: dict[int, Future] = {}
         self._bound: set[int] = set()
         self._broken: str | None = None
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sinkstream-prefetch")
+        self._worker = PrefetchWorker("sinkstream-prefetch")
         self._hooks = []
         for i, layer in enumerate(layers):
             self._hooks.append(layer.register_forward_pre_hook(self._make_pre_hook(i)))
@@ -159,8 +230,8 @@ class LayerOffloader:
         self.stats.materialised = len(self._slot_of)
         self.stats.peak_materialised = max(self.stats.peak_materialised, self.stats.materialised)
         try:
-            self._futures[i] = self._executor.submit(self._load, i, slot)
-        except RuntimeError as exc:  # executor shut down
+            self._futures[i] = self._worker.submit(self._load, i, slot)
+        except RuntimeError as exc:  # worker shut down
             self._give_back(i)
             raise OffloadError(f"the prefetch worker is not running (offloader closed?): {exc}") from exc
 
@@ -170,7 +241,7 @@ class LayerOffloader:
             seconds = self._futures.pop(i).result(timeout=self.config.load_timeout_s)
         except FutureTimeout as exc:
             # The worker may still write into the slot: it can never be reused safely.
-            self._broken = (f"decoder layer {i} did not load within {self.config.load_timeout_s:.0f} s; "
+            self._broken = (f"decoder layer {i} did not load within {self.config.load_timeout_s:g} s; "
                             "the prefetch worker is stuck (slow or hung storage?)")
             raise OffloadError(self._broken) from exc
         except BaseException as exc:
@@ -189,7 +260,7 @@ class LayerOffloader:
             try:
                 future.result(timeout=self.config.load_timeout_s)
             except FutureTimeout as exc:
-                self._broken = f"decoder layer {i} did not load within {self.config.load_timeout_s:.0f} s"
+                self._broken = f"decoder layer {i} did not load within {self.config.load_timeout_s:g} s"
                 raise OffloadError(self._broken) from exc
             except Exception:
                 pass  # its error is irrelevant: the layer is not needed now
@@ -237,14 +308,20 @@ class LayerOffloader:
         return [sum(s.nbytes for s in layout) for layout in self._layouts]
 
     def close(self) -> None:
-        """Stop the worker, remove the hooks, free the slots (the layers stay on meta)."""
+        """Stop the worker, remove the hooks, free the slots (the layers stay on meta).
+
+        Never blocks: if the worker is stuck in a read, the source and slots are released by the worker
+        when the read returns (it may still write into its slot until then).
+        """
         for future in self._futures.values():
             future.cancel()
-        self._executor.shutdown(wait=True)
         for handle in self._hooks:
             handle.remove()
         for i in list(self._bound):
             self.after_layer(i)
+        self._worker.shutdown(then=self._release)
+
+    def _release(self) -> None:
         self.source.close()
         self.slots.free()
 

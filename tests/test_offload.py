@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -202,6 +203,7 @@ def test_enable_on_a_loaded_model_frees_its_layers(tiny_dir):
     with torch.inference_mode():
         assert torch.equal(ref(ids).logits, model(ids).logits)
     offloader.close()
+    assert offloader.slots.buffers == []  # an idle worker: the slots are freed before close returns
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -280,13 +282,19 @@ def test_worker_crash_surfaces_and_the_offloader_recovers(tiny_dir):
 def test_stuck_worker_times_out_instead_of_hanging(tiny_dir):
     model, offloader = offloaded(tiny_dir, "disk", k=2, d=1, load_timeout_s=0.5)
     release = threading.Event()
-    offloader.source.fetch = lambda layer, staging: release.wait(30)
-    with pytest.raises(OffloadError, match="did not load within"):
+    offloader.source.fetch = lambda layer, staging: release.wait(10)
+    with pytest.raises(OffloadError, match=r"did not load within 0\.5 s"):
         model(torch.arange(1, 5)[None])
     with pytest.raises(OffloadError, match="stuck"):  # stays failed: the slot may still be written
         model(torch.arange(1, 5)[None])
+    assert offloader._worker.thread.daemon  # a hung read cannot keep the process alive at exit
+    start = time.perf_counter()
+    offloader.close()  # the worker is still stuck (up to 10 s): close must not wait for it
+    assert time.perf_counter() - start < 2
+    assert offloader.slots.buffers  # the stuck read may still write its slot: kept until it returns
     release.set()
-    offloader.close()
+    offloader._worker.thread.join(10)
+    assert not offloader._worker.thread.is_alive() and offloader.slots.buffers == []
 
 
 # ----------------------------------------------------------------------------- CUDA path

@@ -166,7 +166,9 @@ class LayerOffloader:
             for slot in range(config.resident_layers):
                 self.slots.params(slot, layout)
                 self.slots.staging(slot, layout)
-        self._free = deque(range(config.resident_layers))
+        # A stack (LIFO, slot 0 on top): the most recently freed slot is reused first, so only the D + 1
+        # slots ever in use at once are written; the other pages of a CPU pool are never touched.
+        self._free = list(reversed(range(config.resident_layers)))
         self._slot_of: dict[int, int] = {}
         self._futures: dict[int, Future] = {}
         self._bound: set[int] = set()
@@ -225,7 +227,7 @@ class LayerOffloader:
     def _schedule(self, i: int) -> None:
         if not self._free:  # cannot happen while D < K; guards the residency invariant
             raise OffloadError(f"no free slot for decoder layer {i} (all {len(self._slot_of)} taken)")
-        slot = self._free.popleft()
+        slot = self._free.pop()
         self._slot_of[i] = slot
         self.stats.materialised = len(self._slot_of)
         self.stats.peak_materialised = max(self.stats.peak_materialised, self.stats.materialised)

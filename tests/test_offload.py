@@ -154,6 +154,14 @@ def test_never_more_than_k_layers_materialised(tiny_dir, k, d):
         bound = sum(any(not p.is_meta for p in layer.parameters()) for layer in layers)
         seen.append((offloader.stats.materialised, bound))
 
+    filled = set()
+    before_fetch = offloader.slots.before_fetch
+
+    def record(slot):  # worker thread: the slot about to be written
+        filled.add(slot)
+        before_fetch(slot)
+
+    offloader.slots.before_fetch = record
     for layer in layers:
         layer.register_forward_pre_hook(check)
     with torch.inference_mode():
@@ -161,6 +169,7 @@ def test_never_more_than_k_layers_materialised(tiny_dir, k, d):
             model(torch.randint(0, 97, (1, n)))
     assert len(seen) == 4 * 4
     assert max(m for m, _ in seen) == min(k, d + 1) == offloader.stats.peak_materialised
+    assert filled == set(range(min(k, d + 1)))  # slots reused LIFO: with K=3, D=1 slot 2 is never written
     assert all(b == 1 for _, b in seen)  # only the running layer is bound to the model
     assert len(offloader.slots.buffers) == k
     assert offloader.slots.nbytes >= k * max(offloader.layer_bytes)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -40,6 +41,11 @@ sys.path.insert(0, str(ROOT))
 
 VARIANTS = {"resident": None, "sync": (1, 0), "async": (2, 1)}
 RESULTS = ROOT / "bench" / "results" / "offload.md"
+
+
+def command() -> str:
+    """This run's invocation, flags included, so the results say how to reproduce them."""
+    return shlex.join(["python", "bench/offload_bench.py", *sys.argv[1:]])
 
 
 # ----------------------------------------------------------------------------- checkpoint
@@ -329,7 +335,7 @@ def main() -> None:
     print(text)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text("# Weight offloading: resident vs synchronous vs async prefetch\n\n"
-                           "Command: `python bench/offload_bench.py`\n\n" + text)
+                           f"Command: `{command()}`\n\n" + text)
 
 
 if __name__ == "__main__":

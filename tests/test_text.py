@@ -386,6 +386,23 @@ def test_engine_logprobs_same_for_text_in_pieces(stories_model, stories_tokenize
         engine.close_row(pieces)
 
 
+@pytest.mark.parametrize("window", [252, 20])  # 20: the prompt has wrapped the window's ring buffer
+def test_generated_text_keeps_the_first_words_space(stories_model, stories_tokenizer, window):
+    """Decoding generated ids alone strips the first word's leading space; in the stream's context it
+    must not: the deltas are exactly what the generated ids add to the decoded prompt."""
+    tok = stories_tokenizer
+    engine = StreamingInference(stories_model, StreamConfig(sink_tokens=4, window=window, chunk=16))
+    row = engine.open_row()
+    prompt = tok("The dog ran to the park. " * 6 + "Once upon a time, there")["input_ids"]
+    assert (len(prompt) > window + 16) == (window == 20)
+    list(engine.append(row, prompt))
+    out = list(generate(engine, row, SamplingParams(max_new_tokens=20), tok))
+    text = "".join(t.text for t in out)
+    assert text.startswith(" ") and not text.startswith("  ")
+    whole = tok.decode(prompt + [t.token_id for t in out], skip_special_tokens=True)
+    assert text == whole[len(tok.decode(prompt, skip_special_tokens=True)):]
+
+
 def test_generation_text_and_stop_sequence_across_tokens(stories_model, stories_tokenizer):
     tok = stories_tokenizer
     engine = StreamingInference(stories_model, StreamConfig(sink_tokens=4, window=252, chunk=64))

@@ -153,7 +153,12 @@ def restore_row(engine: StreamingInference, row: int, tensors: dict[str, torch.T
     """Load a snapshot into an open row, after checking it was made with the same model and config and
     that its state is whole and consistent. A refused snapshot (SnapshotError) changes nothing."""
     engine._check_row(row)
-    state = _check(engine, row, tensors, meta)
+    try:
+        state = _check(engine, row, tensors, meta)
+    except SnapshotError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:  # a missing or mistyped entry
+        raise SnapshotError(f"snapshot state is missing or malformed: {exc!r}") from exc
     # Nothing below can fail: every value was checked above.
     for name, dst in _row_state(engine, row).items():
         if name != "rng_state":

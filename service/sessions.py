@@ -408,10 +408,12 @@ class SessionManager:
         await self._take_row(session)
         try:
             session.engine.restore(session.row, tensors, meta)
-        except SnapshotError as exc:
+        except BaseException as exc:  # whatever the failure, the row must not stay taken
             session.engine.close_row(session.row)
             session.engine = session.row = None
-            raise RequestError(grpc.StatusCode.DATA_LOSS, str(exc), "session_id") from exc
+            if isinstance(exc, SnapshotError):
+                raise RequestError(grpc.StatusCode.DATA_LOSS, str(exc), "session_id") from exc
+            raise
         self.metrics.restores.inc()
         self._update_gauges()
         log.info("session restored", extra={"session": session.id})

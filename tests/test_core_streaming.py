@@ -14,7 +14,7 @@ from core.config import ConfigError, StreamConfig
 from core.generation import generate
 from core.model_loading import UnsupportedModelError, check_supported
 from core.sampling import SamplingParams
-from core.snapshot import load_snapshot, save_snapshot
+from core.snapshot import SnapshotError, load_snapshot, save_snapshot
 from core.streaming import NoFreeRowError, StreamingInference
 
 REFERENCE_CONTINUATION = (
@@ -278,6 +278,28 @@ def test_snapshot_restore_greedy_and_logits(stories, tmp_path):
     fresh.restore(r, *load_snapshot(tmp_path / "s.safetensors"))
     assert torch.equal(fresh.next_logprobs(r), before)
     assert [t.token_id for t in generate(fresh, r, SamplingParams(max_new_tokens=30))] == cont
+
+
+def test_snapshot_missing_state_raises_snapshot_error(stories):
+    """Any required entry missing (or of the wrong kind) is SnapshotError, which callers handle, and the
+    target row keeps its state."""
+    model, _ = stories
+    engine = StreamingInference(model, StreamConfig(sink_tokens=4, window=32, chunk=8), max_rows=2)
+    source, target = engine.open_row(), engine.open_row()
+    list(engine.append(source, list(range(3, 90))))
+    list(engine.append(target, list(range(100, 140))))
+    tensors, meta = engine.snapshot(source)
+    before = engine.snapshot(target)
+    bad = [(tensors, {k: v for k, v in meta.items() if k != key}) for key in meta if key != "format"]
+    bad += [({k: v for k, v in tensors.items() if k != key}, meta) for key in tensors]
+    bad += [(tensors, {**meta, "config": {k: v for k, v in meta["config"].items() if k != "tiers"}}),
+            (tensors, {**meta, "config": None}), (tensors, {**meta, "tokens_seen": "87"}),
+            (tensors, [])]
+    for t, m in bad:
+        with pytest.raises(SnapshotError):
+            engine.restore(target, t, m)
+    after = engine.snapshot(target)
+    assert after[1] == before[1] and all(torch.equal(after[0][k], before[0][k]) for k in before[0])
 
 
 # ------------------------------------------------------------------ batching

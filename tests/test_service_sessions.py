@@ -15,12 +15,14 @@ from conftest import REPO_ROOT
 from service_support import reference_chat, start_server, stories
 
 from clients.client import SinkStreamClient
-from clients.results import GenerateParams, SessionSettings, SinkStreamError
+from clients.results import GenerateParams, SessionSettings, SinkStreamError, TierSpec
 from core.config import StreamConfig
 from core.sampling import SamplingParams
+from core.snapshot import load_snapshot, save_snapshot
 
 CONFIG = StreamConfig(sink_tokens=4, window=40, chunk=8)  # small window: the chat runs through evictions
 SETTINGS = SessionSettings(sink_tokens=4, window=40, chunk=8)
+TIERED = SessionSettings(sink_tokens=4, window=40, chunk=8, tiers=(TierSpec(8, 4),))
 TURNS = ["Once upon a time", " The dog said hello.", " Then the sun came out and"]
 PARAMS = GenerateParams(temperature=0.8, top_k=20, max_new_tokens=24)  # session RNG: no per-request seed
 CORE_PARAMS = SamplingParams(temperature=0.8, top_k=20, max_new_tokens=24)
@@ -131,6 +133,19 @@ def test_ttl_expires_detached_sessions_and_corrupt_snapshots_are_data_loss(model
             err = pytest.raises(SinkStreamError, client.resume_session, corrupt.id).value
             assert err.code == grpc.StatusCode.DATA_LOSS
             assert client.health() == "SERVING"
+            # a readable snapshot missing a required entry: also DATA_LOSS, and the row it was being
+            # restored into is free again
+            with client.open_session(TIERED) as untiered:
+                untiered.append_text("Once upon a time")
+            wait_for(lambda: client.get_session(untiered.id).state == "PERSISTED")
+            path = tmp_path / f"{untiered.id}.safetensors"
+            tensors, meta = load_snapshot(path)
+            del meta["tiers"]
+            save_snapshot(path, tensors, meta)
+            err = pytest.raises(SinkStreamError, client.resume_session, untiered.id).value
+            assert err.code == grpc.StatusCode.DATA_LOSS
+            engine = next(e for c, e in server.server.manager.pool.engines.items() if c.tiers)
+            assert len(engine._free) == engine.max_rows
             # detached and unused for longer than the TTL: deleted, memory and disk
             wait_for(lambda: not any(s.session_id == kept.id for s in client.list_sessions()))
             assert pytest.raises(SinkStreamError, client.resume_session, kept.id).value.code == \

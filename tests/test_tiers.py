@@ -467,3 +467,13 @@ def test_refused_tier_snapshot_changes_nothing(stories, tier_snapshot):
         (tensors, {**meta, "tokens_seen": meta["tokens_seen"] - 1}),
         (tensors, {**meta, "window_used": 7}),
     ])
+
+
+def test_snapshot_without_tier_state_is_refused(stories, tier_snapshot):
+    tensors, meta = tier_snapshot
+    tiers = meta["tiers"]
+    assert_refused_and_unchanged(stories[0], [
+        (tensors, {k: v for k, v in meta.items() if k != "tiers"}),
+        (tensors, {**meta, "tiers": None}),
+        *[(tensors, {**meta, "tiers": {k: v for k, v in tiers.items() if k != key}}) for key in tiers],
+    ])

@@ -1,0 +1,35 @@
+"""`sinkstream generate --model` as a user runs it (in-process): greedy output on stories260K is the
+continuation published with the checkpoint (../shared/models/README.md), printed exactly."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from conftest import REPO_ROOT
+from test_core_streaming import REFERENCE_CONTINUATION
+
+PROMPT = "Once upon a time"
+REFERENCE_NEW_TOKENS = 57  # tokens of REFERENCE_CONTINUATION after the prompt's 5 (BOS included)
+
+
+def run_generate(model_dir, prompt: str, max_new_tokens: int, tmp_path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "XDG_CONFIG_HOME": str(tmp_path / "config")}
+    env.pop("SINKSTREAM_SERVER", None)  # --model wins anyway; keep the run independent of the caller's env
+    args = ["generate", "--model", str(model_dir), "--prompt", prompt,
+            "--max-new-tokens", str(max_new_tokens)]
+    return subprocess.run([sys.executable, "-m", "clients.cli", *args], cwd=REPO_ROOT, env=env,
+                          capture_output=True, text=True, timeout=240)
+
+
+def test_greedy_prints_the_published_continuation(model_dir, tmp_path):
+    proc = run_generate(model_dir, PROMPT, REFERENCE_NEW_TOKENS, tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == REFERENCE_CONTINUATION + "\n"
+
+
+def test_prompt_ending_in_a_word_keeps_the_next_words_space(model_dir, tmp_path):
+    proc = run_generate(model_dir, "Once upon a time, there", 9, tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "Once upon a time, there was a little girl named Lily.\n"

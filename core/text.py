@@ -336,14 +336,16 @@ class StopMatcher:
         if self.stopped:
             return "", True
         text = self._held + delta
-        best: tuple[int, int] | None = None  # (end, -start) of the first stop to complete
+        # (end, start) of the stop to complete first: earliest end, then earliest start (= the longest).
+        # A stop's first occurrence is also its earliest-ending one.
+        best: tuple[int, int] | None = None
         for stop in self.stops:
             start = text.find(stop)
             if start >= 0:
-                key = (start + len(stop), -start)
+                key = (start + len(stop), start)
                 best = key if best is None or key < best else best
         if best is not None:
-            end, start = best[0], -best[1]
+            end, start = best
             self.stopped, self._held = True, ""
             return text[:end if self.include_stop else start], True
         keep = self._partial_stop_length(text)

@@ -144,7 +144,8 @@ def _check(engine: StreamingInference, row: int, tensors: dict[str, torch.Tensor
     if engine.tier_memory is not None:
         prefix = "tiers."
         tiers = engine.tier_memory.check_state(
-            {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}, meta["tiers"])
+            {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}, meta["tiers"],
+            count, evicted - sink_used)
     return _Checked(checked, tokens_seen, sink_used, window_used, has_next, float(nll_sum), scored, tiers)
 
 

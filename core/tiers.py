@@ -343,9 +343,11 @@ class TierMemory:
                 "received": self.received[row], "dropped": self.dropped[row]}
         return {"attention": self.attention[row].clone()}, meta
 
-    def check_state(self, tensors: dict[str, torch.Tensor], meta: dict) -> TierState:
-        """Validate what `state` returned (the cache storage is checked by core.snapshot); raises
-        SnapshotError when the tier state is missing or does not fit these tiers. Changes nothing."""
+    def check_state(self, tensors: dict[str, torch.Tensor], meta: dict, count: torch.Tensor,
+                    evicted: int) -> TierState:
+        """Validate what `state` returned against the snapshot's slot counts `count` [slots] and the
+        `evicted` tokens the cache handed to the tiers; raises SnapshotError when the tier state is
+        missing, does not fit these tiers or disagrees with the slots. Changes nothing."""
         try:
             merged = [int(x) for x in meta["merged"]]
             pending, received, dropped = int(meta["pending"]), int(meta["received"]), int(meta["dropped"])
@@ -363,7 +365,29 @@ class TierMemory:
                 or attention.dtype != like.dtype:
             raise SnapshotError(f"tier attention {getattr(attention, 'shape', attention)} is not "
                                 f"{like.dtype} {tuple(like.shape)}")
+        if received < 0 or dropped < 0:
+            raise SnapshotError(f"tier snapshot counters received={received} dropped={dropped} are negative")
+        if received != evicted:
+            raise SnapshotError(f"tier snapshot received {received} tokens, the cache evicted {evicted}")
+        self._check_slots(count, merged, pending, received - dropped)
         return TierState(merged, pending, received, dropped, attention)
+
+    def _check_slots(self, count: torch.Tensor, merged: list[int], pending: int, represented: int) -> None:
+        """The tier region of `count` [slots] must hold exactly the recorded slots: each tier's first
+        merged[k] slots in use, `pending` count-1 slots, nothing else, standing for `represented` tokens."""
+        first = self.cache.sink_slots
+        region = count[first : self.cache.ring_start].cpu().double()
+        used = torch.zeros_like(region, dtype=torch.bool)
+        for base, m in zip(self.base, merged, strict=True):
+            used[base - first : base - first + m] = True
+        in_pending = slice(self.pending_base - first, self.pending_base - first + pending)
+        used[in_pending] = True
+        if not (bool(region.isfinite().all()) and torch.equal(region > 0, used)
+                and bool((region[~used] == 0).all()) and bool((region[in_pending] == 1).all())
+                and float(region.sum()) == represented):
+            usage = [merged[0] + pending, *merged[1:]]
+            raise SnapshotError(f"tier slot counts do not match the recorded usage {usage} of "
+                                f"{represented} tokens")
 
     def load_state(self, row: int, state: TierState) -> None:
         """Inverse of `state`, for a state `check_state` accepted."""

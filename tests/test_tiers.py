@@ -441,11 +441,11 @@ def run_on(engine: StreamingInference, row: int, ids: list[int]) -> torch.Tensor
 
 @pytest.fixture(scope="module")
 def tier_snapshot(stories) -> tuple[dict[str, torch.Tensor], dict]:
-    """A snapshot of a 300-token stream whose tokens reached both tiers."""
+    """A snapshot of a stream whose tokens went through both tiers, with tokens pending in tier 1."""
     model, _ = stories
     engine = StreamingInference(model, TIER_CONFIG)
     row = engine.open_row(seed=2)
-    list(engine.append(row, random_ids(300, seed=10)))
+    list(engine.append(row, random_ids(302, seed=10)))
     assert engine.tier_memory.used(row)[1] > 0
     return engine.snapshot(row)
 
@@ -476,4 +476,27 @@ def test_snapshot_without_tier_state_is_refused(stories, tier_snapshot):
         (tensors, {k: v for k, v in meta.items() if k != "tiers"}),
         (tensors, {**meta, "tiers": None}),
         *[(tensors, {**meta, "tiers": {k: v for k, v in tiers.items() if k != key}}) for key in tiers],
+    ])
+
+
+def test_tier_snapshot_disagreeing_with_its_slots_is_refused(stories, tier_snapshot):
+    """The recorded tier usage and counters must agree with the restored slot counts."""
+    tensors, meta = tier_snapshot
+    tiers = meta["tiers"]
+    merged, pending = tiers["merged"], tiers["pending"]
+    received, dropped = tiers["received"], tiers["dropped"]
+    assert dropped > 0 and pending > 0
+
+    def with_tiers(**changes) -> dict:
+        return {**meta, "tiers": {**tiers, **changes}}
+
+    assert_refused_and_unchanged(stories[0], [
+        (tensors, with_tiers(merged=[0, 0])),
+        (tensors, with_tiers(merged=[merged[0] - 1, merged[1]])),
+        (tensors, with_tiers(merged=[merged[0], merged[1] - 1])),
+        (tensors, with_tiers(pending=pending - 1)),
+        (tensors, with_tiers(received=-1)),
+        (tensors, with_tiers(dropped=-1)),
+        (tensors, with_tiers(dropped=dropped + 4)),
+        (tensors, with_tiers(received=received + 4, dropped=dropped + 4)),  # more than was evicted
     ])

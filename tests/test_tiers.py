@@ -105,15 +105,40 @@ def test_merged_identical_tokens_attend_like_the_tokens_end_to_end():
     assert torch.allclose(got.logprobs[1:], want.logprobs[1:], atol=1e-5, rtol=0)
 
 
-# ------------------------------------------------------------------ tiers disabled
+# ------------------------------------------------------------------ tiers disabled, or not reached yet
 @pytest.mark.parametrize("policy", POLICIES)
-def test_no_tiers_is_bit_identical_to_the_sink_cache(stories, policy):
+def test_empty_tiers_change_no_logits_before_a_token_passes_the_sinks(stories, policy):
+    """Over the first S + W tokens nothing reaches the tiers: their slots are empty, masked out and take
+    no position, so the logits equal those of the same cache without tiers (a wider mask may reorder
+    the attention sums, hence 1e-5). The next chunk does reach the tiers."""
     model, _ = stories
-    ids = random_ids(400, seed=2)
-    plain = run(StreamingInference(model, StreamConfig(4, 60, 16)), ids)
-    engine = StreamingInference(model, StreamConfig(4, 60, 16, tiers=(), merge_policy=policy))
-    assert engine.tier_memory is None
-    assert torch.equal(run(engine, ids), plain)
+    sinks, window, chunk = 4, 60, 16
+    ids = random_ids(sinks + window, seed=2)
+    plain = run(StreamingInference(model, StreamConfig(sinks, window, chunk)), ids)
+    engine = StreamingInference(model, StreamConfig(sinks, window, chunk, tiers=TierSpec.parse("24x4,8x2"),
+                                                    merge_policy=policy))
+    tiered = run(engine, ids)
+    assert engine.cache.sink_used[0] == sinks and engine.tier_memory.received[0] == 0
+    assert (tiered - plain).abs().max() <= 1e-5
+    list(engine.append(0, random_ids(chunk, seed=3)))
+    assert engine.tier_memory.received[0] > 0
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_tiers_off_builds_no_tier_machinery_and_matches_the_default_config(policy):
+    """tiers=() builds no TierMemory, no tier region and no eviction handler, and leaves the model's
+    attention alone whatever merge_policy says; over 3 * (S + W) tokens its logits are bit-identical to
+    an engine whose config gives no tiers field."""
+    model = tiny_model("llama")  # a fresh model: no other test's observer installed
+    attention = model.config._attn_implementation
+    ids = random_ids(3 * (4 + 60), seed=2, vocab=97)
+    default = run(StreamingInference(model, StreamConfig(sink_tokens=4, window=60, chunk=16)), ids)
+    engine = StreamingInference(model, StreamConfig(sink_tokens=4, window=60, chunk=16, tiers=(),
+                                                    merge_policy=policy))
+    assert engine.tier_memory is None and engine.cache.on_evict is None
+    assert engine.cache.ring_start == 4
+    assert model.config._attn_implementation == attention
+    assert torch.equal(run(engine, ids), default)
 
 
 def test_attention_observer_changes_no_output(stories):

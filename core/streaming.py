@@ -220,5 +220,6 @@ class StreamingInference:
 
     @property
     def cache_bytes(self) -> int:
-        """Bytes of the preallocated per-stream state (KV storage and bookkeeping), all rows."""
-        return self.cache.nbytes + self._next_logprobs.nbytes
+        """Bytes of the preallocated per-stream state (KV storage, tiers and bookkeeping), all rows."""
+        tiers = self.tier_memory.nbytes if self.tier_memory is not None else 0
+        return self.cache.nbytes + self._next_logprobs.nbytes + tiers

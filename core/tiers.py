@@ -333,6 +333,12 @@ class TierMemory:
         used[0] += self._pending[row]
         return used
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the tiers' own preallocated tensors (the attention record [rows, slots]); their slots'
+        keys and values are the cache's. Constant for the memory's lifetime."""
+        return self.attention.nbytes
+
     def represented(self, row: int) -> int:
         """Tokens the row's tier slots stand for."""
         return int(self.cache.count[row, self.cache.sink_slots : self.cache.ring_start].sum())

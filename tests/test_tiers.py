@@ -202,6 +202,18 @@ def test_invariants_over_100k_tokens(policy, one_thread):
         assert means == [4.0, 16.0, 32.0]
 
 
+def test_cache_bytes_count_the_tiers_own_tensors(stories):
+    """Tiers add their slots' storage to cache_bytes and also their per-slot attention record."""
+    model, _ = stories
+    rows, tiers = 2, TierSpec.parse("24x4,8x2")
+    plain = StreamingInference(model, StreamConfig(4, 60, 16), max_rows=rows)
+    tiered = StreamingInference(model, StreamConfig(4, 60, 16, tiers=tiers), max_rows=rows)
+    layers, _, kv_heads, slots, head_dim = tiered.cache.keys.shape
+    per_slot = 2 * layers * kv_heads * head_dim * tiered.cache.keys.element_size() + 4 + 8  # k, v, count, id
+    attention = rows * slots * 4  # float32, every slot of every row
+    assert tiered.cache_bytes - plain.cache_bytes == rows * sum(t.slots for t in tiers) * per_slot + attention
+
+
 # ------------------------------------------------------------------ `mean` against a plain reference
 class ReferenceTieredLlama:
     """Llama forward over [sinks | tiers, oldest first | window | chunk] in plain tensors, with the tier

@@ -84,9 +84,21 @@ class StreamConfig:
                 "merge_policy", f"unknown policy {self.merge_policy!r}; choose from {MERGE_POLICIES}"
             )
         if max_position_embeddings is not None and self.max_positions > max_position_embeddings:
-            raise ConfigError(
-                "window",
-                f"sink_tokens + tier slots + window + chunk = {self.sink_tokens} + {self.tier_slots} + "
-                f"{self.window} + {self.chunk} = {self.max_positions} exceeds the model's trained "
-                f"context (max_position_embeddings = {max_position_embeddings})",
-            )
+            raise self._too_many_positions(max_position_embeddings)
+
+    def _too_many_positions(self, limit: int) -> ConfigError:
+        """The error for S + T + W + C > limit: names the largest part (lowering it is the likeliest fix;
+        on a tie the window, then the chunk) and says how far window or chunk alone would have to drop."""
+        parts = {"window": self.window, "chunk": self.chunk, "tiers": self.tier_slots,
+                 "sink_tokens": self.sink_tokens}
+        field = max(parts, key=parts.__getitem__)
+        excess = self.max_positions - limit
+        knobs = ("chunk", "window") if field == "chunk" else ("window", "chunk")
+        fixes = [f"{name} to <= {parts[name] - excess}" for name in knobs if parts[name] > excess]
+        return ConfigError(
+            field,
+            f"sink_tokens + tier slots + window + chunk = {self.sink_tokens} + {self.tier_slots} + "
+            f"{self.window} + {self.chunk} = {self.max_positions} exceeds the model's trained "
+            f"context (max_position_embeddings = {limit}) by {excess}"
+            + (f": lower {' or '.join(fixes)}" if fixes else ""),
+        )

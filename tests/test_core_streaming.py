@@ -3,16 +3,17 @@ reference written here, and the published greedy output of stories260K."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
 import torch
-from tiny_models import FAMILIES, tiny_model
-from transformers import AutoModelForCausalLM, AutoTokenizer, BertConfig
+from tiny_models import FAMILIES, tiny_config, tiny_model
+from transformers import AutoModelForCausalLM, AutoTokenizer, BertConfig, GPT2Config, GPT2LMHeadModel
 
-from core.config import ConfigError, StreamConfig
+from core.config import ConfigError, StreamConfig, TierSpec
 from core.generation import generate
-from core.model_loading import UnsupportedModelError, check_supported
+from core.model_loading import UnsupportedModelError, check_supported, load_model
 from core.sampling import SamplingParams
 from core.snapshot import SnapshotError, load_snapshot, save_snapshot
 from core.streaming import NoFreeRowError, StreamingInference
@@ -330,9 +331,20 @@ def test_batched_rows_equal_each_stream_alone(stories):
 # ------------------------------------------------------------------ bad input
 def test_bad_configs_raise_clear_errors(stories):
     model, _ = stories
-    with pytest.raises(ConfigError, match="exceeds the model's trained context") as exc:
+    # too many positions: every part and the limit are stated; the largest part is the field named
+    with pytest.raises(ConfigError) as exc:
         StreamingInference(model, StreamConfig(sink_tokens=4, window=500, chunk=64))
     assert exc.value.field == "window"
+    assert str(exc.value) == (
+        "window: sink_tokens + tier slots + window + chunk = 4 + 0 + 500 + 64 = 568 exceeds the model's "
+        "trained context (max_position_embeddings = 512) by 56: lower window to <= 444 or chunk to <= 8")
+    with pytest.raises(ConfigError, match=r"4 \+ 0 \+ 200 \+ 400 = 604 .* by 92: lower chunk to <= 308 or "
+                                          r"window to <= 108$") as exc:
+        StreamingInference(model, StreamConfig(sink_tokens=4, window=200, chunk=400))
+    assert exc.value.field == "chunk"
+    with pytest.raises(ConfigError, match=r"4 \+ 416 \+ 64 \+ 32 = 516 .*= 512\) by 4") as exc:
+        StreamingInference(model, StreamConfig(sink_tokens=4, window=64, chunk=32, tiers=(TierSpec(416, 2),)))
+    assert exc.value.field == "tiers"
     with pytest.raises(ConfigError, match="window: must be > 0"):
         StreamingInference(model, StreamConfig(window=0))
     with pytest.raises(ConfigError, match="chunk"):
@@ -341,6 +353,27 @@ def test_bad_configs_raise_clear_errors(stories):
         StreamConfig(merge_policy="median").validate()
     with pytest.raises(UnsupportedModelError, match="model_type 'bert' is not supported"):
         check_supported(BertConfig())
+
+
+def test_unsupported_models_raise_clear_errors(tmp_path):
+    # a causal LM without rotary embeddings, handed straight to the engine
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)).eval()
+    with pytest.raises(UnsupportedModelError,
+                       match="model_type 'gpt2' is not supported: sinkstream needs a causal LM with rotary"):
+        StreamingInference(gpt2, StreamConfig(sink_tokens=4, window=60, chunk=16))
+    # a RoPE family with a rope scaling type whose tables the core cannot reproduce
+    config = tiny_config("llama")
+    config.rope_parameters = {"rope_type": "proportional", "rope_theta": 10000.0, "factor": 2.0}
+    llama = AutoModelForCausalLM.from_config(config).eval()
+    refused = "rope scaling type 'proportional' is not supported"
+    with pytest.raises(UnsupportedModelError, match=refused):
+        StreamingInference(llama, StreamConfig(sink_tokens=4, window=60, chunk=16))
+    # ... and from a checkpoint folder in the legacy `rope_scaling` spelling, refused before any weight loads
+    legacy = {k: v for k, v in tiny_config("llama").to_dict().items() if k != "rope_parameters"}
+    legacy.update(rope_theta=10000.0, rope_scaling={"type": "proportional", "factor": 2.0})
+    (tmp_path / "config.json").write_text(json.dumps(legacy))
+    with pytest.raises(UnsupportedModelError, match=refused):
+        load_model(str(tmp_path))
 
 
 def test_bad_steps_change_nothing(stories):

@@ -32,10 +32,12 @@ class GeneratedToken:
     stop_reason: str | None = None  # set on the last token: MAX_TOKENS | EOS_TOKEN | STOP_SEQUENCE
 
 
-def eos_token_ids(model_config, tokenizer=None) -> set[int]:
-    """All ids that end a generation, from the generation config, model config and tokenizer."""
+def eos_token_ids(model_config, tokenizer=None, generation_config=None) -> set[int]:
+    """All ids that end a generation, from the model config, the tokenizer and the generation config
+    (each may give an int, a list of ints or None)."""
     ids: set[int] = set()
-    for source in (getattr(model_config, "eos_token_id", None), getattr(tokenizer, "eos_token_id", None)):
+    for source in (getattr(model_config, "eos_token_id", None), getattr(tokenizer, "eos_token_id", None),
+                   getattr(generation_config, "eos_token_id", None)):
         if isinstance(source, int):
             ids.add(source)
         elif source:
@@ -65,7 +67,10 @@ class Generation:
             engine.cache, row, DECODER_CONTEXT_IDS)) if tokenizer is not None else None)
         self.stops = (StopMatcher(params.stop_sequences, params.include_stop)
                       if params.stop_sequences else None)
-        self.eos = eos_token_ids(engine.model.config, tokenizer) if params.stop_on_eos else set()
+        self.eos: set[int] = set()
+        if params.stop_on_eos:
+            generation_config = getattr(engine.model, "generation_config", None)
+            self.eos = eos_token_ids(engine.model.config, tokenizer, generation_config)
         self.generated: list[int] = []
         self.finished = False
 

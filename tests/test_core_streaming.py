@@ -224,6 +224,40 @@ def test_seeded_sampling_is_reproducible(stories):
     assert runs[0] == runs[1] and len(set(runs[0])) > 5
 
 
+def eos_rigged_model(eos: int):
+    """A tiny random Llama whose LM head makes `eos` the argmax everywhere (zero weights, a bias on eos)."""
+    model = tiny_model("llama")
+    head = torch.nn.Linear(model.config.hidden_size, model.config.vocab_size, bias=True)
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.zero_()
+        head.bias[eos] = 10.0
+    model.set_output_embeddings(head)
+    return model
+
+
+def eos_run(model, **params) -> list:
+    engine = StreamingInference(model, StreamConfig(sink_tokens=4, window=60, chunk=16))
+    row = engine.open_row()
+    list(engine.append(row, [1, 5, 6, 7]))
+    return list(generate(engine, row, SamplingParams(max_new_tokens=5, **params)))
+
+
+def test_generation_stops_at_eos():
+    model = eos_rigged_model(eos=2)
+    assert model.config.eos_token_id == 2
+    out = eos_run(model)
+    assert [(t.token_id, t.stop_reason) for t in out] == [(2, "EOS_TOKEN")]
+    out = eos_run(model, stop_on_eos=False)  # EOS, not something else, is what stopped it
+    assert [t.token_id for t in out] == [2] * 5 and out[-1].stop_reason == "MAX_TOKENS"
+
+
+def test_eos_ids_of_the_generation_config_stop_generation():
+    model = eos_rigged_model(eos=7)
+    model.generation_config.eos_token_id = [2, 7]  # the model config says 2 only
+    assert [(t.token_id, t.stop_reason) for t in eos_run(model)] == [(7, "EOS_TOKEN")]
+
+
 # ------------------------------------------------------------------ memory invariant
 def test_cache_bytes_constant_after_100k_tokens():
     model = tiny_model("llama")

@@ -101,7 +101,9 @@ class Generation:
             if reason != "STOP_SEQUENCE":
                 tail = self.decoder.flush() if self.decoder is not None else ""
                 if self.stops is not None:
-                    tail, _ = self.stops.push(tail)
+                    tail, stopped = self.stops.push(tail)
+                    if stopped:  # held-back text (a byte run) completed a stop sequence
+                        reason = "STOP_SEQUENCE"
                     tail += self.stops.flush()
                 text += tail
         return GeneratedToken(token, text, logprob, reason)

@@ -17,7 +17,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 from core.config import StreamConfig
-from core.generation import generate
+from core.generation import Generation, generate
 from core.sampling import SamplingParams
 from core.streaming import StreamingInference
 from core.text import IncrementalDecoder, IncrementalEncoder, StopMatcher, iter_file_ids
@@ -397,6 +397,27 @@ def test_engine_logprobs_same_for_text_in_pieces(stories_model, stories_tokenize
         assert (got[1:] - want[1:]).abs().max() <= 1e-4
         engine.close_row(one)
         engine.close_row(pieces)
+
+
+@pytest.mark.parametrize("include", [False, True])
+def test_stop_completed_by_the_text_flushed_at_the_end(stories_model, stories_tokenizer, include):
+    """A character spelled in byte tokens is held back until the run ends; when the generation ends (max
+    tokens, or EOS) inside the run, the flushed text can complete a stop sequence: that is the reason."""
+    tok = stories_tokenizer
+    engine = StreamingInference(stories_model, StreamConfig(sink_tokens=4, window=60, chunk=16))
+    for tail in ([], [tok.eos_token_id]):
+        row = engine.open_row()
+        list(engine.append(row, tok("The cat said")["input_ids"]))
+        ids = byte_token_ids(tok, " é") + tail
+        gen = Generation(engine, row, SamplingParams(max_new_tokens=len(ids), stop_sequences=("é",),
+                                                     include_stop=include), tok)
+        out = []
+        for token in ids:  # the tokens a model could have chosen, fed as generate() feeds them
+            engine.step({row: [token]})
+            out.append(gen.accept(token, 0.0))
+        assert gen.finished and out[-1].stop_reason == "STOP_SEQUENCE"
+        assert "".join(t.text for t in out) == (" é" if include else " ")
+        engine.close_row(row)
 
 
 @pytest.mark.parametrize("window", [252, 20])  # 20: the prompt has wrapped the window's ring buffer

@@ -117,7 +117,8 @@ def sampling_from_pb(request: pb.Generate, limits: Limits) -> SamplingParams:
         temperature=request.temperature, top_k=request.top_k, top_p=request.top_p or 1.0,
         repetition_penalty=request.repetition_penalty or 1.0,
         seed=request.seed if request.HasField("seed") else None,
-        max_new_tokens=request.max_new_tokens or limits.default_max_new_tokens,
+        # unset: the default, but never above the server's limit (a server may allow fewer than 64)
+        max_new_tokens=request.max_new_tokens or min(limits.default_max_new_tokens, limits.max_new_tokens),
         stop_sequences=tuple(request.stop_sequences), include_stop=request.include_stop_sequence,
         stop_on_eos=not request.ignore_eos)
     try:

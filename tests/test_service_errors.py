@@ -183,3 +183,15 @@ def test_aggressive_client_keepalive_is_not_goawayed(server, bystander):
         session.append_text("Once upon a time")
         time.sleep(4)  # several keepalive pings without data
         assert session.generate(GenerateParams(max_new_tokens=3)).generated_tokens == 3
+
+
+def test_default_max_new_tokens_respects_server_limit(model_dir):
+    # A Generate without max_new_tokens takes the default of 64, capped by --max-new-tokens.
+    small = start_server(model_dir, max_new_tokens=10)
+    try:
+        with SinkStreamClient(small.address, timeout=30) as client, client.open_session() as session:
+            session.append_text("Once upon a time")
+            result = session.generate(GenerateParams(ignore_eos=True))
+            assert (result.generated_tokens, result.stop_reason) == (10, "MAX_TOKENS")
+    finally:
+        small.stop()

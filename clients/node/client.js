@@ -11,11 +11,12 @@
 
 const fs = require('fs');
 const path = require('path');
+const { StringDecoder } = require('string_decoder');
 const grpc = require('@grpc/grpc-js');
 const protoLoader = require('@grpc/proto-loader');
 
 const PROTO_ROOT = path.resolve(__dirname, '..', '..', 'protos');
-const PIECE_CHARS = 64 * 1024; // text per AppendText message
+const PIECE_BYTES = 64 * 1024; // file bytes read per AppendText message
 
 function parseArgs(argv) {
   const args = { server: '127.0.0.1:50051', file: null, prompt: null, maxNewTokens: 32, deadline: 600 };
@@ -56,6 +57,38 @@ function loadService() {
   return grpc.loadPackageDefinition(definition).sinkstream.v1.SinkStream;
 }
 
+// Writes one request and, when grpc-js's send buffer is full, waits for it to drain. Resolves to false
+// once the call is over (ended, failed or cancelled), when nothing more should be written.
+function send(call, request) {
+  if (call.writableEnded || call.destroyed) return Promise.resolve(false);
+  if (call.write(request)) return Promise.resolve(true);
+  return new Promise((resolve) => {
+    const events = ['drain', 'end', 'error', 'close'];
+    const done = (event) => {
+      events.forEach((e) => call.off(e, handlers[e]));
+      resolve(event === 'drain');
+    };
+    const handlers = Object.fromEntries(events.map((e) => [e, () => done(e)]));
+    events.forEach((e) => call.once(e, handlers[e]));
+  });
+}
+
+// Streams a file as AppendText requests in bounded memory: reads `pieceBytes` bytes at a time and
+// respects the call's backpressure. The last request (possibly empty) carries flush.
+async function sendFile(call, file, pieceBytes) {
+  const decoder = new StringDecoder('utf8');
+  const stream = fs.createReadStream(file, { highWaterMark: pieceBytes });
+  try {
+    for await (const block of stream) {
+      const text = decoder.write(block);
+      if (text && !(await send(call, { request_id: 'append', append_text: { text, flush: false } }))) return;
+    }
+  } finally {
+    stream.destroy();
+  }
+  await send(call, { request_id: 'append', append_text: { text: decoder.end(), flush: true } });
+}
+
 function emit(obj) {
   process.stdout.write(`${JSON.stringify(obj)}\n`);
 }
@@ -67,6 +100,14 @@ function meanLogprob(logprobs) {
 
 function main() {
   const args = parseArgs(process.argv.slice(2));
+  if (args.file) {
+    try {
+      fs.accessSync(args.file, fs.constants.R_OK);
+    } catch (err) {
+      console.error(`sinkstream: cannot read ${args.file}: ${err.message}`);
+      process.exit(2);
+    }
+  }
   const SinkStream = loadService();
   const client = new SinkStream(args.server, grpc.credentials.createInsecure(), {
     'grpc.max_receive_message_length': 64 << 20,
@@ -77,14 +118,11 @@ function main() {
   // Requests are written in order; the server answers them in order.
   const steps = [];
   if (args.file) {
-    const text = fs.readFileSync(args.file, 'utf8');
-    steps.push(() => {
-      for (let i = 0; i < text.length; i += PIECE_CHARS) {
-        const last = i + PIECE_CHARS >= text.length;
-        call.write({ request_id: 'append', append_text: { text: text.slice(i, i + PIECE_CHARS), flush: last } });
-      }
-      if (text.length === 0) call.write({ request_id: 'append', append_text: { text: '', flush: true } });
-    });
+    steps.push(() => sendFile(call, args.file, PIECE_BYTES).catch((err) => {
+      console.error(`sinkstream: reading ${args.file}: ${err.message}`);
+      process.exitCode = 1;
+      call.cancel();
+    }));
   }
   if (args.prompt !== null) {
     steps.push(() => {

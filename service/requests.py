@@ -6,10 +6,12 @@ INVALID_ARGUMENT "open.settings.window: must be > 0".
 
 from __future__ import annotations
 
+import errno
 import re
 from dataclasses import dataclass
 
 import grpc
+import torch
 
 from clients.sinkstream_pb import sinkstream_pb2 as pb
 from core.config import ConfigError, StreamConfig, TierSpec
@@ -31,6 +33,22 @@ class RequestError(Exception):
 
 def invalid(field: str, message: str) -> RequestError:
     return RequestError(grpc.StatusCode.INVALID_ARGUMENT, message, field)
+
+
+def is_exhaustion(exc: BaseException) -> bool:
+    """Out of memory (host or device; torch.cuda.OutOfMemoryError is torch.OutOfMemoryError) or disk full."""
+    if isinstance(exc, MemoryError | torch.OutOfMemoryError):
+        return True
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def server_failure(exc: BaseException, what: str, field: str = "") -> RequestError:
+    """An unexpected failure as a RequestError: RESOURCE_EXHAUSTED when memory or disk ran out, INTERNAL
+    otherwise (never UNKNOWN); a RequestError passes through unchanged."""
+    if isinstance(exc, RequestError):
+        return exc
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED if is_exhaustion(exc) else grpc.StatusCode.INTERNAL
+    return RequestError(code, f"{what}: {type(exc).__name__}: {exc}", field)
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ from clients.sinkstream_pb import sinkstream_pb2 as pb
 from core.generation import Generation
 from core.streaming import ChunkResult, StreamingInference
 from service.metrics import ServerMetrics
-from service.requests import RequestError
+from service.requests import RequestError, server_failure
 from service.sessions import ActiveGeneration, Session, SessionManager
 from service.work import AppendWork, CheckpointWork, CloseWork, DetachWork, ErrorWork, GenerateWork, StreamEnd
 
@@ -213,6 +213,11 @@ class Scheduler:
             size = await self.manager.checkpoint(s)
         except RequestError as exc:
             s.emit(pb.StreamResponse(request_id=item.request_id, error=exc.to_pb()))
+            return
+        except Exception as exc:  # e.g. disk full: answer the request, the session stays in memory
+            log.warning("checkpoint failed: %r", exc, extra={"session": s.id})
+            error = server_failure(exc, "checkpoint failed", "checkpoint")
+            s.emit(pb.StreamResponse(request_id=item.request_id, error=error.to_pb()))
             return
         s.emit(pb.StreamResponse(request_id=item.request_id, checkpointed=pb.Checkpointed(
             session_id=s.id, tokens_seen=s.tokens_seen(), bytes=size)))

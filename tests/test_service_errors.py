@@ -3,6 +3,7 @@ and metrics answer."""
 
 from __future__ import annotations
 
+import errno
 import time
 import urllib.request
 
@@ -195,3 +196,24 @@ def test_default_max_new_tokens_respects_server_limit(model_dir):
             assert (result.generated_tokens, result.stop_reason) == (10, "MAX_TOKENS")
     finally:
         small.stop()
+
+
+@pytest.mark.parametrize(("error", "code"), [
+    (OSError(errno.ENOSPC, "No space left on device"), grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (PermissionError(errno.EACCES, "Permission denied"), grpc.StatusCode.INTERNAL),
+])
+def test_checkpoint_write_failure_is_reported_and_stream_survives(client, server, bystander, monkeypatch,
+                                                                  error, code):
+    def failing_save(*args) -> int:
+        raise error
+
+    with client.open_session(timeout=10) as session:
+        session.append_text("Once upon a time")
+        monkeypatch.setattr(server.server.manager.store, "save", failing_save)
+        err = refused(session.checkpoint)  # answered, not left waiting until the deadline
+        assert (err.code, err.field) == (code, "checkpoint")
+        assert error.strerror in err.message
+        monkeypatch.undo()
+        assert session.append_tokens([403])[-1].tokens_seen == 6
+        assert session.checkpoint().tokens_seen == 6
+        session.close()  # the module's server holds few sessions

@@ -16,12 +16,6 @@ from torch import nn
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "dynamic", "longrope")
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    """The half-split rotation Hugging Face rotary models use: [x1, x2] -> [-x2, x1]."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
 class RopeTable:
     """cos/sin for positions ``0..max_positions-1``, shape [max_positions, rotary_dim]."""
 
@@ -42,16 +36,27 @@ class RopeTable:
         return self.cos[positions].unsqueeze(-3), self.sin[positions].unsqueeze(-3)
 
 
-def apply_rotation(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def apply_rotation(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                   out: torch.Tensor | None = None) -> torch.Tensor:
     """Rotate keys x [b, heads, n, head_dim] to positions given by cos/sin [b, 1, n, rotary_dim].
 
-    Only the first rotary_dim dims rotate (partial rotary models such as GPT-NeoX and Phi-3).
+    The half-split rotation Hugging Face rotary models use: [x1, x2] -> [x1 cos - x2 sin, x2 cos + x1 sin].
+    Only the first rotary_dim dims rotate (partial rotary models such as GPT-NeoX and Phi-3). Written into
+    `out` (same shape as x, must not overlap it) when given, so a caller can reuse one buffer per step.
     """
     rd = cos.shape[-1]
-    if rd == x.shape[-1]:
-        return x * cos + rotate_half(x) * sin
-    rot, rest = x[..., :rd], x[..., rd:]
-    return torch.cat((rot * cos + rotate_half(rot) * sin, rest), dim=-1)
+    half = rd // 2
+    if out is None:
+        out = torch.empty_like(x)
+    x1, x2 = x[..., :half], x[..., half:rd]
+    o1, o2 = out[..., :half], out[..., half:rd]
+    torch.mul(x1, cos[..., :half], out=o1)
+    o1.addcmul_(x2, sin[..., :half], value=-1)
+    torch.mul(x2, cos[..., half:], out=o2)
+    o2.addcmul_(x1, sin[..., half:])
+    if rd < x.shape[-1]:
+        out[..., rd:] = x[..., rd:]
+    return out
 
 
 def remove_rotation(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,

@@ -77,6 +77,9 @@ class SinkCache(Cache):
         self.count = torch.zeros(max_rows, self.num_slots, dtype=torch.float32, device=device)
         # Token id held by each slot (sinks and ring), used for repetition penalties and snapshots.
         self.token_ids = torch.zeros(max_rows, self.num_slots, dtype=torch.long, device=device)
+        # Workspace for the keys rotated to their slot positions: each layer's attention consumes them
+        # before the next layer's update, so one buffer serves every layer of every step.
+        self.rotated_keys = torch.empty(shape[1:], dtype=dtype, device=device)
         self.tokens_seen = [0] * max_rows
         self.sink_used = [0] * max_rows
         self.window_used = [0] * max_rows
@@ -154,7 +157,7 @@ class SinkCache(Cache):
         else:
             keys = layer_keys.index_select(0, st.rows)
             values = layer_values.index_select(0, st.rows)
-        return apply_rotation(keys, st.slot_cos, st.slot_sin), values
+        return apply_rotation(keys, st.slot_cos, st.slot_sin, out=self.rotated_keys[:b]), values
 
     def end_step(self) -> None:
         """Commit the real chunk tokens into the window and evict what no longer fits."""
@@ -223,7 +226,8 @@ class SinkCache(Cache):
     @property
     def nbytes(self) -> int:
         """Bytes of all preallocated storage; constant for the cache's lifetime."""
-        return sum(t.nbytes for t in (self.keys, self.values, self.count, self.token_ids))
+        storage = (self.keys, self.values, self.rotated_keys, self.count, self.token_ids)
+        return sum(t.nbytes for t in storage)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.used_slots(0)

@@ -209,7 +209,8 @@ def test_cache_bytes_count_the_tiers_own_tensors(stories):
     plain = StreamingInference(model, StreamConfig(4, 60, 16), max_rows=rows)
     tiered = StreamingInference(model, StreamConfig(4, 60, 16, tiers=tiers), max_rows=rows)
     layers, _, kv_heads, slots, head_dim = tiered.cache.keys.shape
-    per_slot = 2 * layers * kv_heads * head_dim * tiered.cache.keys.element_size() + 4 + 8  # k, v, count, id
+    # k and v of every layer, the rotated-key workspace, count, id
+    per_slot = (2 * layers + 1) * kv_heads * head_dim * tiered.cache.keys.element_size() + 4 + 8
     attention = rows * slots * 4  # float32, every slot of every row
     assert tiered.cache_bytes - plain.cache_bytes == rows * sum(t.slots for t in tiers) * per_slot + attention
 

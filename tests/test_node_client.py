@@ -1,5 +1,6 @@
 """The Node.js client (clients/node, stubs built at run time from protos/) end to end against a live server:
-its token counts, perplexity and greedy generation equal what the Python client gets."""
+its token counts, perplexity and greedy generation equal what the Python client gets, also when characters
+outside the BMP (emoji) and CJK are cut by the pieces the Node client reads the file in."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from clients.results import GenerateParams, SessionSettings
 
 NODE_DIR = REPO_ROOT / "clients" / "node"
 PROMPT = " Once upon a time"
+NODE_PIECE_BYTES = 64 * 1024  # client.js's default --piece-bytes
 
 pytestmark = [
     pytest.mark.skipif(shutil.which("node") is None, reason="node is not installed"),
@@ -32,18 +34,41 @@ def server(model_dir):
     srv.stop()
 
 
-def test_node_client_streams_a_document_and_generates(server, sotu_path, tmp_path):
-    text = sotu_path.read_text(encoding="utf-8")[:70_000]  # two 64 KiB pieces on the Node side
-    doc = tmp_path / "doc.txt"
-    doc.write_text(text, encoding="utf-8")
-    proc = subprocess.run(["node", "client.js", "--server", server.address, "--file", str(doc),
-                           "--prompt", PROMPT, "--max-new-tokens", "20"],
+def run_node(server, doc, *args: str) -> tuple[list[dict], dict[str, list[dict]]]:
+    """client.js's events for `doc`, in order and by type."""
+    proc = subprocess.run(["node", "client.js", "--server", server.address, "--file", str(doc), *args],
                           cwd=NODE_DIR, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr
     events = [json.loads(line) for line in proc.stdout.splitlines()]
     by_type: dict[str, list[dict]] = {}
     for event in events:
         by_type.setdefault(event["type"], []).append(event)
+    return events, by_type
+
+
+def cut_characters(text: str, piece_bytes: int) -> list[str]:
+    """The characters of `text` whose UTF-8 bytes a cut every `piece_bytes` bytes splits."""
+    cut, start = [], 0
+    for ch in text:
+        end = start + len(ch.encode("utf-8"))
+        if start // piece_bytes != (end - 1) // piece_bytes:
+            cut.append(ch)
+        start = end
+    return cut
+
+
+def test_node_client_streams_a_document_and_generates(server, sotu_path, tmp_path):
+    ascii_text = sotu_path.read_text(encoding="utf-8")[:70_000]  # two 64 KiB pieces on the Node side
+    assert ascii_text.isascii()
+    # an emoji (a surrogate pair in UTF-16, 4 bytes in UTF-8) across the first piece boundary, counted in
+    # UTF-16 code units as well as in bytes, with CJK after it
+    at = NODE_PIECE_BYTES - 1
+    text = ascii_text[:at] + "😀 漢字と猫 " + ascii_text[at:]
+    assert text.encode("utf-16-le")[2 * at:2 * at + 4].decode("utf-16-le") == "😀"
+    assert cut_characters(text, NODE_PIECE_BYTES) == ["😀"]
+    doc = tmp_path / "doc.txt"
+    doc.write_text(text, encoding="utf-8")
+    events, by_type = run_node(server, doc, "--prompt", PROMPT, "--max-new-tokens", "20")
 
     # the reference: the same requests through the Python client
     with SinkStreamClient(server.address, timeout=120) as client:
@@ -70,3 +95,26 @@ def test_node_client_streams_a_document_and_generates(server, sotu_path, tmp_pat
     assert "".join(t["text"] for t in by_type["token"]) == gen["text"]
     assert gen["stop_reason"] == f"STOP_REASON_{want_gen.stop_reason}"
     assert gen["tokens_seen"] == events[-1]["tokens_seen"] == want_gen.tokens_seen
+
+
+def test_node_client_pieces_cut_inside_characters(server, tmp_path):
+    # 7-byte pieces cut many 3-byte (CJK) and 4-byte (emoji, outside the BMP) characters; the tokens must
+    # be those of the whole text
+    text = "".join(f"Line {i}: 猫と犬 🐉 dragons 😀👍🏽 日本語のテキスト, 𝔘𝔫𝔦𝔠𝔬𝔡𝔢 café.\n" for i in range(12))
+    cut = cut_characters(text, 7)
+    assert any(len(ch.encode("utf-8")) == 4 for ch in cut) and any(len(ch.encode("utf-8")) == 3 for ch in cut)
+    doc = tmp_path / "doc.txt"
+    doc.write_text(text, encoding="utf-8")
+    events, by_type = run_node(server, doc, "--piece-bytes", "7")
+
+    with SinkStreamClient(server.address, timeout=120) as client:
+        want_ids = client.tokenize(text, add_bos=True)
+        with client.open_session(SessionSettings(logprobs=True)) as session:
+            want_chunks = list(session.stream_text([text]))
+            want_flush = session.last_flush
+            session.close()
+
+    (flushed,) = by_type["flushed"]
+    assert flushed["tokens_seen"] == len(want_ids) == events[-1]["tokens_seen"]
+    assert [c["num_tokens"] for c in by_type["chunk"]] == [c.num_tokens for c in want_chunks]
+    assert math.isclose(flushed["perplexity"], want_flush.perplexity, rel_tol=1e-6)

@@ -4,9 +4,10 @@
 //
 //   node client.js --server 127.0.0.1:50051 --file doc.txt --prompt "Once upon a time" --max-new-tokens 32
 //
-// Opens a session, streams the file in pieces, then appends the prompt and generates. Prints one JSON
-// object per line: {"type":"opened"}, one {"type":"chunk"} per processed chunk, {"type":"flushed"},
-// {"type":"token"} per generated token, {"type":"generation"}, {"type":"closed"}.
+// Opens a session, streams the file in pieces of about --piece-bytes bytes (default 64 KiB, in bounded
+// memory), then appends the prompt and generates. Prints one JSON object per line: {"type":"opened"},
+// one {"type":"chunk"} per processed chunk, {"type":"flushed"}, {"type":"token"} per generated token,
+// {"type":"generation"}, {"type":"closed"}.
 'use strict';
 
 const fs = require('fs');
@@ -16,10 +17,12 @@ const grpc = require('@grpc/grpc-js');
 const protoLoader = require('@grpc/proto-loader');
 
 const PROTO_ROOT = path.resolve(__dirname, '..', '..', 'protos');
-const PIECE_BYTES = 64 * 1024; // file bytes read per AppendText message
+const PIECE_BYTES = 64 * 1024; // default file bytes read per AppendText message
 
 function parseArgs(argv) {
-  const args = { server: '127.0.0.1:50051', file: null, prompt: null, maxNewTokens: 32, deadline: 600 };
+  const args = {
+    server: '127.0.0.1:50051', file: null, prompt: null, maxNewTokens: 32, deadline: 600, pieceBytes: PIECE_BYTES,
+  };
   for (let i = 0; i < argv.length; i += 1) {
     const value = argv[i + 1];
     switch (argv[i]) {
@@ -28,15 +31,20 @@ function parseArgs(argv) {
       case '--prompt': args.prompt = value; i += 1; break;
       case '--max-new-tokens': args.maxNewTokens = Number(value); i += 1; break;
       case '--deadline': args.deadline = Number(value); i += 1; break;
+      case '--piece-bytes': args.pieceBytes = Number(value); i += 1; break;
       case '-h': case '--help':
         console.log('usage: node client.js [--server HOST:PORT] [--file PATH] [--prompt TEXT] '
-          + '[--max-new-tokens N] [--deadline SECONDS]');
+          + '[--max-new-tokens N] [--deadline SECONDS] [--piece-bytes N]');
         process.exit(0);
         break;
       default:
         console.error(`unknown argument ${argv[i]}`);
         process.exit(2);
     }
+  }
+  if (!Number.isInteger(args.pieceBytes) || args.pieceBytes < 1) {
+    console.error('--piece-bytes must be a positive integer');
+    process.exit(2);
   }
   if (!args.file && args.prompt === null) {
     console.error('give --file and/or --prompt');
@@ -74,7 +82,9 @@ function send(call, request) {
 }
 
 // Streams a file as AppendText requests in bounded memory: reads `pieceBytes` bytes at a time and
-// respects the call's backpressure. The last request (possibly empty) carries flush.
+// respects the call's backpressure. Pieces end on code-point boundaries: the decoder holds back a UTF-8
+// sequence cut by a block until the next block completes it, so every request carries valid text (a
+// piece may be a few bytes shorter or longer than pieceBytes). The last request (possibly empty) flushes.
 async function sendFile(call, file, pieceBytes) {
   const decoder = new StringDecoder('utf8');
   const stream = fs.createReadStream(file, { highWaterMark: pieceBytes });
@@ -118,7 +128,7 @@ function main() {
   // Requests are written in order; the server answers them in order.
   const steps = [];
   if (args.file) {
-    steps.push(() => sendFile(call, args.file, PIECE_BYTES).catch((err) => {
+    steps.push(() => sendFile(call, args.file, args.pieceBytes).catch((err) => {
       console.error(`sinkstream: reading ${args.file}: ${err.message}`);
       process.exitCode = 1;
       call.cancel();

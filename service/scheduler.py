@@ -102,12 +102,18 @@ class Scheduler:
         self._progressed = False
         async with self.manager.lock:
             by_engine: dict[int, tuple[StreamingInference, list[Piece]]] = {}
+            now = time.monotonic()
             for session in list(self.manager.sessions.values()):
-                if not session.has_work():
+                if not session.has_work() or session.retry_at > now:
                     continue
-                if not session.resident and not await self.manager.ensure_resident(session):
+                try:
+                    if not session.resident and not await self.manager.ensure_resident(session):
+                        continue
+                    piece = await self._advance(session)
+                except Exception as exc:  # fail this session only; the others keep being served
+                    log.exception("session failed in the scheduler", extra={"session": session.id})
+                    self.manager.fail(session, server_failure(exc, "the server failed serving this session"))
                     continue
-                piece = await self._advance(session)
                 if piece is not None:
                     by_engine.setdefault(id(session.engine), (session.engine, []))[1].append(piece)
             for engine, pieces in by_engine.values():

@@ -40,6 +40,14 @@ log = logging.getLogger("sinkstream.sessions")
 INBOX_LIMIT = 16  # requests queued per session before the server stops reading its stream
 OUTBOX_LIMIT = 256  # responses queued per session before the scheduler stops producing for it
 RECENTLY_CLOSED = 1024  # closed ids remembered for a clearer NOT_FOUND message
+FAILED_RETRY_S = 1.0  # a session that failed server-side is not scheduled again for this long
+
+
+class Busy(RequestError):
+    """No row or cache shape is free now; the scheduler waits for one instead of failing the session."""
+
+    def __init__(self, message: str, field: str = "") -> None:
+        super().__init__(grpc.StatusCode.RESOURCE_EXHAUSTED, message, field)
 
 
 @dataclass
@@ -78,6 +86,7 @@ class Session:
         self.cancel_upto = 0  # Generate requests with seq <= this are cancelled
         self.in_step = False
         self.closed = False
+        self.retry_at = 0.0  # time.monotonic() before which the scheduler skips a session that failed
         # Counters of a persisted session (a resident one reads them from its engine row).
         self.saved_stats: dict[str, Any] = {"tokens_seen": 0, "mean_nll": 0.0, "scored": 0}
 
@@ -239,10 +248,8 @@ class EnginePool:
                     del self.engines[other_config]
                     break
             else:
-                raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                   f"the server already serves {self.max_shapes} distinct cache shapes; "
-                                   "use the settings of an existing session (see ModelInfo defaults)",
-                                   "open.settings")
+                raise Busy(f"the server already serves {self.max_shapes} distinct cache shapes; use the "
+                           "settings of an existing session (see ModelInfo defaults)", "open.settings")
         engine = StreamingInference(self.model, config, max_rows=self.rows, tokenizer=self.tokenizer)
         self.engines[config] = engine
         self.metrics.cache_bytes.set(sum(e.cache_bytes for e in self.engines.values()))
@@ -343,7 +350,7 @@ class SessionManager:
     # ------------------------------------------------------------------ rows, eviction, restore
     async def _take_row(self, session: Session, seed: int | None = None) -> int:
         """Give the session a row on its config's engine, evicting the least recently used idle session
-        of that engine when all rows are taken. Lock held."""
+        of that engine when all rows are taken (Busy when none can be freed now). Lock held."""
         if session.config not in self.pool.engines and len(self.pool.engines) >= self.pool.max_shapes:
             await self._free_a_shape()
         engine = self.pool.engine_for(session.config, self._engine_in_use)
@@ -354,8 +361,7 @@ class SessionManager:
                               if s.engine is engine and s.idle() and s is not session),
                              key=lambda s: s.last_used)
             if not victims or self.store is None:
-                raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                   f"all {engine.max_rows} rows for this cache shape are busy") from None
+                raise Busy(f"all {engine.max_rows} rows for this cache shape are busy") from None
             await self._evict(victims[0])
             row = engine.open_row(seed)
         session.engine, session.row = engine, row
@@ -419,17 +425,37 @@ class SessionManager:
         log.info("session restored", extra={"session": session.id})
 
     async def ensure_resident(self, session: Session) -> bool:
-        """Restore a persisted session that has work; False if no row can be freed now. Lock held."""
+        """Restore a persisted session that has work; False if no row can be freed now, or if restoring
+        failed (the session is failed, or forgotten when its snapshot is unreadable). Lock held."""
         if session.resident:
             return True
         try:
             await self._restore(session)
+        except Busy:
+            return False  # wait for a row
         except RequestError as exc:
             if exc.code == grpc.StatusCode.DATA_LOSS:
                 session.emit(StreamEnd(exc))
                 self._forget(session)
+            else:
+                self.fail(session, exc)
             return False
         return True
+
+    def fail(self, session: Session, error: RequestError) -> None:
+        """A server-side failure specific to this session: end its call with `error`, drop its queued
+        requests (they would fail the same way) and leave it alone for a moment; it stays resumable."""
+        log.warning("session failed: %s", error, extra={"session": session.id})
+        if session.generation is not None:
+            try:
+                session.finish_generation("ERROR", error=str(error))
+            except Exception:  # the failure may be in the very state that reports it
+                session.generation = None
+        session.emit(StreamEnd(error))
+        while not session.inbox.empty():
+            session.inbox.get_nowait()
+        session.current = session.flush_request = None
+        session.retry_at = time.monotonic() + FAILED_RETRY_S
 
     def _adopt_persisted(self, meta: dict[str, Any]) -> None:
         """Register a session found in the state directory at startup."""

@@ -153,3 +153,46 @@ def test_ttl_expires_detached_sessions_and_corrupt_snapshots_are_data_loss(model
             assert not (tmp_path / f"{kept.id}.safetensors").exists()
     finally:
         server.stop()
+
+
+def evict(server, session_id: str) -> None:
+    """Persist and release a session now, as idle eviction would."""
+    manager = server.server.manager
+
+    async def run() -> None:
+        async with manager.lock:
+            await manager._evict(manager.sessions[session_id])
+    server.call(run())
+
+
+def test_session_failing_server_side_fails_alone(model_dir, tmp_path, monkeypatch):
+    """A persistent failure restoring one session (here out of memory building its engine) ends that
+    session's call with RESOURCE_EXHAUSTED; the scheduler keeps serving the others."""
+    server = start_server(model_dir, state_dir=tmp_path, idle_evict_s=0)
+    try:
+        with SinkStreamClient(server.address, timeout=20) as client:
+            failing = client.open_session(SessionSettings(window=50, chunk=8), timeout=20)
+            failing.append_text("Once upon a time")
+            evict(server, failing.id)
+            pool = server.server.manager.pool
+            engine_for, shape = pool.engine_for, server.server.manager.sessions[failing.id].config
+
+            def no_memory_for_shape(config, in_use):
+                if config == shape:
+                    raise MemoryError("test: cannot allocate this cache")
+                return engine_for(config, in_use)
+
+            monkeypatch.setattr(pool, "engine_for", no_memory_for_shape)
+            failing.send_tokens([403, 407], flush=True)
+            with client.open_session(SETTINGS, timeout=20) as healthy:
+                healthy.append_text("Once upon a time")
+                result = healthy.generate(GenerateParams(max_new_tokens=5, ignore_eos=True))
+                assert result.generated_tokens == 5
+            err = pytest.raises(SinkStreamError, failing.flush).value
+            assert err.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "MemoryError" in err.message
+            monkeypatch.undo()
+            with client.resume_session(failing.id) as resumed:  # the session itself survives
+                assert resumed.opened.tokens_seen == 5
+                assert resumed.append_tokens([403])[-1].tokens_seen == 6
+    finally:
+        server.stop()

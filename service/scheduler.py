@@ -27,7 +27,7 @@ from clients.sinkstream_pb import sinkstream_pb2 as pb
 from core.generation import Generation
 from core.streaming import ChunkResult, StreamingInference
 from service.metrics import ServerMetrics
-from service.requests import RequestError, server_failure
+from service.requests import RequestError, is_exhaustion, server_failure
 from service.sessions import ActiveGeneration, Session, SessionManager
 from service.work import AppendWork, CheckpointWork, CloseWork, DetachWork, ErrorWork, GenerateWork, StreamEnd
 
@@ -269,8 +269,7 @@ class Scheduler:
             return engine.step(inputs, top_k=top_k, embeddings=embeddings)
 
     def _fail(self, pieces: list[Piece], exc: Exception) -> None:
-        code = (grpc.StatusCode.RESOURCE_EXHAUSTED if isinstance(exc, MemoryError | torch.OutOfMemoryError)
-                else grpc.StatusCode.INTERNAL)
+        code = grpc.StatusCode.RESOURCE_EXHAUSTED if is_exhaustion(exc) else grpc.StatusCode.INTERNAL
         for p in pieces:
             s = p.session
             if p.ids is None:

@@ -32,7 +32,7 @@ from core.generation import Generation
 from core.snapshot import SnapshotError, load_snapshot, save_snapshot
 from core.streaming import NoFreeRowError, StreamingInference
 from service.metrics import ServerMetrics
-from service.requests import AnalysisOptions, RequestError, settings_to_pb
+from service.requests import AnalysisOptions, RequestError, server_failure, settings_to_pb
 from service.text_input import TextInput
 from service.work import GenerateWork, StreamEnd, Work
 
@@ -208,7 +208,7 @@ class SessionStore:
     def load(self, session_id: str) -> tuple[dict, dict]:
         try:
             return load_snapshot(self.path(session_id))
-        except SnapshotError:
+        except (SnapshotError, MemoryError):  # out of memory says nothing about the file
             raise
         except Exception as exc:  # e.g. safetensors' own error for a damaged header
             raise SnapshotError(f"cannot read snapshot of {session_id}: {exc}") from exc
@@ -350,7 +350,16 @@ class SessionManager:
     # ------------------------------------------------------------------ rows, eviction, restore
     async def _take_row(self, session: Session, seed: int | None = None) -> int:
         """Give the session a row on its config's engine, evicting the least recently used idle session
-        of that engine when all rows are taken (Busy when none can be freed now). Lock held."""
+        of that engine when all rows are taken. Lock held. Failures are RequestErrors: Busy when no row
+        can be freed now, RESOURCE_EXHAUSTED when memory or disk ran out, INTERNAL otherwise."""
+        try:
+            return await self._claim_row(session, seed)
+        except RequestError:
+            raise
+        except Exception as exc:  # e.g. MemoryError building an engine, OSError persisting a victim
+            raise server_failure(exc, f"cannot give session {session.id!r} a cache row") from exc
+
+    async def _claim_row(self, session: Session, seed: int | None) -> int:
         if session.config not in self.pool.engines and len(self.pool.engines) >= self.pool.max_shapes:
             await self._free_a_shape()
         engine = self.pool.engine_for(session.config, self._engine_in_use)
@@ -411,6 +420,8 @@ class SessionManager:
             tensors, meta = await asyncio.to_thread(self.store.load, session.id)
         except SnapshotError as exc:
             raise RequestError(grpc.StatusCode.DATA_LOSS, str(exc), "session_id") from exc
+        except Exception as exc:  # e.g. out of memory reading it: the snapshot itself may be fine
+            raise server_failure(exc, f"cannot restore session {session.id!r}", "session_id") from exc
         await self._take_row(session)
         try:
             session.engine.restore(session.row, tensors, meta)
@@ -419,6 +430,8 @@ class SessionManager:
             session.engine = session.row = None
             if isinstance(exc, SnapshotError):
                 raise RequestError(grpc.StatusCode.DATA_LOSS, str(exc), "session_id") from exc
+            if isinstance(exc, Exception):
+                raise server_failure(exc, f"cannot restore session {session.id!r}", "session_id") from exc
             raise
         self.metrics.restores.inc()
         self._update_gauges()

@@ -11,6 +11,7 @@ import time
 
 import grpc
 import pytest
+import torch
 from conftest import REPO_ROOT
 from service_support import reference_chat, start_server, stories
 
@@ -194,5 +195,37 @@ def test_session_failing_server_side_fails_alone(model_dir, tmp_path, monkeypatc
             with client.resume_session(failing.id) as resumed:  # the session itself survives
                 assert resumed.opened.tokens_seen == 5
                 assert resumed.append_tokens([403])[-1].tokens_seen == 6
+    finally:
+        server.stop()
+
+
+def test_out_of_memory_on_open_and_failed_restore_have_clear_codes(model_dir, tmp_path, monkeypatch):
+    server = start_server(model_dir, state_dir=tmp_path, idle_evict_s=0)
+    manager = server.server.manager
+    try:
+        with SinkStreamClient(server.address, timeout=20) as client:
+            for oom in (MemoryError("test"), torch.OutOfMemoryError("test: CUDA out of memory")):
+                def no_memory(config, in_use, oom=oom):
+                    raise oom
+                monkeypatch.setattr(manager.pool, "engine_for", no_memory)
+                err = pytest.raises(SinkStreamError, client.open_session, SETTINGS).value
+                assert err.code == grpc.StatusCode.RESOURCE_EXHAUSTED, err
+                assert type(oom).__name__ in err.message
+            monkeypatch.undo()
+            with client.open_session(SETTINGS) as session:
+                session.append_text("Once upon a time")
+            evict(server, session.id)
+            engine = next(iter(manager.pool.engines.values()))
+
+            def broken_restore(*args):
+                raise RuntimeError("test: restore failed")
+            monkeypatch.setattr(engine, "restore", broken_restore)
+            err = pytest.raises(SinkStreamError, client.resume_session, session.id).value
+            assert err.code == grpc.StatusCode.INTERNAL  # not UNKNOWN; the snapshot is not to blame
+            assert f"cannot restore session {session.id!r}" in err.message and "test: restore" in err.message
+            assert len(engine._free) == engine.max_rows  # the row it was restored into is free again
+            monkeypatch.undo()
+            with client.resume_session(session.id) as resumed:
+                assert resumed.opened.tokens_seen == 5
     finally:
         server.stop()

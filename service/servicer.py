@@ -24,6 +24,7 @@ from service.requests import (
     check_session_id,
     invalid,
     sampling_from_pb,
+    server_failure,
     settings_to_pb,
     stream_config_from_pb,
 )
@@ -150,10 +151,10 @@ class SinkStreamServicer(pb_grpc.SinkStreamServicer):
             self.scheduler.wake()
         except asyncio.CancelledError:
             raise
-        except Exception as exc:  # the transport failed: end the call, keep the session
-            log.warning("reading stream failed: %r", exc, extra={"session": session.id})
+        except Exception as exc:  # a bug or a failed transport: end the call as failed, keep the session
+            log.exception("reading stream failed", extra={"session": session.id})
             if session.outbox is outbox:
-                outbox.put_nowait(StreamEnd())
+                outbox.put_nowait(StreamEnd(server_failure(exc, "reading the stream failed")))
 
     async def _work(self, session: Session, request: pb.StreamRequest, kind: str | None) -> list:
         rid = request.request_id

@@ -217,3 +217,18 @@ def test_checkpoint_write_failure_is_reported_and_stream_survives(client, server
         assert session.append_tokens([403])[-1].tokens_seen == 6
         assert session.checkpoint().tokens_seen == 6
         session.close()  # the module's server holds few sessions
+
+
+def test_unexpected_error_reading_requests_ends_call_with_internal(client, server, bystander, monkeypatch):
+    def broken(*args):
+        raise RuntimeError("test: reader bug")
+
+    session = client.open_session(timeout=10)
+    session.append_text("Once upon a time")
+    monkeypatch.setattr(server.server.servicer, "_work", broken)
+    err = refused(lambda: session.append_text(" more"))
+    assert err.code == grpc.StatusCode.INTERNAL and "test: reader bug" in err.message  # not OK
+    monkeypatch.undo()
+    with client.resume_session(session.id) as resumed:  # the session is kept
+        assert resumed.opened.tokens_seen == 5
+        resumed.close()

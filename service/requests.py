@@ -18,6 +18,7 @@ from core.config import ConfigError, StreamConfig, TierSpec
 from core.sampling import SamplingError, SamplingParams
 
 SESSION_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+MAX_REQUEST_ID_BYTES = 256  # request ids are echoed on every response: keep them from multiplying traffic
 
 
 class RequestError(Exception):
@@ -122,6 +123,12 @@ def check_session_id(session_id: str, field: str) -> str:
     if not SESSION_ID.match(session_id):
         raise invalid(field, "session ids are 1-128 characters of A-Z a-z 0-9 . _ -")
     return session_id
+
+
+def check_request_id(request_id: str) -> None:
+    size = len(request_id.encode())
+    if size > MAX_REQUEST_ID_BYTES:
+        raise invalid("request_id", f"must be at most {MAX_REQUEST_ID_BYTES} bytes (UTF-8), got {size}")
 
 
 def sampling_from_pb(request: pb.Generate, limits: Limits) -> SamplingParams:

@@ -8,7 +8,8 @@ Requests that need no forward pass (flush acknowledgements, checkpoints, close, 
 order as the scheduler reaches them.
 
 Backpressure: a session is skipped while its attached call has OUTBOX_LIMIT responses unsent (a slow
-reader stalls only itself), and a session's inbox is bounded (a fast writer stalls only itself).
+reader stalls only itself; this holds for replies without a forward pass too, so its inbox fills and the
+server stops reading its requests), and a session's inbox is bounded (a fast writer stalls only itself).
 """
 
 from __future__ import annotations
@@ -145,6 +146,8 @@ class Scheduler:
         while not s.closed:
             if s.generation is not None:
                 return self._decode_piece(s)
+            if s.outbox_full():  # also for errors, flushes, checkpoints: the client must read first
+                return None
             draining = s.flush_request is not None or isinstance(s.current, GenerateWork)
             if len(s.pending) >= chunk or (s.pending and draining):
                 return None if s.outbox_full() else Piece(s, ids=s.pending[:chunk])

@@ -21,6 +21,7 @@ from service.requests import (
     Limits,
     RequestError,
     analysis_from_pb,
+    check_request_id,
     check_session_id,
     invalid,
     sampling_from_pb,
@@ -94,6 +95,7 @@ class SinkStreamServicer(pb_grpc.SinkStreamServicer):
     async def _start(self, first: pb.StreamRequest) -> tuple[Session, pb.StreamResponse]:
         kind = first.WhichOneof("kind")
         self.metrics.requests.labels(kind or "empty").inc()
+        check_request_id(first.request_id)
         if kind == "open":
             request = first.open
             config = stream_config_from_pb(request.settings, self.defaults, self.limits)
@@ -138,10 +140,12 @@ class SinkStreamServicer(pb_grpc.SinkStreamServicer):
                     self.scheduler.wake()
                     continue
                 try:
+                    check_request_id(request.request_id)
                     work = await self._work(session, request, kind)
                 except RequestError as exc:
                     self.metrics.errors.labels(exc.code.name).inc()
-                    work = [ErrorWork(request.request_id, exc)]
+                    rid = "" if exc.field == "request_id" else request.request_id  # not echoed when too long
+                    work = [ErrorWork(rid, exc)]
                 for item in work:
                     await session.inbox.put(item)
                     self.scheduler.wake()

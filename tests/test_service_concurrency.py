@@ -12,6 +12,7 @@ from service_support import reference_chat, reference_chunks, start_server, stor
 
 from clients.client import SinkStreamClient
 from clients.results import GenerateParams, SessionSettings, SinkStreamError
+from clients.sinkstream_pb import sinkstream_pb2 as pb
 from core.config import StreamConfig
 from core.sampling import SamplingParams
 
@@ -168,3 +169,52 @@ def test_fast_writer_is_held_back_by_bounded_queues(server, client):
     writer.join(10)
     settled_tokens(client, session.id)  # work stops once the call is gone
     client.delete_session(session.id)
+
+
+def test_unread_error_replies_stay_bounded(server, client):
+    """A client that sends many invalid requests and never reads: the replies the server queues for it
+    stay bounded (it stops reading the stream instead), and other sessions are served meanwhile."""
+    from service.sessions import OUTBOX_LIMIT
+
+    total, sent = 20_000, 0  # with long request ids (echoed): MBs of replies, more than HTTP/2 windows hold
+
+    def requests():
+        nonlocal sent
+        yield pb.StreamRequest(request_id="open", open=pb.OpenSession(session_id="never-reads"))
+        for i in range(total):
+            sent += 1
+            yield pb.StreamRequest(request_id=f"{i:0250d}", generate=pb.Generate(max_new_tokens=10**6))
+
+    call = client.stub.Stream(requests(), timeout=60)
+    try:
+        assert next(call).session_opened.session_id == "never-reads"
+        manager = server.server.manager
+        deadline, most = time.monotonic() + 3, 0
+        while time.monotonic() < deadline:
+            state = manager.sessions["never-reads"]
+            most = max(most, state.outbox.qsize() if state.outbox is not None else 0)
+            time.sleep(0.01)
+        assert 0 < most <= OUTBOX_LIMIT + 2
+        assert sent < total, "the writer was never held back"
+        with client.open_session(SETTINGS) as other:
+            other.append_text("Once upon a time")
+            assert other.generate(GenerateParams(max_new_tokens=3, ignore_eos=True)).generated_tokens == 3
+        reply = next(call)  # the replies are all there, in order
+        assert (reply.request_id, reply.error.field) == ("0" * 250, "generate.max_new_tokens")
+    finally:
+        call.cancel()
+    settled_tokens(client, "never-reads")
+    client.delete_session("never-reads")
+
+
+def test_request_id_length_is_limited(client):
+    first = pb.StreamRequest(open=pb.OpenSession(settings=pb.SessionSettings(chunk=16)))
+    too_long = pb.StreamRequest(request_id="x" * 257, append_tokens=pb.AppendTokens(ids=[1, 403]))
+    at_limit = pb.StreamRequest(request_id="é" * 128, append_tokens=pb.AppendTokens(ids=[1, 403], flush=True))
+    opened, error, *rest = list(client.stub.Stream(iter([first, too_long, at_limit]), timeout=10))
+    assert (error.request_id, error.error.field) == ("", "request_id")  # not echoed
+    assert error.error.code == pb.ERROR_CODE_INVALID_ARGUMENT and "256 bytes" in error.error.message
+    assert [r.WhichOneof("kind") for r in rest] == ["chunk", "flushed"]
+    assert {r.request_id for r in rest} == {"é" * 128}
+    assert rest[-1].flushed.tokens_seen == 2
+    client.delete_session(opened.session_opened.session_id)

@@ -232,3 +232,20 @@ def test_unexpected_error_reading_requests_ends_call_with_internal(client, serve
     with client.resume_session(session.id) as resumed:  # the session is kept
         assert resumed.opened.tokens_seen == 5
         resumed.close()
+
+
+def test_append_after_close_on_the_wire(client, bystander):
+    # The client library refuses to send after close; a raw stub does. The proto: Close is answered by
+    # `closed`, then the call ends with OK; requests after it are not processed.
+    requests = [pb.StreamRequest(request_id="o", open=pb.OpenSession(session_id="closed-on-wire")),
+                pb.StreamRequest(request_id="a", append_tokens=pb.AppendTokens(ids=[1, 403], flush=True)),
+                pb.StreamRequest(request_id="c", close=pb.Close()),
+                pb.StreamRequest(request_id="late", append_text=pb.AppendText(text="more", flush=True))]
+    call = client.stub.Stream(iter(requests), timeout=10)
+    responses = list(call)
+    assert call.code() == grpc.StatusCode.OK
+    assert [(r.request_id, r.WhichOneof("kind")) for r in responses] == \
+        [("o", "session_opened"), ("a", "chunk"), ("a", "flushed"), ("c", "closed")]
+    assert responses[-1].closed.tokens_seen == 2
+    err = refused(lambda: client.get_session("closed-on-wire"))
+    assert err.code == grpc.StatusCode.NOT_FOUND and "closed" in err.message

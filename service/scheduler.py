@@ -161,7 +161,7 @@ class Scheduler:
             if item is None:
                 if s.inbox.empty():
                     return None
-                item = s.inbox.get_nowait()
+                item = s.next_work()
             s.current = None
             s.touch()
             self._progressed = True

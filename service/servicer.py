@@ -147,11 +147,11 @@ class SinkStreamServicer(pb_grpc.SinkStreamServicer):
                     rid = "" if exc.field == "request_id" else request.request_id  # not echoed when too long
                     work = [ErrorWork(rid, exc)]
                 for item in work:
-                    await session.inbox.put(item)
+                    await session.queue(item)  # backpressure: waits while the session holds enough
                     self.scheduler.wake()
                 if kind == "close":
                     return
-            await session.inbox.put(DetachWork())
+            await session.queue(DetachWork())
             self.scheduler.wake()
         except asyncio.CancelledError:
             raise

@@ -34,11 +34,12 @@ from core.streaming import NoFreeRowError, StreamingInference
 from service.metrics import ServerMetrics
 from service.requests import AnalysisOptions, RequestError, server_failure, settings_to_pb
 from service.text_input import TextInput
-from service.work import GenerateWork, StreamEnd, Work
+from service.work import AppendWork, GenerateWork, StreamEnd, Work
 
 log = logging.getLogger("sinkstream.sessions")
 INBOX_LIMIT = 16  # requests queued per session before the server stops reading its stream
 OUTBOX_LIMIT = 256  # responses queued per session before the scheduler stops producing for it
+INPUT_BUDGET_MIN = 4 * 16384  # input tokens a session holds (queued + pending) before its stream is not read
 RECENTLY_CLOSED = 1024  # closed ids remembered for a clearer NOT_FOUND message
 FAILED_RETRY_S = 1.0  # a session that failed server-side is not scheduled again for this long
 
@@ -79,6 +80,8 @@ class Session:
         self.pending_owners: deque[list] = deque()  # [ids left, request id] of the appends in `pending`
         self.flush_request: str | None = None  # request id to acknowledge once `pending` is empty
         self.inbox: asyncio.Queue[Work] = asyncio.Queue(INBOX_LIMIT)
+        self.queued_tokens = 0  # input ids of the AppendWork in `inbox`
+        self.input_room = asyncio.Event()  # set when input tokens ran or were dropped
         self.current: Work | None = None  # a request waiting for `pending` to drain
         self.generation: ActiveGeneration | None = None
         self.outbox: asyncio.Queue | None = None  # the attached call's responses; None when detached
@@ -109,9 +112,38 @@ class Session:
     def outbox_full(self) -> bool:
         return self.outbox is not None and self.outbox.qsize() >= OUTBOX_LIMIT
 
+    def input_budget(self) -> int:
+        """Input tokens the session may hold: a message limit alone would let 16 big texts in."""
+        return max(4 * self.config.chunk, INPUT_BUDGET_MIN)
+
+    async def queue(self, item: Work) -> None:
+        """Queue a request for the scheduler; waits while the inbox is full or, for input, while the
+        session holds more input tokens than its budget (so the server stops reading the stream)."""
+        if isinstance(item, AppendWork):
+            while self.queued_tokens + len(self.pending) > self.input_budget():
+                self.input_room.clear()
+                await self.input_room.wait()
+            self.queued_tokens += len(item.ids)
+        await self.inbox.put(item)
+
+    def next_work(self) -> Work:
+        """The next queued request (the inbox must not be empty)."""
+        item = self.inbox.get_nowait()
+        if isinstance(item, AppendWork):
+            self.queued_tokens -= len(item.ids)
+        return item
+
+    def drop_queued(self) -> None:
+        """Drop the requests not started yet."""
+        while not self.inbox.empty():
+            self.inbox.get_nowait()
+        self.queued_tokens = 0
+        self.input_room.set()
+
     def consume_pending(self, n: int) -> str:
         """Drop the first n pending ids (they ran); return the request id of the last one's append."""
         del self.pending[:n]
+        self.input_room.set()
         request_id = ""
         while n > 0 and self.pending_owners:
             owner = self.pending_owners[0]
@@ -338,8 +370,7 @@ class SessionManager:
         if session.outbox is not outbox:
             return
         session.outbox = None
-        while not session.inbox.empty():
-            session.inbox.get_nowait()
+        session.drop_queued()
         if isinstance(session.current, GenerateWork):
             session.current = None
         session.cancel_upto = session.generate_seq
@@ -465,8 +496,7 @@ class SessionManager:
             except Exception:  # the failure may be in the very state that reports it
                 session.generation = None
         session.emit(StreamEnd(error))
-        while not session.inbox.empty():
-            session.inbox.get_nowait()
+        session.drop_queued()
         session.current = session.flush_request = None
         session.retry_at = time.monotonic() + FAILED_RETRY_S
 

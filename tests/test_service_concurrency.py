@@ -136,10 +136,15 @@ def test_deadline_stops_generation_and_session_resumes(client):
         assert resumed.generate(GenerateParams(max_new_tokens=2, ignore_eos=True)).generated_tokens == 2
 
 
-def test_fast_writer_is_held_back_by_bounded_queues(server, client):
+def test_fast_writer_is_held_back_by_bounded_queues(server, client, monkeypatch):
     """A client that writes much faster than the model reads and never reads its responses: the server
-    buffers a bounded number of requests and responses, and flow control stops the writer."""
+    buffers a bounded number of requests, input tokens and responses, and flow control stops the writer."""
+    from service import sessions
     from service.sessions import INBOX_LIMIT, OUTBOX_LIMIT
+
+    # A small token budget, so that it binds before the 16-request inbox does (the real one is 64k tokens,
+    # which 16 requests of the maximal message size would pass many times over).
+    monkeypatch.setattr(sessions, "INPUT_BUDGET_MIN", 2048)
 
     piece = "the cat sat on the mat and " * 80  # ~2 kB, ~700 tokens
     total = 4000  # ~8 MB if the server buffered everything
@@ -165,6 +170,8 @@ def test_fast_writer_is_held_back_by_bounded_queues(server, client):
     assert state.inbox.qsize() <= INBOX_LIMIT
     assert state.outbox.qsize() <= OUTBOX_LIMIT + 2
     assert len(state.pending) <= 2 * len(piece)  # about one request's tokens, never the backlog
+    held = sum(len(w.ids) for w in list(state.inbox._queue) if hasattr(w, "ids")) + len(state.pending)
+    assert held <= 2048 + len(piece), held  # the budget plus at most one request's tokens
     session.abort()
     writer.join(10)
     settled_tokens(client, session.id)  # work stops once the call is gone

@@ -52,6 +52,7 @@ class Scheduler:
     def __init__(self, manager: SessionManager, metrics: ServerMetrics, decode_input_budget: int = 0) -> None:
         self._progressed = False
         self._turn = 0
+        self._stopping = False
         self.decode_input_budget = decode_input_budget
         self.manager = manager
         self.metrics = metrics
@@ -68,29 +69,32 @@ class Scheduler:
         self._sweeper = asyncio.create_task(self._sweep(), name="sinkstream-sweeper")
 
     async def stop(self) -> None:
-        for task in (self._task, self._sweeper):
-            if task is not None:
-                task.cancel()
-        for task in (self._task, self._sweeper):
-            if task is not None:
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+        """Stop after the round in progress: cancelling it would release the sessions' lock while its
+        forward pass still runs in a worker thread, and persisting then would save half-updated rows."""
+        self._stopping = True
+        self.wake()
+        if self._sweeper is not None:
+            self._sweeper.cancel()  # a sweep in progress is shielded and keeps the lock until done
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+        if self._task is not None:
+            await self._task
 
     async def _sweep(self) -> None:
-        while True:
+        while not self._stopping:
             await asyncio.sleep(SWEEP_INTERVAL_S)
             try:
-                await self.manager.sweep()
+                await asyncio.shield(self.manager.sweep())  # a snapshot write is never cut in half
             except Exception:
                 log.exception("session sweep failed")
             self.wake()  # retry sessions waiting for a free row
 
     async def _run(self) -> None:
-        while True:
+        while not self._stopping:
             await self._wake.wait()
             self._wake.clear()
             try:
-                while await self._round():
+                while not self._stopping and await self._round():
                     await asyncio.sleep(0)  # let the loop read requests and send responses
             except Exception:  # a scheduler bug must not take the server down; sessions report errors
                 log.exception("scheduler round failed")

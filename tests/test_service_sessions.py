@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import grpc
@@ -229,3 +230,33 @@ def test_out_of_memory_on_open_and_failed_restore_have_clear_codes(model_dir, tm
                 assert resumed.opened.tokens_seen == 5
     finally:
         server.stop()
+
+
+def test_shutdown_persists_after_the_forward_pass_in_flight(model_dir, tmp_path):
+    """SIGTERM while a pass runs in its worker thread: sessions are persisted once it has finished, never
+    half-updated."""
+    server = start_server(model_dir, state_dir=tmp_path, idle_evict_s=0)
+    scheduler = server.server.scheduler
+    compute, started, release = scheduler._compute, threading.Event(), threading.Event()
+
+    def slow_compute(*args):
+        started.set()
+        release.wait(10)
+        return compute(*args)
+
+    scheduler._compute = slow_compute
+    try:
+        with SinkStreamClient(server.address, timeout=20) as client:
+            session = client.open_session(SETTINGS)
+            session.send_tokens([1, 403, 407, 261, 378, 1, 403, 407])  # one whole chunk of 8
+            assert started.wait(10)
+            stopper = threading.Thread(target=server.stop)  # grace 0.5 s, then persist
+            stopper.start()
+            time.sleep(1.5)
+            release.set()
+            stopper.join(30)
+    finally:
+        release.set()
+        server.stop()
+    _, meta = load_snapshot(tmp_path / f"{session.id}.safetensors")
+    assert (meta["tokens_seen"], meta["session"]["pending"]) == (8, [])

@@ -74,8 +74,8 @@ class StreamingInference:
 
     def __init__(self, model: nn.Module, config: StreamConfig, max_rows: int = 1, tokenizer=None) -> None:
         model_config = model.config
+        check_supported(model_config, config.max_positions)  # first: other models may lack the fields below
         config.validate(model_config.max_position_embeddings)
-        check_supported(model_config, config.max_positions)
         if max_rows < 1:
             raise ValueError(f"max_rows must be >= 1, got {max_rows}")
         self.model = model

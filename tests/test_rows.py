@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from tiny_models import tiny_model
 
 from core.config import StreamConfig
+from core.model_loading import UnsupportedModelError
 from core.streaming import StreamingInference
 
 
@@ -26,3 +28,11 @@ def test_unseeded_rows_sample_differently_and_seeded_rows_repeat():
     draw = [torch.rand(8, generator=engine.generators[r]) for r in (a, b, c, d)]
     assert not torch.equal(draw[0], draw[1])
     assert torch.equal(draw[2], draw[3])
+
+
+def test_a_model_without_rope_fields_is_refused_clearly():
+    from transformers import MambaConfig, MambaForCausalLM
+
+    mamba = MambaForCausalLM(MambaConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, state_size=4))
+    with pytest.raises(UnsupportedModelError, match="model_type 'mamba' is not supported"):
+        StreamingInference(mamba, StreamConfig())

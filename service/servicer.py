@@ -220,12 +220,13 @@ class SinkStreamServicer(pb_grpc.SinkStreamServicer):
         return response
 
     async def ModelInfo(self, request: pb.ModelInfoRequest, context) -> pb.ModelInfoResponse:  # noqa: N802
-        cfg = self.model_config
+        cfg, model = self.model_config, self.manager.pool.model
+        eos = eos_token_ids(cfg, self.tokenizer, getattr(model, "generation_config", None))
         info = pb.ModelInfoResponse(
             name=self.model_name, model_type=cfg.model_type,
-            vocab_size=self.manager.pool.model.get_output_embeddings().out_features,
+            vocab_size=model.get_output_embeddings().out_features,
             max_position_embeddings=cfg.max_position_embeddings, hidden_size=cfg.hidden_size,
-            num_layers=cfg.num_hidden_layers, eos_token_ids=sorted(eos_token_ids(cfg, self.tokenizer)),
+            num_layers=cfg.num_hidden_layers, eos_token_ids=sorted(eos),
             default_settings=settings_to_pb(self.defaults, AnalysisOptions()),
             limits=self.limits.to_pb(), server_version=server_version())
         bos = getattr(self.tokenizer, "bos_token_id", None)

@@ -89,7 +89,7 @@ class AsyncSinkStreamClient:
         return (await self._unary(self.stub.DeleteSession, request)).tokens_seen
 
     async def health(self, service: str = "") -> str:
-        """The server's health status name, e.g. "SERVING" (needs grpcio-health-checking)."""
+        """The server's health status name, e.g. "SERVING"."""
         from grpc_health.v1 import health_pb2, health_pb2_grpc
 
         stub = health_pb2_grpc.HealthStub(self.channel)

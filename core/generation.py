@@ -13,7 +13,6 @@ from dataclasses import dataclass
 import torch
 
 from core.sampling import Sampler, SamplingParams
-from core.sink_cache import SinkCache
 from core.streaming import StreamingInference
 from core.text import IncrementalDecoder, StopMatcher
 
@@ -45,16 +44,6 @@ def eos_token_ids(model_config, tokenizer=None, generation_config=None) -> set[i
     return ids
 
 
-def recent_token_ids(cache: SinkCache, row: int, n: int) -> list[int]:
-    """The last (up to) n ids of the stream on `row`, oldest first, read from the window's ring slots.
-
-    (SinkCache.context_token_ids is in slot order, which is not stream order once the ring wraps.)
-    """
-    seen, kept = cache.tokens_seen[row], min(n, cache.window_used[row])
-    slots = cache.ring_start + torch.arange(seen - kept, seen) % cache.ring_size  # [kept]
-    return cache.token_ids[row, slots.to(cache.token_ids.device)].tolist()
-
-
 class Generation:
     """State of one generation request on one stream row."""
 
@@ -63,8 +52,8 @@ class Generation:
         self.engine, self.row, self.params = engine, row, params
         self.sampler = Sampler(params, engine.generators[row])
         # Decoded after the stream's last ids, so the deltas are what the generation adds to the text so far
-        self.decoder = (IncrementalDecoder(tokenizer, context_ids=recent_token_ids(
-            engine.cache, row, DECODER_CONTEXT_IDS)) if tokenizer is not None else None)
+        self.decoder = (IncrementalDecoder(tokenizer, context_ids=engine.cache.recent_token_ids(
+            row, DECODER_CONTEXT_IDS)) if tokenizer is not None else None)
         self.stops = (StopMatcher(params.stop_sequences, params.include_stop)
                       if params.stop_sequences else None)
         self.eos: set[int] = set()

@@ -215,10 +215,17 @@ class SinkCache(Cache):
         self.tokens_seen[row] = self.sink_used[row] = self.window_used[row] = 0
 
     def context_token_ids(self, row: int) -> torch.Tensor:
-        """Ids of the plain tokens currently kept for `row` (sinks and window) [k]."""
+        """Ids of the plain tokens currently kept for `row` (sinks and window) [k], in slot order."""
         kept = self.count[row] == 1.0
         kept[self.sink_slots : self.ring_start] = False
         return self.token_ids[row, kept]
+
+    def recent_token_ids(self, row: int, n: int) -> list[int]:
+        """The last (up to) n ids of the stream on `row`, oldest first (stream order, unlike slot order
+        once the ring wraps)."""
+        seen, kept = self.tokens_seen[row], min(n, self.window_used[row])
+        stream_index = torch.arange(seen - kept, seen, device=self.token_ids.device)
+        return self.token_ids[row, self.ring_start + stream_index % self.ring_size].tolist()
 
     def used_slots(self, row: int) -> int:
         return int((self.count[row] > 0).sum())

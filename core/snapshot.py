@@ -178,9 +178,13 @@ def save_snapshot(path: str | os.PathLike, tensors: dict[str, torch.Tensor], met
     """Write atomically: a crash mid-write never leaves a truncated snapshot under `path`."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp),
-              metadata={"sinkstream": json.dumps(meta)})
-    os.replace(tmp, path)
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp),
+                  metadata={"sinkstream": json.dumps(meta)})
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a failed write (disk full) leaves nothing behind
+        raise
 
 
 def load_snapshot(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

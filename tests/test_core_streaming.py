@@ -423,3 +423,29 @@ def test_bad_steps_change_nothing(stories):
     assert after[1] == before[1] and all(torch.equal(after[0][k], before[0][k]) for k in before[0])
     with pytest.raises(NoFreeRowError):
         engine.open_row()
+
+
+def test_a_model_without_rope_fields_is_refused_clearly():
+    from transformers import MambaConfig, MambaForCausalLM
+
+    mamba = MambaForCausalLM(MambaConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, state_size=4))
+    with pytest.raises(UnsupportedModelError, match="model_type 'mamba' is not supported"):
+        StreamingInference(mamba, StreamConfig())
+
+
+def test_a_failed_snapshot_write_leaves_no_file(tmp_path, monkeypatch):
+    import core.snapshot as snapshot
+
+    engine = StreamingInference(tiny_model("llama"), StreamConfig(sink_tokens=4, window=28, chunk=8))
+    row = engine.open_row(seed=0)
+    list(engine.append(row, list(range(3, 40))))
+
+    def disk_full(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(snapshot, "save_file", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        snapshot.save_snapshot(tmp_path / "s.safetensors", *engine.snapshot(row))
+    assert list(tmp_path.iterdir()) == []

@@ -2,7 +2,7 @@
 
 Each round, every session with work contributes one piece to the next forward pass of its engine:
 up to one chunk of pending input, or one decode token of its running generation. Those pieces run as ONE
-`StreamingInference.step` in a worker thread (`asyncio.to_thread`), so the event loop keeps serving
+`StreamingInference.step` in a dedicated compute thread, so the event loop keeps serving
 I/O while the model computes, and N concurrent sessions cost about one pass per chunk instead of N.
 Requests that need no forward pass (flush acknowledgements, checkpoints, close, errors) are answered in
 order as the scheduler reaches them.
@@ -19,6 +19,7 @@ import contextlib
 import logging
 import math
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import grpc
@@ -57,6 +58,9 @@ class Scheduler:
         self.manager = manager
         self.metrics = metrics
         self._wake = asyncio.Event()
+        # One thread runs every forward pass: passes are sequential anyway, and the layer offloader (not
+        # thread-safe) is then only ever used from that thread.
+        self._compute_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sinkstream-compute")
         self._task: asyncio.Task | None = None
         self._sweeper: asyncio.Task | None = None
         manager.on_work = self.wake
@@ -79,6 +83,7 @@ class Scheduler:
                 await self._sweeper
         if self._task is not None:
             await self._task
+        self._compute_thread.shutdown(wait=False)
 
     async def _sweep(self) -> None:
         while not self._stopping:
@@ -243,7 +248,8 @@ class Scheduler:
             p.session.in_step = True
         started = time.perf_counter()
         try:
-            results = await asyncio.to_thread(self._compute, engine, pieces, top_k, embeddings)
+            results = await asyncio.get_running_loop().run_in_executor(
+                self._compute_thread, self._compute, engine, pieces, top_k, embeddings)
         except Exception as exc:  # e.g. out of memory: report to the sessions in this pass, keep serving
             log.exception("forward pass failed")
             self._fail(pieces, exc)

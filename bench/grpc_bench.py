@@ -34,6 +34,7 @@ from core.config import StreamConfig  # noqa: E402
 from core.model_loading import load_model  # noqa: E402
 from core.streaming import StreamingInference  # noqa: E402
 from core.text import IncrementalEncoder  # noqa: E402
+from service.allocator import keep_freed_memory  # noqa: E402
 
 PIECE_CHARS = 8192
 CONFIG = StreamConfig(sink_tokens=4, window=252, chunk=64)
@@ -196,6 +197,7 @@ def main() -> int:
     text = Path(args.text).read_text(encoding="utf-8")
 
     torch.set_num_threads(args.threads)
+    keep_freed_memory()  # as `sinkstream serve` does, so the in-process baseline is like for like
     best: dict = {}
 
     def keep(key, tokens: int, seconds: float) -> None:

@@ -20,6 +20,7 @@ from core.offload_config import offload_from_args
 from core.sampling import SamplingParams
 from core.streaming import StreamingInference
 from core.text import IncrementalEncoder
+from service.allocator import keep_freed_memory
 
 BLOCK_BYTES = 1 << 16
 
@@ -32,6 +33,7 @@ def stream_config(args: argparse.Namespace) -> StreamConfig:
 
 def load(args: argparse.Namespace) -> LoadedModel:
     """The model of args.model, its decoder layers offloaded as --offload/--resident-layers ask."""
+    keep_freed_memory()  # passes reuse their temporaries instead of page-faulting them in each time
     return load_model(args.model, offload=offload_from_args(args))
 
 

@@ -22,6 +22,7 @@ from core.config import ConfigError, StreamConfig, TierSpec
 from core.model_loading import LoadedModel, load_model
 from core.offload_config import add_offload_options, check_offload_options, offload_from_args
 from service import logs
+from service.allocator import keep_freed_memory
 from service.metrics import ServerMetrics
 from service.requests import Limits
 from service.scheduler import Scheduler
@@ -273,6 +274,7 @@ def serve_main(argv: list[str] | None = None) -> int:
         config = config_from_args(args)
         if args.threads:
             torch.set_num_threads(args.threads)
+        keep_freed_memory()  # passes reuse their temporaries instead of page-faulting them in each time
         loaded = load_model(args.model, offload=offload_from_args(args))
         asyncio.run(serve_until_signal(config, loaded))
     except (ConfigError, ValueError, OSError) as exc:

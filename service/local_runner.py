@@ -22,7 +22,7 @@ from core.streaming import StreamingInference
 from core.text import IncrementalEncoder
 from service.allocator import keep_freed_memory
 
-BLOCK_BYTES = 1 << 16
+BLOCK_CHARS = 1 << 16  # characters read from a file at a time (text mode)
 
 
 def stream_config(args: argparse.Namespace) -> StreamConfig:
@@ -40,7 +40,7 @@ def load(args: argparse.Namespace) -> LoadedModel:
 def read_blocks(path: Path, progress: tqdm | None) -> Iterator[str]:
     """A file as text blocks; the incremental encoder makes block cuts invisible to tokenization."""
     with path.open("r", encoding="utf-8", errors="strict", newline="") as f:
-        while block := f.read(BLOCK_BYTES):
+        while block := f.read(BLOCK_CHARS):
             if progress is not None:
                 progress.update(len(block.encode("utf-8")))
             yield block

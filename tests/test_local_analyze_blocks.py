@@ -1,0 +1,36 @@
+"""In-process `sinkstream analyze` reads files in blocks; block cuts must be invisible to tokenization."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from clients.cli import build_parser
+from core.config import StreamConfig
+from core.model_loading import load_model
+from core.streaming import StreamingInference
+from service import local_runner
+
+
+@pytest.mark.parametrize("block_chars", [997, 65536])
+def test_file_read_in_blocks_gives_the_whole_texts_tokens_and_logprobs(model_dir, sotu_path, tmp_path,
+                                                                        monkeypatch, block_chars):
+    # Several blocks of real text with multi-byte characters, some straddling the cuts.
+    text = sotu_path.read_text(encoding="utf-8")[:12_000].replace("the ", "thé ").replace("and", "and 😀 ")
+    doc = tmp_path / "doc.txt"
+    doc.write_text(text, encoding="utf-8")
+    monkeypatch.setattr(local_runner, "BLOCK_CHARS", block_chars)
+    args = build_parser().parse_args(["analyze", str(doc), "--model", str(model_dir), "--window", "60",
+                                      "--chunk", "16", "--quiet"])
+    summary = local_runner.analyze(args)
+
+    loaded = load_model(model_dir)
+    ids = loaded.tokenizer(text)["input_ids"]
+    assert list(summary.token_ids) == ids
+    engine = StreamingInference(loaded.model, StreamConfig(sink_tokens=4, window=60, chunk=16))
+    row = engine.open_row()
+    expected = [-lp for r in engine.append(row, ids) for lp in r.logprobs.tolist()]
+    assert len(summary.token_nll) == len(expected)
+    assert all(a == b or (math.isnan(a) and math.isnan(b)) for a, b in zip(summary.token_nll, expected,
+                                                                           strict=True))

@@ -30,6 +30,7 @@ import grpc
 from clients.client import Session, SinkStreamClient
 from clients.remote_runner import unreachable_hint
 from clients.results import GenerateParams, SessionSettings, SinkStreamError
+from core.offload_config import add_offload_options  # torch-free
 
 STREAM_ENDING = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.INTERNAL,
                  grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNKNOWN)
@@ -58,6 +59,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=None, help="seed of a new session's sampling")
     p.add_argument("--window", type=int, default=None, help="recent tokens kept (default: server's)")
     p.add_argument("--sink-tokens", type=int, default=None, help="attention sinks (default: server's)")
+    add_offload_options(p)  # with --model only: the model runs in this process
 
 
 # ---------------------------------------------------------------------- remembered sessions
@@ -216,15 +218,16 @@ def local_state_dir() -> Path:
 
 
 @contextlib.contextmanager
-def local_server(model: str):
-    """A server in this process on a free port, persisting sessions to local_state_dir() when it stops,
-    so the next `sinkstream chat --model` resumes them. Imports torch (the server extra)."""
-    from core.model_loading import load_model
+def local_server(args: argparse.Namespace):
+    """A server in this process on a free port for args.model (its layers offloaded as --offload asks),
+    persisting sessions to local_state_dir() when it stops, so the next `sinkstream chat --model` resumes
+    them. Imports torch (the server extra)."""
+    from service import local_runner
     from service.server import ServerConfig, ServerThread
 
-    config = ServerConfig(model=model, port=0, state_dir=local_state_dir(), session_ttl_s=0, idle_evict_s=0,
-                          grace_s=0.5)
-    server = ServerThread(config, load_model(model))
+    config = ServerConfig(model=args.model, port=0, state_dir=local_state_dir(), session_ttl_s=0,
+                          idle_evict_s=0, grace_s=0.5)
+    server = ServerThread(config, local_runner.load(args))
     try:
         yield server.address
     finally:
@@ -240,13 +243,19 @@ def run(args: argparse.Namespace) -> int:
             print(f"sinkstream chat: error: --model needs the server extra (pip install "
                   f"'sinkstream[server]'): {exc}", file=sys.stderr)
             return 2
+        from core.layer_prefetch import OffloadError
+
         key = f"local:{Path(args.model).resolve() if Path(args.model).exists() else args.model}"
         try:
-            with local_server(args.model) as address:
+            with local_server(args) as address:
                 return converse(args, address, key, f"sinkstream chat --model {args.model}")
-        except (OSError, ValueError) as exc:  # model not found / not supported
+        except (OSError, ValueError, OffloadError) as exc:  # model not found / not supported / bad shard
             print(f"sinkstream chat: error: {exc}", file=sys.stderr)
             return 2
+    if args.offload != "none":
+        print(f"sinkstream chat: error: --offload {args.offload} runs the model in this process: give "
+              "--model PATH, or start the server with `sinkstream serve --offload ...`", file=sys.stderr)
+        return 2
     if not args.server:
         print("sinkstream chat: error: give --server HOST:PORT (or set SINKSTREAM_SERVER; start a server "
               "with `sinkstream serve --model PATH`), or --model PATH to run the model in-process",

@@ -87,10 +87,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "analyze" and (problem := check_output_options(args)):
         parser.error(problem)
-    if args.command == "chat":
-        return chat.run(args)
     if problem := check_offload_options(args):
         parser.error(problem)
+    if args.command == "chat":
+        return chat.run(args)
     if args.command in ("generate", "analyze") and (args.model or not args.server):
         _need_model(args, parser)
         try:

@@ -68,3 +68,27 @@ def test_checkpoint_error_is_one_line(model_dir, tmp_path, capsys):
     assert main([*GENERATE, "--model", str(folder), "--offload", "disk"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("sinkstream: error: no safetensors checkpoint")
+
+
+def test_chat_model_disk_offloaded_replies_as_resident(model_dir, tmp_path):
+    def chat(*options: str) -> subprocess.CompletedProcess:
+        env = {**os.environ, "XDG_CONFIG_HOME": str(tmp_path / "config"),
+               "XDG_STATE_HOME": str(tmp_path / "state" / "-".join(options or ("resident",)))}
+        return subprocess.run([sys.executable, "-m", "clients.cli", "chat", "--model", str(model_dir),
+                               "--temperature", "0", "--max-new-tokens", "24", "--new", *options],
+                              input="Once upon a time there was a cat.\n/quit\n", cwd=REPO_ROOT, env=env,
+                              capture_output=True, text=True, timeout=240)
+
+    resident, offloaded = chat(), chat("--offload", "disk", "--resident-layers", "2")
+    assert resident.returncode == 0, resident.stderr
+    assert offloaded.returncode == 0, offloaded.stderr
+    reply = [line for line in resident.stdout.splitlines() if line.startswith("model>")]
+    assert reply and len(reply[0]) > len("model> ")
+    assert reply == [line for line in offloaded.stdout.splitlines() if line.startswith("model>")]
+
+
+def test_chat_offload_without_model_is_a_clear_error(tmp_path):
+    proc = run_cli("chat", "--server", "127.0.0.1:1", "--offload", "disk", tmp_path=tmp_path)
+    assert proc.returncode == 2
+    assert "--offload disk runs the model in this process" in proc.stderr
+    assert "Traceback" not in proc.stderr

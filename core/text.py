@@ -18,6 +18,7 @@ keeping the held text bounded; that path is a locality heuristic, exact for the 
 from __future__ import annotations
 
 import codecs
+import functools
 import re
 from collections.abc import Iterable, Iterator, Sequence
 from typing import BinaryIO
@@ -56,6 +57,10 @@ def special_affixes(tokenizer) -> tuple[list[int], list[int]]:
     raise ValueError("cannot locate the text's tokens among the tokenizer's special tokens")
 
 
+# Facts read off a whole vocabulary are cached per tokenizer backend: scanning a 150k-token vocabulary in
+# Python takes about 0.1 s, which every session and every generation request would otherwise pay. (A
+# tokenizer whose vocabulary changes after first use is not supported.)
+@functools.lru_cache(maxsize=8)
 def space_cuts_are_hard(backend) -> bool:
     """Whether no vocabulary token has a word marker (space, "▁", byte-level "Ġ") after another character:
     then no token can span "x" + " ", so a cut there is final whatever text follows."""
@@ -64,6 +69,13 @@ def space_cuts_are_hard(backend) -> bool:
         if body and any(marker in body for marker in _WORD_MARKERS):
             return False
     return True
+
+
+@functools.lru_cache(maxsize=8)
+def byte_fallback_ids(backend) -> frozenset[int]:
+    """Ids of the byte-fallback tokens ("<0xE2>" ...), which can carry part of a UTF-8 character."""
+    vocab = backend.get_vocab(with_added_tokens=True)
+    return frozenset(i for token, i in vocab.items() if _BYTE_TOKEN.match(token))
 
 
 def last_cut(text: str, lo: int = 0) -> int | None:
@@ -256,8 +268,7 @@ class IncrementalDecoder:
         self._skip = skip_special_tokens
         self._cleanup = bool(getattr(tokenizer, "clean_up_tokenization_spaces", False))
         backend = backend_of(tokenizer)
-        vocab = backend.get_vocab(with_added_tokens=True)
-        self._byte_ids = frozenset(i for token, i in vocab.items() if _BYTE_TOKEN.match(token))
+        self._byte_ids = byte_fallback_ids(backend)
         # ids that vanish when decoding; they do not end a run of byte tokens
         self._skipped_ids = frozenset(i for i, t in backend.get_added_tokens_decoder().items()
                                       if t.special and skip_special_tokens)

@@ -20,7 +20,14 @@ from core.config import StreamConfig
 from core.generation import Generation, generate
 from core.sampling import SamplingParams
 from core.streaming import StreamingInference
-from core.text import IncrementalDecoder, IncrementalEncoder, StopMatcher, iter_file_ids
+from core.text import (
+    IncrementalDecoder,
+    IncrementalEncoder,
+    StopMatcher,
+    byte_fallback_ids,
+    iter_file_ids,
+    space_cuts_are_hard,
+)
 
 EXTRAS = ["é", "ñ", "ü", "Ç", "ø", "日本語", "中文", "한국어", "😀", "👍🏽", "🇫🇷", "e\u0301", "’", "—", "…",
           "  ", "   ", "\n", "\n\n", "\t", " \n ", "\xa0", "\u200a", "<s>", "</s>", "'s", " n't", " .",
@@ -458,3 +465,14 @@ def test_generation_text_and_stop_sequence_across_tokens(stories_model, stories_
                                                      stop_sequences=(stop,), include_stop=include))
         end = text.find(stop) + (len(stop) if include else 0)
         assert (stopped_text, reason) == (text[:end], "STOP_SEQUENCE")
+
+
+def test_vocabulary_is_scanned_once_per_tokenizer(tokenizer):
+    """Each session and each generation builds an encoder or decoder; the vocabulary scan is shared."""
+    space_cuts_are_hard.cache_clear()
+    byte_fallback_ids.cache_clear()
+    for _ in range(3):
+        IncrementalEncoder(tokenizer)
+        IncrementalDecoder(tokenizer)
+    assert space_cuts_are_hard.cache_info().misses == 1
+    assert byte_fallback_ids.cache_info().misses == 1

@@ -100,15 +100,18 @@ class PrefetchWorker:
                 if not future.set_running_or_notify_cancel():
                     continue
                 self._busy = True
+            error: BaseException | None = None
             try:
                 result = fn(*args)
             except BaseException as exc:
-                future.set_exception(exc)
-            else:
-                future.set_result(result)
-            with self._lock:
+                result, error = None, exc
+            with self._lock:  # idle before the caller can see the outcome, so a close() after it frees now
                 self._busy = False
                 then, self._then = self._then, None
+            if error is not None:
+                future.set_exception(error)
+            else:
+                future.set_result(result)
             if then is not None:  # shut down while this call ran: the cleanup is ours
                 then()
                 return

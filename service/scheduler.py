@@ -159,7 +159,7 @@ class Scheduler:
                 return None
             draining = s.flush_request is not None or isinstance(s.current, GenerateWork)
             if len(s.pending) >= chunk or (s.pending and draining):
-                return None if s.outbox_full() else Piece(s, ids=s.pending[:chunk])
+                return Piece(s, ids=s.pending[:chunk])
             if not s.pending and s.flush_request is not None:
                 stats = s.engine.stats(s.row)
                 s.emit(pb.StreamResponse(request_id=s.flush_request, flushed=pb.Flushed(

@@ -46,11 +46,11 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from core.config import StreamConfig  # noqa: E402
-from core.dense import DenseInference  # noqa: E402
-from core.generation import generate  # noqa: E402
-from core.sampling import SamplingParams  # noqa: E402
-from core.streaming import StreamingInference  # noqa: E402
+from sinkstream.core.config import StreamConfig  # noqa: E402
+from sinkstream.core.dense import DenseInference  # noqa: E402
+from sinkstream.core.generation import generate  # noqa: E402
+from sinkstream.core.sampling import SamplingParams  # noqa: E402
+from sinkstream.core.streaming import StreamingInference  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 SHARED = Path(os.environ.get("SINKSTREAM_SHARED", ROOT.parent / "shared"))

@@ -28,13 +28,13 @@ sys.path.insert(0, str(ROOT))
 
 from core_bench import random_llama  # noqa: E402  (bench/ is on sys.path when run as a script)
 
-from clients.aio import AsyncSinkStreamClient  # noqa: E402
-from clients.results import GenerateParams, SessionSettings  # noqa: E402
-from core.config import StreamConfig  # noqa: E402
-from core.model_loading import load_model  # noqa: E402
-from core.streaming import StreamingInference  # noqa: E402
-from core.text import IncrementalEncoder  # noqa: E402
-from service.allocator import keep_freed_memory  # noqa: E402
+from sinkstream.clients.aio import AsyncSinkStreamClient  # noqa: E402
+from sinkstream.clients.results import GenerateParams, SessionSettings  # noqa: E402
+from sinkstream.core.config import StreamConfig  # noqa: E402
+from sinkstream.core.model_loading import load_model  # noqa: E402
+from sinkstream.core.streaming import StreamingInference  # noqa: E402
+from sinkstream.core.text import IncrementalEncoder  # noqa: E402
+from sinkstream.service.allocator import keep_freed_memory  # noqa: E402
 
 PIECE_CHARS = 8192
 CONFIG = StreamConfig(sink_tokens=4, window=252, chunk=64)
@@ -106,7 +106,7 @@ def write_larger_checkpoint(folder: Path, tokenizer_dir: str) -> str:
 
 def start_server(model_dir: str, rows: int, threads: int) -> tuple[subprocess.Popen, str]:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "clients.cli", "serve", "--model", model_dir, "--port", "0",
+        [sys.executable, "-m", "sinkstream", "serve", "--model", model_dir, "--port", "0",
          "--max-resident", str(rows), "--threads", str(threads), "--log-level", "warning"],
         cwd=ROOT, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     line = proc.stdout.readline()

@@ -134,10 +134,10 @@ def peak_rss_bytes() -> int:
 def run_one(ckpt: Path, variant: str, cache: str, prompt: int, chunk: int, decode: int) -> dict:
     from transformers import AutoModelForCausalLM
 
-    from core.config import StreamConfig
-    from core.offload_config import OffloadConfig
-    from core.offload_loading import load_model_offloaded
-    from core.streaming import StreamingInference
+    from sinkstream.core.config import StreamConfig
+    from sinkstream.core.offload_config import OffloadConfig
+    from sinkstream.core.offload_loading import load_model_offloaded
+    from sinkstream.core.streaming import StreamingInference
 
     if cache == "cold":
         drop_file_cache(ckpt)

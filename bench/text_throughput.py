@@ -15,7 +15,7 @@ from pathlib import Path
 
 from transformers import AutoTokenizer
 
-from core.text import IncrementalDecoder, IncrementalEncoder
+from sinkstream.core.text import IncrementalDecoder, IncrementalEncoder
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -42,10 +42,10 @@ sys.path.insert(0, str(ROOT))
 
 from core_bench import random_llama  # noqa: E402  (bench/ is on sys.path when run as a script)
 
-from core.config import StreamConfig, TierSpec  # noqa: E402
-from core.generation import Generation  # noqa: E402
-from core.sampling import SamplingParams  # noqa: E402
-from core.streaming import StreamingInference  # noqa: E402
+from sinkstream.core.config import StreamConfig, TierSpec  # noqa: E402
+from sinkstream.core.generation import Generation  # noqa: E402
+from sinkstream.core.sampling import SamplingParams  # noqa: E402
+from sinkstream.core.streaming import StreamingInference  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 SHARED = Path(os.environ.get("SINKSTREAM_SHARED", ROOT.parent / "shared"))

@@ -17,9 +17,9 @@ from collections.abc import AsyncIterable, AsyncIterator, Iterable
 
 import grpc
 
-from clients import protocol
-from clients.protocol import Progress
-from clients.results import (
+from sinkstream.clients import protocol
+from sinkstream.clients.protocol import Progress
+from sinkstream.clients.results import (
     Checkpointed,
     ChunkResult,
     Closed,
@@ -33,8 +33,8 @@ from clients.results import (
     SessionSettings,
     SinkStreamError,
 )
-from clients.sinkstream_pb import sinkstream_pb2 as pb
-from clients.sinkstream_pb import sinkstream_pb2_grpc as pb_grpc
+from sinkstream.v1 import sinkstream_pb2 as pb
+from sinkstream.v1 import sinkstream_pb2_grpc as pb_grpc
 
 
 class AsyncSinkStreamClient:

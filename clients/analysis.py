@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from clients.passages import Passage, Tokenize, find_passages, locate
+from sinkstream.clients.passages import Passage, Tokenize, find_passages, locate
 
 
 @dataclass

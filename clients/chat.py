@@ -27,10 +27,10 @@ from pathlib import Path
 
 import grpc
 
-from clients.client import Session, SinkStreamClient
-from clients.remote_runner import unreachable_hint
-from clients.results import GenerateParams, SessionSettings, SinkStreamError
-from core.offload_config import add_offload_options  # torch-free
+from sinkstream.clients.client import Session, SinkStreamClient
+from sinkstream.clients.remote_runner import unreachable_hint
+from sinkstream.clients.results import GenerateParams, SessionSettings, SinkStreamError
+from sinkstream.core.offload_config import add_offload_options  # torch-free
 
 STREAM_ENDING = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.INTERNAL,
                  grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNKNOWN)
@@ -222,8 +222,8 @@ def local_server(args: argparse.Namespace):
     """A server in this process on a free port for args.model (its layers offloaded as --offload asks),
     persisting sessions to local_state_dir() when it stops, so the next `sinkstream chat --model` resumes
     them. Imports torch (the server extra)."""
-    from service import local_runner
-    from service.server import ServerConfig, ServerThread
+    from sinkstream.service import local_runner
+    from sinkstream.service.server import ServerConfig, ServerThread
 
     config = ServerConfig(model=args.model, port=0, state_dir=local_state_dir(), session_ttl_s=0,
                           idle_evict_s=0, grace_s=0.5)
@@ -238,12 +238,12 @@ def run(args: argparse.Namespace) -> int:
     """The REPL; returns the exit status."""
     if args.model:
         try:
-            import service.server  # noqa: F401  (the server extra: torch, transformers)
+            import sinkstream.service.server  # noqa: F401  (the server extra: torch, transformers)
         except ImportError as exc:
             print(f"sinkstream chat: error: --model needs the server extra (pip install "
                   f"'sinkstream[server]'): {exc}", file=sys.stderr)
             return 2
-        from core.layer_prefetch import OffloadError
+        from sinkstream.core.layer_prefetch import OffloadError
 
         key = f"local:{Path(args.model).resolve() if Path(args.model).exists() else args.model}"
         try:

@@ -8,9 +8,9 @@ import os
 import sys
 from collections.abc import Sequence
 
-from clients import chat
-from clients.analysis_report import add_output_options, check_output_options, write_outputs
-from core.offload_config import add_offload_options, check_offload_options  # torch-free
+from sinkstream.clients import chat
+from sinkstream.clients.analysis_report import add_output_options, check_output_options, write_outputs
+from sinkstream.core.offload_config import add_offload_options, check_offload_options  # torch-free
 
 DEFAULT_SERVER = os.environ.get("SINKSTREAM_SERVER")
 SERVER_HELP = "host:port of a sinkstream server (default $SINKSTREAM_SERVER); --model wins if given"
@@ -80,7 +80,7 @@ def _fail(args: argparse.Namespace, exc: Exception, code: int) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["serve"]:
-        from service.server import serve_main  # needs the server extra; imports torch
+        from sinkstream.service.server import serve_main  # needs the server extra; imports torch
 
         return serve_main(argv[1:])
     parser = build_parser()
@@ -94,14 +94,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command in ("generate", "analyze") and (args.model or not args.server):
         _need_model(args, parser)
         try:
-            from service import local_runner
+            from sinkstream.service import local_runner
         except ImportError as exc:
             parser.error(f"in-process mode needs the server extra (pip install 'sinkstream[server]'): {exc}")
-        from core.config import ConfigError
-        from core.layer_prefetch import OffloadError
-        from core.model_loading import UnsupportedModelError
-        from core.sampling import SamplingError
-        from core.weight_store import CheckpointError
+        from sinkstream.core.config import ConfigError
+        from sinkstream.core.layer_prefetch import OffloadError
+        from sinkstream.core.model_loading import UnsupportedModelError
+        from sinkstream.core.sampling import SamplingError
+        from sinkstream.core.weight_store import CheckpointError
 
         try:
             if args.command == "generate":
@@ -119,7 +119,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.offload != "none":  # the server's weights are its own: `sinkstream serve --offload`
         parser.error(f"--offload {args.offload} runs the model in-process: give --model PATH, or start "
                      "the server with `sinkstream serve --offload ...`")
-    from clients import remote_runner
+    from sinkstream.clients import remote_runner
 
     return remote_runner.run(args)
 

@@ -21,9 +21,9 @@ from collections.abc import Iterable, Iterator
 
 import grpc
 
-from clients import protocol
-from clients.protocol import Progress
-from clients.results import (
+from sinkstream.clients import protocol
+from sinkstream.clients.protocol import Progress
+from sinkstream.clients.results import (
     Checkpointed,
     ChunkResult,
     Closed,
@@ -37,8 +37,8 @@ from clients.results import (
     SessionSettings,
     SinkStreamError,
 )
-from clients.sinkstream_pb import sinkstream_pb2 as pb
-from clients.sinkstream_pb import sinkstream_pb2_grpc as pb_grpc
+from sinkstream.v1 import sinkstream_pb2 as pb
+from sinkstream.v1 import sinkstream_pb2_grpc as pb_grpc
 
 _END = object()
 SEND_QUEUE = 8  # requests buffered client-side before send_* blocks (then HTTP/2 flow control)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from clients.analysis import AnalysisSummary
+from sinkstream.clients.analysis import AnalysisSummary
 
 MAX_POINTS = 4000  # the per-token series is averaged into at most this many bins before drawing
 

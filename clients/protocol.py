@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterator
 
 import grpc
 
-from clients.results import (
+from sinkstream.clients.results import (
     CacheStats,
     Checkpointed,
     ChunkResult,
@@ -25,7 +25,7 @@ from clients.results import (
     SinkStreamError,
     TierSpec,
 )
-from clients.sinkstream_pb import sinkstream_pb2 as pb
+from sinkstream.v1 import sinkstream_pb2 as pb
 
 DEFAULT_MAX_MESSAGE_BYTES = 64 << 20
 FILE_BLOCK_CHARS = 1 << 16  # text per AppendText when streaming a file

@@ -12,10 +12,10 @@ from pathlib import Path
 import grpc
 from tqdm import tqdm
 
-from clients.analysis import AnalysisSummary
-from clients.analysis_report import write_outputs
-from clients.client import SinkStreamClient
-from clients.results import GenerateParams, SessionSettings, SinkStreamError, TierSpec
+from sinkstream.clients.analysis import AnalysisSummary
+from sinkstream.clients.analysis_report import write_outputs
+from sinkstream.clients.client import SinkStreamClient
+from sinkstream.clients.results import GenerateParams, SessionSettings, SinkStreamError, TierSpec
 
 
 def session_settings(args: argparse.Namespace, logprobs: bool = False) -> SessionSettings:

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
-from core.streaming import ChunkResult
+from sinkstream.core.streaming import ChunkResult
 
 
 class DenseInference:

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 
 import torch
 
-from core.sampling import Sampler, SamplingParams
-from core.streaming import StreamingInference
-from core.text import IncrementalDecoder, StopMatcher
+from sinkstream.core.sampling import Sampler, SamplingParams
+from sinkstream.core.streaming import StreamingInference
+from sinkstream.core.text import IncrementalDecoder, StopMatcher
 
 # Stream ids the decoder sees before the first generated token: enough text for decoders that strip a
 # text's leading space (SentencePiece) to strip it from the context, not from the first generated word.

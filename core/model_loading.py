@@ -10,9 +10,9 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 from transformers.utils import logging as hf_logging
 
-from core.offload_config import OffloadConfig
-from core.offload_loading import load_model_offloaded
-from core.rope import SUPPORTED_ROPE_TYPES
+from sinkstream.core.offload_config import OffloadConfig
+from sinkstream.core.offload_loading import load_model_offloaded
+from sinkstream.core.rope import SUPPORTED_ROPE_TYPES
 
 # Families whose attention applies RoPE before `past_key_values.update` and accepts a 4-D mask.
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gpt_neox")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
-from core.config import ConfigError
+from sinkstream.core.config import ConfigError
 
 OFFLOAD_MODES = ("none", "cpu", "disk")
 

@@ -14,11 +14,11 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
-from core.config import ConfigError
-from core.layer_prefetch import LayerOffloader, decoder_layers
-from core.layer_sources import DiskLayerSource, HostLayerSource
-from core.offload_config import OffloadConfig
-from core.weight_store import CheckpointError, TensorLocation, index_checkpoint, load_tensors
+from sinkstream.core.config import ConfigError
+from sinkstream.core.layer_prefetch import LayerOffloader, decoder_layers
+from sinkstream.core.layer_sources import DiskLayerSource, HostLayerSource
+from sinkstream.core.offload_config import OffloadConfig
+from sinkstream.core.weight_store import CheckpointError, TensorLocation, index_checkpoint, load_tensors
 
 
 def layer_locations(model: nn.Module, index: dict[str, TensorLocation]) -> list[dict[str, TensorLocation]]:

@@ -25,8 +25,8 @@ from typing import Any
 import torch
 from transformers.cache_utils import Cache
 
-from core.config import StreamConfig
-from core.rope import RopeTable, apply_rotation, remove_rotation
+from sinkstream.core.config import StreamConfig
+from sinkstream.core.rope import RopeTable, apply_rotation, remove_rotation
 
 # Called with (row, slots [e]) for tokens leaving the window that the sinks do not take; the slots still
 # hold the tokens' keys/values/ids when it runs. core.tiers installs one; without it they are dropped.

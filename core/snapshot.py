@@ -17,11 +17,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 from safetensors.torch import load_file, safe_open, save_file
 
-from core.config import StreamConfig, TierSpec
+from sinkstream.core.config import StreamConfig, TierSpec
 
 if TYPE_CHECKING:
-    from core.streaming import StreamingInference
-    from core.tiers import TierState
+    from sinkstream.core.streaming import StreamingInference
+    from sinkstream.core.tiers import TierState
 
 FORMAT = "sinkstream.snapshot.v1"
 

@@ -14,12 +14,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from core.config import StreamConfig
-from core.model_loading import check_supported
-from core.rope import RopeTable
-from core.sink_cache import SinkCache
-from core.snapshot import restore_row, snapshot_row
-from core.tiers import TierMemory
+from sinkstream.core.config import StreamConfig
+from sinkstream.core.model_loading import check_supported
+from sinkstream.core.rope import RopeTable
+from sinkstream.core.sink_cache import SinkCache
+from sinkstream.core.snapshot import restore_row, snapshot_row
+from sinkstream.core.tiers import TierMemory
 
 
 class NoFreeRowError(RuntimeError):

@@ -39,9 +39,9 @@ from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from core.config import ConfigError, StreamConfig
-from core.sink_cache import SinkCache
-from core.snapshot import SnapshotError
+from sinkstream.core.config import ConfigError, StreamConfig
+from sinkstream.core.sink_cache import SinkCache
+from sinkstream.core.snapshot import SnapshotError
 
 HEAVY_BLOCK_SLOTS = 2  # heavy-hitters: slots a block of evicted tokens becomes (2 had lower NLL than 4)
 HEAVY_KEEP = 1  # heavy-hitters: of which individual most-attended tokens

@@ -11,16 +11,16 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from clients.analysis import AnalysisSummary
-from core.config import StreamConfig, TierSpec
-from core.dense import DenseInference
-from core.generation import generate
-from core.model_loading import LoadedModel, load_model
-from core.offload_config import offload_from_args
-from core.sampling import SamplingParams
-from core.streaming import StreamingInference
-from core.text import IncrementalEncoder
-from service.allocator import keep_freed_memory
+from sinkstream.clients.analysis import AnalysisSummary
+from sinkstream.core.config import StreamConfig, TierSpec
+from sinkstream.core.dense import DenseInference
+from sinkstream.core.generation import generate
+from sinkstream.core.model_loading import LoadedModel, load_model
+from sinkstream.core.offload_config import offload_from_args
+from sinkstream.core.sampling import SamplingParams
+from sinkstream.core.streaming import StreamingInference
+from sinkstream.core.text import IncrementalEncoder
+from sinkstream.service.allocator import keep_freed_memory
 
 BLOCK_CHARS = 1 << 16  # characters read from a file at a time (text mode)
 

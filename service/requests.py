@@ -13,9 +13,9 @@ from dataclasses import dataclass
 import grpc
 import torch
 
-from clients.sinkstream_pb import sinkstream_pb2 as pb
-from core.config import ConfigError, StreamConfig, TierSpec
-from core.sampling import SamplingError, SamplingParams
+from sinkstream.core.config import ConfigError, StreamConfig, TierSpec
+from sinkstream.core.sampling import SamplingError, SamplingParams
+from sinkstream.v1 import sinkstream_pb2 as pb
 
 SESSION_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 MAX_REQUEST_ID_BYTES = 256  # request ids are echoed on every response: keep them from multiplying traffic

@@ -25,13 +25,21 @@ from dataclasses import dataclass
 import grpc
 import torch
 
-from clients.sinkstream_pb import sinkstream_pb2 as pb
-from core.generation import Generation
-from core.streaming import ChunkResult, StreamingInference
-from service.metrics import ServerMetrics
-from service.requests import RequestError, is_exhaustion, server_failure
-from service.sessions import ActiveGeneration, Session, SessionManager
-from service.work import AppendWork, CheckpointWork, CloseWork, DetachWork, ErrorWork, GenerateWork, StreamEnd
+from sinkstream.core.generation import Generation
+from sinkstream.core.streaming import ChunkResult, StreamingInference
+from sinkstream.service.metrics import ServerMetrics
+from sinkstream.service.requests import RequestError, is_exhaustion, server_failure
+from sinkstream.service.sessions import ActiveGeneration, Session, SessionManager
+from sinkstream.service.work import (
+    AppendWork,
+    CheckpointWork,
+    CloseWork,
+    DetachWork,
+    ErrorWork,
+    GenerateWork,
+    StreamEnd,
+)
+from sinkstream.v1 import sinkstream_pb2 as pb
 
 log = logging.getLogger("sinkstream.scheduler")
 SWEEP_INTERVAL_S = 1.0

@@ -16,19 +16,19 @@ import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from clients.sinkstream_pb import sinkstream_pb2 as pb
-from clients.sinkstream_pb import sinkstream_pb2_grpc as pb_grpc
-from core.config import ConfigError, StreamConfig, TierSpec
-from core.model_loading import LoadedModel, load_model
-from core.offload_config import add_offload_options, check_offload_options, offload_from_args
-from service import logs
-from service.allocator import keep_freed_memory
-from service.metrics import ServerMetrics
-from service.requests import Limits
-from service.scheduler import Scheduler
-from service.servicer import SinkStreamServicer
-from service.sessions import EnginePool, SessionManager, SessionStore
-from service.wire import add_servicer
+from sinkstream.core.config import ConfigError, StreamConfig, TierSpec
+from sinkstream.core.model_loading import LoadedModel, load_model
+from sinkstream.core.offload_config import add_offload_options, check_offload_options, offload_from_args
+from sinkstream.service import logs
+from sinkstream.service.allocator import keep_freed_memory
+from sinkstream.service.metrics import ServerMetrics
+from sinkstream.service.requests import Limits
+from sinkstream.service.scheduler import Scheduler
+from sinkstream.service.servicer import SinkStreamServicer
+from sinkstream.service.sessions import EnginePool, SessionManager, SessionStore
+from sinkstream.service.wire import add_servicer
+from sinkstream.v1 import sinkstream_pb2 as pb
+from sinkstream.v1 import sinkstream_pb2_grpc as pb_grpc
 
 log = logging.getLogger("sinkstream.server")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["SinkStream"].full_name

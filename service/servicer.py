@@ -11,12 +11,10 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from clients.sinkstream_pb import sinkstream_pb2 as pb
-from clients.sinkstream_pb import sinkstream_pb2_grpc as pb_grpc
-from core.config import StreamConfig
-from core.generation import eos_token_ids
-from service.metrics import ServerMetrics
-from service.requests import (
+from sinkstream.core.config import StreamConfig
+from sinkstream.core.generation import eos_token_ids
+from sinkstream.service.metrics import ServerMetrics
+from sinkstream.service.requests import (
     AnalysisOptions,
     Limits,
     RequestError,
@@ -29,11 +27,21 @@ from service.requests import (
     settings_to_pb,
     stream_config_from_pb,
 )
-from service.scheduler import Scheduler
-from service.sessions import OUTBOX_LIMIT, Session, SessionManager
-from service.text_input import TextInput
-from service.wire import Malformed
-from service.work import AppendWork, CheckpointWork, CloseWork, DetachWork, ErrorWork, GenerateWork, StreamEnd
+from sinkstream.service.scheduler import Scheduler
+from sinkstream.service.sessions import OUTBOX_LIMIT, Session, SessionManager
+from sinkstream.service.text_input import TextInput
+from sinkstream.service.wire import Malformed
+from sinkstream.service.work import (
+    AppendWork,
+    CheckpointWork,
+    CloseWork,
+    DetachWork,
+    ErrorWork,
+    GenerateWork,
+    StreamEnd,
+)
+from sinkstream.v1 import sinkstream_pb2 as pb
+from sinkstream.v1 import sinkstream_pb2_grpc as pb_grpc
 
 log = logging.getLogger("sinkstream.servicer")
 BIG_TEXT_CHARS = 16384  # tokenize pieces larger than this in a worker thread

@@ -26,15 +26,15 @@ from typing import Any
 import grpc
 from safetensors import safe_open
 
-from clients.sinkstream_pb import sinkstream_pb2 as pb
-from core.config import StreamConfig, TierSpec
-from core.generation import Generation
-from core.snapshot import SnapshotError, load_snapshot, save_snapshot
-from core.streaming import NoFreeRowError, StreamingInference
-from service.metrics import ServerMetrics
-from service.requests import AnalysisOptions, RequestError, server_failure, settings_to_pb
-from service.text_input import TextInput
-from service.work import AppendWork, GenerateWork, StreamEnd, Work
+from sinkstream.core.config import StreamConfig, TierSpec
+from sinkstream.core.generation import Generation
+from sinkstream.core.snapshot import SnapshotError, load_snapshot, save_snapshot
+from sinkstream.core.streaming import NoFreeRowError, StreamingInference
+from sinkstream.service.metrics import ServerMetrics
+from sinkstream.service.requests import AnalysisOptions, RequestError, server_failure, settings_to_pb
+from sinkstream.service.text_input import TextInput
+from sinkstream.service.work import AppendWork, GenerateWork, StreamEnd, Work
+from sinkstream.v1 import sinkstream_pb2 as pb
 
 log = logging.getLogger("sinkstream.sessions")
 INBOX_LIMIT = 16  # requests queued per session before the server stops reading its stream

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from core.text import IncrementalEncoder
+from sinkstream.core.text import IncrementalEncoder
 
 
 class TextInput:

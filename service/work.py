@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from core.sampling import SamplingParams
-from service.requests import RequestError
+from sinkstream.core.sampling import SamplingParams
+from sinkstream.service.requests import RequestError
 
 
 @dataclass

@@ -9,13 +9,13 @@ from pathlib import Path
 
 import torch
 
-from core.config import StreamConfig
-from core.generation import generate
-from core.model_loading import LoadedModel, load_model
-from core.sampling import SamplingParams
-from core.streaming import ChunkResult, StreamingInference
-from core.text import IncrementalEncoder
-from service.server import ServerConfig, ServerThread
+from sinkstream.core.config import StreamConfig
+from sinkstream.core.generation import generate
+from sinkstream.core.model_loading import LoadedModel, load_model
+from sinkstream.core.sampling import SamplingParams
+from sinkstream.core.streaming import ChunkResult, StreamingInference
+from sinkstream.core.text import IncrementalEncoder
+from sinkstream.service.server import ServerConfig, ServerThread
 
 _LOADED: dict[Path, LoadedModel] = {}
 

@@ -1,4 +1,8 @@
-"""Allocator tuning: a forward pass's big temporaries are reused, not page-faulted in again every pass."""
+"""Allocator tuning: after keep_freed_memory(), glibc serves large blocks from the heap and keeps them.
+
+What the tuning buys (page faults and time per pass) depends on the machine and is measured by
+`bench/allocator_bench.py`; here only what is deterministic is asserted: the settings took effect.
+"""
 
 from __future__ import annotations
 
@@ -11,48 +15,47 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
-# 30 chunked passes of a one-layer Llama with a 32000-token vocabulary (logits [64, 32000] per pass) on a
-# worker thread, as the server runs them; minor page faults of the process counted.
+# Allocates a 16 MiB block with libc's malloc and reports, from glibc's mallinfo2(), how many bytes sit in
+# mmapped chunks and in the heap while it is live and after it is freed.
 _PROBE = """
-import json, resource, sys, threading, torch
-from transformers import LlamaConfig, LlamaForCausalLM
-from core.config import StreamConfig
-from core.streaming import StreamingInference
-from service.allocator import keep_freed_memory
+import ctypes, json, sys
+from sinkstream.service.allocator import keep_freed_memory
 
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
+                 "fordblks", "keepcost")]
+
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, (ctypes.c_size_t,)
+libc.free.argtypes = (ctypes.c_void_p,)
+libc.mallinfo2.restype = MallInfo2
 tuned = keep_freed_memory() if sys.argv[1] == "tuned" else False
-torch.set_num_threads(1)
-torch.manual_seed(0)
-config = LlamaConfig(vocab_size=32000, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-                     num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512)
-engine = StreamingInference(LlamaForCausalLM(config).eval(), StreamConfig(sink_tokens=4, window=60, chunk=64))
-row = engine.open_row(seed=0)
-faults = []
-
-def passes():
-    engine.step({row: list(range(3, 67))})
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    for i in range(30):
-        engine.step({row: list(range(3 + i, 67 + i))})
-    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-
-worker = threading.Thread(target=passes)
-worker.start()
-worker.join()
-print(json.dumps({"tuned": tuned, "faults": faults[0]}))
+size = 16 << 20
+before = libc.mallinfo2()
+block = libc.malloc(size)
+live = libc.mallinfo2()
+libc.free(block)
+after = libc.mallinfo2()
+print(json.dumps({"tuned": tuned, "mmapped_growth": live.hblkhd - before.hblkhd,
+                  "heap_kept_after_free": after.arena - before.arena, "size": size}))
 """
 
 
-def _faults(mode: str) -> dict:
+def _probe(mode: str) -> dict:
     out = subprocess.run([sys.executable, "-c", _PROBE, mode], cwd=REPO_ROOT, check=True,
                          capture_output=True, text=True).stdout
     return json.loads(out)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt is Linux-only")
-def test_keeping_freed_memory_stops_refaulting_pass_temporaries():
-    plain, tuned = _faults("plain"), _faults("tuned")
+def test_keep_freed_memory_serves_large_blocks_from_the_heap_and_keeps_them():
+    plain, tuned = _probe("plain"), _probe("tuned")
+    size = plain["size"]
+    # Untuned, glibc maps a block this large on its own and unmaps it on free (faulted in afresh next time).
+    assert plain["mmapped_growth"] >= size
+    assert plain["heap_kept_after_free"] < size
+    # Tuned, the block comes from the heap and the heap is not trimmed when it is freed.
     assert tuned["tuned"], "mallopt was refused"
-    # Untuned, each pass maps its logits and log-softmax (2 x 8 MB = 4000 pages) in again.
-    assert plain["faults"] > 30 * 4000
-    assert tuned["faults"] < plain["faults"] / 10
+    assert tuned["mmapped_growth"] == 0
+    assert tuned["heap_kept_after_free"] >= size

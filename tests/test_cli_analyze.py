@@ -14,7 +14,7 @@ import pytest
 from conftest import REPO_ROOT
 from service_support import start_server
 
-from clients.client import SinkStreamClient
+from sinkstream.clients.client import SinkStreamClient
 
 CHUNK = 32
 SHAPE = ["--sink-tokens", "4", "--window", "60", "--chunk", str(CHUNK)]
@@ -23,7 +23,7 @@ PASSAGES = ["--passages", "3", "--passage-tokens", "16"]
 
 def run_cli(*args: str, tmp_path) -> subprocess.CompletedProcess:
     env = {**os.environ, "XDG_CONFIG_HOME": str(tmp_path / "config")}
-    return subprocess.run([sys.executable, "-m", "clients.cli", *args], cwd=REPO_ROOT, env=env,
+    return subprocess.run([sys.executable, "-m", "sinkstream", *args], cwd=REPO_ROOT, env=env,
                           capture_output=True, text=True, timeout=240)
 
 

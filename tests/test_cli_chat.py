@@ -16,7 +16,7 @@ import pytest
 from conftest import REPO_ROOT
 from service_support import start_server
 
-from clients.client import SinkStreamClient
+from sinkstream.clients.client import SinkStreamClient
 
 STATS = re.compile(r"session (\S+): tokens_seen=(\d+) .* cache=(\d+)/(\d+)")
 GREEDY = ["--temperature", "0", "--max-new-tokens", "24"]
@@ -30,7 +30,7 @@ def server(model_dir, tmp_path_factory):
 
 
 def chat_cmd(server, *args: str) -> list[str]:
-    return [sys.executable, "-m", "clients.cli", "chat", "--server", server.address, *args]
+    return [sys.executable, "-m", "sinkstream", "chat", "--server", server.address, *args]
 
 
 def chat(server, config_dir, lines: list[str], *args: str) -> str:
@@ -113,7 +113,7 @@ def test_in_process_chat_persists_the_conversation_between_runs(model_dir, tmp_p
            "XDG_STATE_HOME": str(tmp_path / "state")}
 
     def run(lines: list[str]) -> str:
-        command = [sys.executable, "-m", "clients.cli", "chat", "--model", str(model_dir), *GREEDY]
+        command = [sys.executable, "-m", "sinkstream", "chat", "--model", str(model_dir), *GREEDY]
         proc = subprocess.run(command, input="".join(f"{x}\n" for x in lines), cwd=REPO_ROOT, env=env,
                               capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0, proc.stdout + proc.stderr

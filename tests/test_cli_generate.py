@@ -19,7 +19,7 @@ def run_generate(model_dir, prompt: str, max_new_tokens: int, tmp_path) -> subpr
     env.pop("SINKSTREAM_SERVER", None)  # --model wins anyway; keep the run independent of the caller's env
     args = ["generate", "--model", str(model_dir), "--prompt", prompt,
             "--max-new-tokens", str(max_new_tokens)]
-    return subprocess.run([sys.executable, "-m", "clients.cli", *args], cwd=REPO_ROOT, env=env,
+    return subprocess.run([sys.executable, "-m", "sinkstream", *args], cwd=REPO_ROOT, env=env,
                           capture_output=True, text=True, timeout=240)
 
 

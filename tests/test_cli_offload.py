@@ -11,14 +11,14 @@ import sys
 import pytest
 from conftest import REPO_ROOT
 
-from clients.cli import main
+from sinkstream.clients.cli import main
 
 GENERATE = ["generate", "--prompt", "Once upon a time", "--max-new-tokens", "40"]
 
 
 def run_cli(*args: str, tmp_path) -> subprocess.CompletedProcess:
     env = {**os.environ, "XDG_CONFIG_HOME": str(tmp_path / "config")}
-    return subprocess.run([sys.executable, "-m", "clients.cli", *args], cwd=REPO_ROOT, env=env,
+    return subprocess.run([sys.executable, "-m", "sinkstream", *args], cwd=REPO_ROOT, env=env,
                           capture_output=True, text=True, timeout=240)
 
 
@@ -51,7 +51,7 @@ def test_bad_offload_options_are_usage_errors(options, message, capsys):
 
 
 def test_serve_rejects_bad_offload_options(capsys):
-    from service.server import serve_main  # imports torch
+    from sinkstream.service.server import serve_main  # imports torch
 
     with pytest.raises(SystemExit) as info:
         serve_main(["--model", "unused", "--offload", "disk", "--resident-layers", "1",
@@ -74,7 +74,7 @@ def test_chat_model_disk_offloaded_replies_as_resident(model_dir, tmp_path):
     def chat(*options: str) -> subprocess.CompletedProcess:
         env = {**os.environ, "XDG_CONFIG_HOME": str(tmp_path / "config"),
                "XDG_STATE_HOME": str(tmp_path / "state" / "-".join(options or ("resident",)))}
-        return subprocess.run([sys.executable, "-m", "clients.cli", "chat", "--model", str(model_dir),
+        return subprocess.run([sys.executable, "-m", "sinkstream", "chat", "--model", str(model_dir),
                                "--temperature", "0", "--max-new-tokens", "24", "--new", *options],
                               input="Once upon a time there was a cat.\n/quit\n", cwd=REPO_ROOT, env=env,
                               capture_output=True, text=True, timeout=240)

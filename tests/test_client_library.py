@@ -11,12 +11,12 @@ import grpc
 import pytest
 from service_support import start_server
 
-from clients.aio import AsyncSinkStreamClient
-from clients.client import SinkStreamClient
-from clients.passages import find_passages, locate
-from clients.results import SessionSettings, SinkStreamError
-from clients.sinkstream_pb import sinkstream_pb2 as pb
-from clients.sinkstream_pb import sinkstream_pb2_grpc as pb_grpc
+from sinkstream.clients.aio import AsyncSinkStreamClient
+from sinkstream.clients.client import SinkStreamClient
+from sinkstream.clients.passages import find_passages, locate
+from sinkstream.clients.results import SessionSettings, SinkStreamError
+from sinkstream.v1 import sinkstream_pb2 as pb
+from sinkstream.v1 import sinkstream_pb2_grpc as pb_grpc
 
 
 class FlakyServicer(pb_grpc.SinkStreamServicer):

@@ -11,12 +11,12 @@ import torch
 from tiny_models import FAMILIES, tiny_config, tiny_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, BertConfig, GPT2Config, GPT2LMHeadModel
 
-from core.config import ConfigError, StreamConfig, TierSpec
-from core.generation import generate
-from core.model_loading import UnsupportedModelError, check_supported, load_model
-from core.sampling import SamplingParams
-from core.snapshot import SnapshotError, load_snapshot, save_snapshot
-from core.streaming import NoFreeRowError, StreamingInference
+from sinkstream.core.config import ConfigError, StreamConfig, TierSpec
+from sinkstream.core.generation import generate
+from sinkstream.core.model_loading import UnsupportedModelError, check_supported, load_model
+from sinkstream.core.sampling import SamplingParams
+from sinkstream.core.snapshot import SnapshotError, load_snapshot, save_snapshot
+from sinkstream.core.streaming import NoFreeRowError, StreamingInference
 
 REFERENCE_CONTINUATION = (
     "Once upon a time, there was a little girl named Lily. She loved to play outside in the park. "
@@ -434,7 +434,7 @@ def test_a_model_without_rope_fields_is_refused_clearly():
 
 
 def test_a_failed_snapshot_write_leaves_no_file(tmp_path, monkeypatch):
-    import core.snapshot as snapshot
+    import sinkstream.core.snapshot as snapshot
 
     engine = StreamingInference(tiny_model("llama"), StreamConfig(sink_tokens=4, window=28, chunk=8))
     row = engine.open_row(seed=0)

@@ -6,11 +6,11 @@ import math
 
 import pytest
 
-from clients.cli import build_parser
-from core.config import StreamConfig
-from core.model_loading import load_model
-from core.streaming import StreamingInference
-from service import local_runner
+from sinkstream.clients.cli import build_parser
+from sinkstream.core.config import StreamConfig
+from sinkstream.core.model_loading import load_model
+from sinkstream.core.streaming import StreamingInference
+from sinkstream.service import local_runner
 
 
 @pytest.mark.parametrize("block_chars", [997, 65536])

@@ -13,8 +13,8 @@ import pytest
 from conftest import REPO_ROOT
 from service_support import start_server
 
-from clients.client import SinkStreamClient
-from clients.results import GenerateParams, SessionSettings
+from sinkstream.clients.client import SinkStreamClient
+from sinkstream.clients.results import GenerateParams, SessionSettings
 
 NODE_DIR = REPO_ROOT / "clients" / "node"
 PROMPT = " Once upon a time"

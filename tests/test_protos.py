@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO_ROOT
 
-STUBS = REPO_ROOT / "clients" / "sinkstream_pb"
+STUBS = REPO_ROOT / "protos"  # stubs live beside the .proto: protos/sinkstream/v1/*_pb2*.py
 PROTO = "sinkstream/v1/sinkstream.proto"
 
 
@@ -51,7 +51,8 @@ def test_committed_stubs_are_up_to_date(tmp_path: Path) -> None:
         sys.path.remove(str(REPO_ROOT / "protos"))
     written = gen_stubs.generate(tmp_path)
     assert written, "no .proto files found"
-    stale = [p.name for p in written if not filecmp.cmp(p, STUBS / p.name, shallow=False)]
+    stale = [str(p.relative_to(tmp_path)) for p in written
+             if not filecmp.cmp(p, STUBS / p.relative_to(tmp_path), shallow=False)]
     assert not stale, f"stale stubs {stale}: run `python protos/gen_stubs.py` and commit the result"
 
 
@@ -61,13 +62,13 @@ def test_stubs_and_client_import_without_torch() -> None:
     code = (
         "import sys\n"
         "sys.modules.update({'torch': None, 'transformers': None})\n"
-        "import clients, clients.cli, clients.client, clients.aio, clients.sinkstream_pb\n"
-        "from clients.sinkstream_pb import sinkstream_pb2, sinkstream_pb2_grpc\n"
+        "import sinkstream.clients.aio, sinkstream.clients.cli, sinkstream.clients.client\n"
+        "from sinkstream.v1 import sinkstream_pb2, sinkstream_pb2_grpc\n"
         "assert sinkstream_pb2.DESCRIPTOR.package == 'sinkstream.v1'\n"
-        "clients.cli.build_parser().parse_args(['analyze', 'doc.txt', '--server', 'h:1'])\n"
-        "torch_free = {'core', 'core.config', 'core.offload_config'}\n"
-        "bad = [m for m in sys.modules if m.split('.')[0] == 'service'\n"
-        "       or (m.split('.')[0] == 'core' and m not in torch_free)]\n"
+        "sinkstream.clients.cli.build_parser().parse_args(['analyze', 'doc.txt', '--server', 'h:1'])\n"
+        "torch_free = {'sinkstream.core', 'sinkstream.core.config', 'sinkstream.core.offload_config'}\n"
+        "bad = [m for m in sys.modules if m.startswith('sinkstream.service')\n"
+        "       or (m.startswith('sinkstream.core') and m not in torch_free)]\n"
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, check=True)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from tiny_models import tiny_model
 
-from core.config import StreamConfig
-from core.streaming import StreamingInference
+from sinkstream.core.config import StreamConfig
+from sinkstream.core.streaming import StreamingInference
 
 
 def test_unseeded_row_leaves_the_global_rng_alone():

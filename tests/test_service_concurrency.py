@@ -10,11 +10,11 @@ import pytest
 import torch
 from service_support import reference_chat, reference_chunks, start_server, stories
 
-from clients.client import SinkStreamClient
-from clients.results import GenerateParams, SessionSettings, SinkStreamError
-from clients.sinkstream_pb import sinkstream_pb2 as pb
-from core.config import StreamConfig
-from core.sampling import SamplingParams
+from sinkstream.clients.client import SinkStreamClient
+from sinkstream.clients.results import GenerateParams, SessionSettings, SinkStreamError
+from sinkstream.core.config import StreamConfig
+from sinkstream.core.sampling import SamplingParams
+from sinkstream.v1 import sinkstream_pb2 as pb
 
 SESSIONS = 8
 CONFIG = StreamConfig(sink_tokens=4, window=60, chunk=16)
@@ -139,8 +139,8 @@ def test_deadline_stops_generation_and_session_resumes(client):
 def test_fast_writer_is_held_back_by_bounded_queues(server, client, monkeypatch):
     """A client that writes much faster than the model reads and never reads its responses: the server
     buffers a bounded number of requests, input tokens and responses, and flow control stops the writer."""
-    from service import sessions
-    from service.sessions import INBOX_LIMIT, OUTBOX_LIMIT
+    from sinkstream.service import sessions
+    from sinkstream.service.sessions import INBOX_LIMIT, OUTBOX_LIMIT
 
     # A small token budget, so that it binds before the 16-request inbox does (the real one is 64k tokens,
     # which 16 requests of the maximal message size would pass many times over).
@@ -181,7 +181,7 @@ def test_fast_writer_is_held_back_by_bounded_queues(server, client, monkeypatch)
 def test_unread_error_replies_stay_bounded(server, client):
     """A client that sends many invalid requests and never reads: the replies the server queues for it
     stay bounded (it stops reading the stream instead), and other sessions are served meanwhile."""
-    from service.sessions import OUTBOX_LIMIT
+    from sinkstream.service.sessions import OUTBOX_LIMIT
 
     total, sent = 20_000, 0  # with long request ids (echoed): MBs of replies, more than HTTP/2 windows hold
 

@@ -12,9 +12,9 @@ import pytest
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 from service_support import start_server
 
-from clients.client import SinkStreamClient
-from clients.results import GenerateParams, SessionSettings, SinkStreamError
-from clients.sinkstream_pb import sinkstream_pb2 as pb
+from sinkstream.clients.client import SinkStreamClient
+from sinkstream.clients.results import GenerateParams, SessionSettings, SinkStreamError
+from sinkstream.v1 import sinkstream_pb2 as pb
 
 MAX_MESSAGE = 1 << 20
 

@@ -16,11 +16,11 @@ import torch
 from conftest import REPO_ROOT
 from service_support import reference_chat, start_server, stories
 
-from clients.client import SinkStreamClient
-from clients.results import GenerateParams, SessionSettings, SinkStreamError, TierSpec
-from core.config import StreamConfig
-from core.sampling import SamplingParams
-from core.snapshot import load_snapshot, save_snapshot
+from sinkstream.clients.client import SinkStreamClient
+from sinkstream.clients.results import GenerateParams, SessionSettings, SinkStreamError, TierSpec
+from sinkstream.core.config import StreamConfig
+from sinkstream.core.sampling import SamplingParams
+from sinkstream.core.snapshot import load_snapshot, save_snapshot
 
 CONFIG = StreamConfig(sink_tokens=4, window=40, chunk=8)  # small window: the chat runs through evictions
 SETTINGS = SessionSettings(sink_tokens=4, window=40, chunk=8)
@@ -88,7 +88,7 @@ def test_idle_evicted_session_resumes_from_disk_exactly(model_dir, reference, tm
 def test_sigterm_persists_sessions_and_restart_resumes(model_dir, reference, tmp_path):
     def serve() -> tuple[subprocess.Popen, str]:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "clients.cli", "serve", "--model", str(model_dir), "--port", "0",
+            [sys.executable, "-m", "sinkstream", "serve", "--model", str(model_dir), "--port", "0",
              "--state-dir", str(tmp_path), "--grace", "1", "--plain-logs"],
             cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
             env={**os.environ, "PYTHONUNBUFFERED": "1"})

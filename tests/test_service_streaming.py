@@ -12,11 +12,11 @@ import torch
 from conftest import REPO_ROOT
 from service_support import pieces, reference_chat, reference_chunks, start_server, stories
 
-from clients.client import SinkStreamClient
-from clients.results import GenerateParams, SessionSettings
-from clients.results import TierSpec as ClientTier
-from core.config import StreamConfig, TierSpec
-from core.sampling import SamplingParams
+from sinkstream.clients.client import SinkStreamClient
+from sinkstream.clients.results import GenerateParams, SessionSettings
+from sinkstream.clients.results import TierSpec as ClientTier
+from sinkstream.core.config import StreamConfig, TierSpec
+from sinkstream.core.sampling import SamplingParams
 
 PUBLISHED = ("Once upon a time, there was a little girl named Lily. She loved to play outside in the park. "
              "One day, she saw a big, red ball. She wanted to play with it, but it was too high.")
@@ -100,7 +100,7 @@ def test_cli_analyze_and_generate_over_grpc(server, model_dir, sotu_path, tmp_pa
     doc = tmp_path / "doc.txt"
     doc.write_text(sotu_path.read_text(encoding="utf-8")[:6000], encoding="utf-8")
     out = tmp_path / "summary.json"
-    run = [sys.executable, "-m", "clients.cli"]
+    run = [sys.executable, "-m", "sinkstream"]
     subprocess.run([*run, "analyze", str(doc), "--server", server.address, "--quiet", "--window", "100",
                     "--chunk", "32", "--json", str(out)], cwd=REPO_ROOT, check=True, capture_output=True)
     summary = json.loads(out.read_text())

@@ -8,8 +8,8 @@ import random
 import pytest
 from service_support import start_server
 
-from clients.client import SinkStreamClient
-from clients.results import SessionSettings
+from sinkstream.clients.client import SinkStreamClient
+from sinkstream.clients.results import SessionSettings
 
 MIXED_IN = ["é", "日本語", "😀", "👍🏽", "naïve", "  ", "\n", "—", "中文"]
 

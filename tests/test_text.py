@@ -16,11 +16,11 @@ from hypothesis import strategies as st
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
-from core.config import StreamConfig
-from core.generation import Generation, generate
-from core.sampling import SamplingParams
-from core.streaming import StreamingInference
-from core.text import (
+from sinkstream.core.config import StreamConfig
+from sinkstream.core.generation import Generation, generate
+from sinkstream.core.sampling import SamplingParams
+from sinkstream.core.streaming import StreamingInference
+from sinkstream.core.text import (
     IncrementalDecoder,
     IncrementalEncoder,
     StopMatcher,

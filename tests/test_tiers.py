@@ -10,13 +10,13 @@ import torch
 from tiny_models import tiny_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from core.config import ConfigError, StreamConfig, TierSpec
-from core.dense import DenseInference
-from core.generation import generate
-from core.sampling import SamplingParams
-from core.snapshot import SnapshotError, load_snapshot, save_snapshot
-from core.streaming import StreamingInference
-from core.tiers import OBSERVED_QUERIES, Units, block_groups, merge_units
+from sinkstream.core.config import ConfigError, StreamConfig, TierSpec
+from sinkstream.core.dense import DenseInference
+from sinkstream.core.generation import generate
+from sinkstream.core.sampling import SamplingParams
+from sinkstream.core.snapshot import SnapshotError, load_snapshot, save_snapshot
+from sinkstream.core.streaming import StreamingInference
+from sinkstream.core.tiers import OBSERVED_QUERIES, Units, block_groups, merge_units
 
 POLICIES = ("mean", "attention", "heavy-hitters")
 

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from . import sinkstream_pb2 as sinkstream_dot_v1_dot_sinkstream__pb2
+from sinkstream.v1 import sinkstream_pb2 as sinkstream_dot_v1_dot_sinkstream__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__

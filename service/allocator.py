@@ -2,10 +2,9 @@
 
 glibc serves large allocations (above a threshold of at most 32 MiB that it adjusts itself) with a fresh
 mmap and unmaps them on free, so every forward pass page-faults its big temporaries (logits [chunk, vocab],
-attention and MLP activations) in again. Measured on a 37 M-parameter Llama (vocab 32000, chunk 64) on 2
-CPU cores: 1.5 M page faults over 18 k tokens in the server and about 20 % of its ingest time; with the
-thresholds raised, 94 k faults and ingest as fast as the in-process core. Memory stays bounded: passes
-have a bounded size, so the retained memory is at most one pass's peak.
+attention and MLP activations) in again; raising glibc's thresholds keeps that memory mapped (for the
+measured effect see bench/results/allocator.md). Memory stays bounded: passes have a bounded size, so the
+retained memory is at most one pass's peak.
 """
 
 from __future__ import annotations

@@ -7,9 +7,9 @@ I/O while the model computes, and N concurrent sessions cost about one pass per 
 Requests that need no forward pass (flush acknowledgements, checkpoints, close, errors) are answered in
 order as the scheduler reaches them.
 
-Backpressure: a session is skipped while its attached call has OUTBOX_LIMIT responses unsent (a slow
-reader stalls only itself; this holds for replies without a forward pass too, so its inbox fills and the
-server stops reading its requests), and a session's inbox is bounded (a fast writer stalls only itself).
+Backpressure (see backpressure.py): a session is skipped while its attached call's outbox is full, for
+replies without a forward pass too. The scheduler produces plain replies (replies.py); the servicer sends
+them as messages.
 """
 
 from __future__ import annotations
@@ -27,19 +27,20 @@ import torch
 
 from sinkstream.core.generation import Generation
 from sinkstream.core.streaming import ChunkResult, StreamingInference
+from sinkstream.service.errors import RequestError, is_exhaustion, server_failure
 from sinkstream.service.metrics import ServerMetrics
-from sinkstream.service.requests import RequestError, is_exhaustion, server_failure
-from sinkstream.service.sessions import ActiveGeneration, Session, SessionManager
-from sinkstream.service.work import (
-    AppendWork,
-    CheckpointWork,
-    CloseWork,
-    DetachWork,
-    ErrorWork,
-    GenerateWork,
+from sinkstream.service.replies import (
+    CheckpointedReply,
+    ChunkReply,
+    ClosedReply,
+    ErrorReply,
+    FlushedReply,
     StreamEnd,
+    TokenReply,
 )
-from sinkstream.v1 import sinkstream_pb2 as pb
+from sinkstream.service.session import ActiveGeneration, Session
+from sinkstream.service.session_manager import SessionManager
+from sinkstream.service.work import AppendWork, CheckpointWork, CloseWork, DetachWork, ErrorWork, GenerateWork
 
 log = logging.getLogger("sinkstream.scheduler")
 SWEEP_INTERVAL_S = 1.0
@@ -121,7 +122,7 @@ class Scheduler:
         async with self.manager.lock:
             by_engine: dict[int, tuple[StreamingInference, list[Piece]]] = {}
             now = time.monotonic()
-            for session in list(self.manager.sessions.values()):
+            for session in self.manager.all():
                 if not session.has_work() or session.retry_at > now:
                     continue
                 try:
@@ -137,8 +138,9 @@ class Scheduler:
             for engine, pieces in by_engine.values():
                 await self._step(engine, self._budget(pieces))
                 self._progressed = True
-        self.metrics.queue_depth.set(sum(s.inbox.qsize() for s in self.manager.sessions.values()))
-        self.metrics.pending_tokens.set(sum(len(s.pending) for s in self.manager.sessions.values()))
+        sessions = self.manager.all()
+        self.metrics.queue_depth.set(sum(s.inbox.qsize() for s in sessions))
+        self.metrics.pending_tokens.set(sum(len(s.pending) for s in sessions))
         return self._progressed
 
     def _budget(self, pieces: list[Piece]) -> list[Piece]:
@@ -169,28 +171,20 @@ class Scheduler:
             if len(s.pending) >= chunk or (s.pending and draining):
                 return Piece(s, ids=s.pending[:chunk])
             if not s.pending and s.flush_request is not None:
-                stats = s.engine.stats(s.row)
-                s.emit(pb.StreamResponse(request_id=s.flush_request, flushed=pb.Flushed(
-                    tokens_seen=stats.tokens_seen, mean_nll=stats.mean_nll, perplexity=stats.perplexity)))
-                s.flush_request = None
+                stats = s.row_stats()
+                s.emit(FlushedReply(s.take_flush_request(), stats.tokens_seen, stats.mean_nll,
+                                    stats.perplexity))
                 continue
-            item = s.current
+            item = s.take_work()
             if item is None:
-                if s.inbox.empty():
-                    return None
-                item = s.next_work()
-            s.current = None
+                return None
             s.touch()
             self._progressed = True
             if isinstance(item, AppendWork):
-                s.pending.extend(item.ids)
-                s.pending_owners.append([len(item.ids), item.request_id])
-                if item.flush:
-                    s.flush_request = item.request_id
+                s.add_input(item)
             elif isinstance(item, GenerateWork):
                 if s.pending:
-                    s.current = item  # run the remaining input first
-                    item.input_tokens = len(s.pending)
+                    s.defer(item)  # run the remaining input first
                 else:
                     self._start_generation(s, item)
             elif isinstance(item, CheckpointWork):
@@ -198,13 +192,12 @@ class Scheduler:
             elif isinstance(item, CloseWork):
                 tokens = s.tokens_seen()
                 self.manager.close(s)
-                s.emit(pb.StreamResponse(request_id=item.request_id,
-                                         closed=pb.Closed(session_id=s.id, tokens_seen=tokens)))
+                s.emit(ClosedReply(item.request_id, s.id, tokens))
                 s.emit(StreamEnd())
             elif isinstance(item, DetachWork):
                 s.emit(StreamEnd())
             elif isinstance(item, ErrorWork):
-                s.emit(pb.StreamResponse(request_id=item.request_id, error=item.error.to_pb()))
+                s.emit(ErrorReply(item.request_id, item.error))
         return None
 
     def _decode_piece(self, s: Session) -> Piece | None:
@@ -222,38 +215,37 @@ class Scheduler:
 
     def _start_generation(self, s: Session, work: GenerateWork) -> None:
         if work.seq <= s.cancel_upto:
-            s.generation = ActiveGeneration(work, Generation(s.engine, s.row, work.params, None), 0)
+            s.start_generation(ActiveGeneration(work, Generation(s.engine, s.row, work.params, None), 0))
             s.finish_generation("CANCELLED")
             self._progressed = True
             return
         if s.engine.next_logprobs(s.row) is None:
-            s.emit(pb.StreamResponse(request_id=work.request_id, error=RequestError(
+            s.emit(ErrorReply(work.request_id, RequestError(
                 grpc.StatusCode.FAILED_PRECONDITION, "the stream is empty: append input before generating",
-                "generate").to_pb()))
+                "generate")))
             return
         gen = Generation(s.engine, s.row, work.params, self.manager.pool.tokenizer)
-        s.generation = ActiveGeneration(work, gen, input_tokens=work.input_tokens)
+        s.start_generation(ActiveGeneration(work, gen, input_tokens=work.input_tokens))
 
     async def _checkpoint(self, s: Session, item: CheckpointWork) -> None:
         try:
             size = await self.manager.checkpoint(s)
         except RequestError as exc:
-            s.emit(pb.StreamResponse(request_id=item.request_id, error=exc.to_pb()))
+            s.emit(ErrorReply(item.request_id, exc))
             return
         except Exception as exc:  # e.g. disk full: answer the request, the session stays in memory
             log.warning("checkpoint failed: %r", exc, extra={"session": s.id})
             error = server_failure(exc, "checkpoint failed", "checkpoint")
-            s.emit(pb.StreamResponse(request_id=item.request_id, error=error.to_pb()))
+            s.emit(ErrorReply(item.request_id, error))
             return
-        s.emit(pb.StreamResponse(request_id=item.request_id, checkpointed=pb.Checkpointed(
-            session_id=s.id, tokens_seen=s.tokens_seen(), bytes=size)))
+        s.emit(CheckpointedReply(item.request_id, s.id, s.tokens_seen(), size))
 
     # ------------------------------------------------------------------ the forward pass
     async def _step(self, engine: StreamingInference, pieces: list[Piece]) -> None:
         top_k = max((p.session.analysis.top_k for p in pieces if p.ids is not None), default=0)
         embeddings = any(p.session.analysis.embeddings for p in pieces if p.ids is not None)
         for p in pieces:
-            p.session.in_step = True
+            p.session.begin_step()
         started = time.perf_counter()
         try:
             results = await asyncio.get_running_loop().run_in_executor(
@@ -264,7 +256,7 @@ class Scheduler:
             return
         finally:
             for p in pieces:
-                p.session.in_step = False
+                p.session.end_step()
         elapsed = time.perf_counter() - started
         self.metrics.step_seconds.observe(elapsed)
         self.metrics.batch_rows.observe(len(pieces))
@@ -297,8 +289,8 @@ class Scheduler:
                 s.finish_generation("ERROR", error=f"{type(exc).__name__}: {exc}")
             else:
                 s.consume_pending(len(p.ids))  # dropped: retrying the same input would fail again
-                s.emit(pb.StreamResponse(error=RequestError(
-                    code, f"forward pass failed, {len(p.ids)} input tokens dropped: {exc}").to_pb()))
+                s.emit(ErrorReply("", RequestError(
+                    code, f"forward pass failed, {len(p.ids)} input tokens dropped: {exc}")))
 
     def _deliver_chunk(self, p: Piece, result: ChunkResult) -> None:
         s = p.session
@@ -306,37 +298,16 @@ class Scheduler:
         self.metrics.tokens.labels("input").inc(len(p.ids))
         if s.outbox is None:
             return
-        a = s.analysis
-        msg = pb.ChunkResult(num_tokens=len(p.ids), tokens_seen=result.tokens_seen,
-                             mean_nll=result.mean_nll, perplexity=result.perplexity,
-                             scored_tokens=s.engine.stats(s.row).scored_tokens)
-        if a.token_ids:
-            msg.token_ids.extend(result.token_ids)
-        if a.logprobs:
-            msg.logprobs.extend(result.logprobs.tolist())
-        if a.top_k:
-            msg.top_k = a.top_k
-            msg.top_k_ids.extend(result.topk_ids[:, : a.top_k].reshape(-1).tolist())
-            msg.top_k_logprobs.extend(result.topk_logprobs[:, : a.top_k].reshape(-1).tolist())
-        if a.embeddings:
-            msg.embedding.extend(result.embedding.tolist())
-        msg.cache.CopyFrom(s.cache_stats())
-        s.emit(pb.StreamResponse(request_id=request_id, chunk=msg))
+        s.emit(ChunkReply.of(request_id, len(p.ids), result, s.analysis, s.row_stats()))
 
     def _deliver_token(self, p: Piece) -> None:
         s = p.session
         g = s.generation
         token = g.gen.accept(p.token, p.logprob)
-        now = time.perf_counter()
-        if g.first_token_at is None:
-            g.first_token_at = now
-            self.metrics.ttft_seconds.observe(now - g.work.arrived)
-        else:
-            self.metrics.token_seconds.observe(now - g.last_token_at)
-        g.last_token_at = now
-        g.text_parts.append(token.text)
+        first, latency = g.record_token(token.text, time.perf_counter())
+        (self.metrics.ttft_seconds if first else self.metrics.token_seconds).observe(latency)
         self.metrics.tokens.labels("generated").inc()
-        s.emit(pb.StreamResponse(request_id=g.work.request_id, token=pb.GeneratedToken(
-            token_id=token.token_id, text=token.text, logprob=token.logprob, index=len(g.gen.generated) - 1)))
+        s.emit(TokenReply(g.work.request_id, token.token_id, token.text, token.logprob,
+                          index=len(g.gen.generated) - 1))
         if token.stop_reason is not None:
             s.finish_generation(token.stop_reason)

@@ -21,11 +21,13 @@ from sinkstream.core.model_loading import LoadedModel, load_model
 from sinkstream.core.offload_config import add_offload_options, check_offload_options, offload_from_args
 from sinkstream.service import logs
 from sinkstream.service.allocator import keep_freed_memory
+from sinkstream.service.engine_pool import EnginePool
 from sinkstream.service.metrics import ServerMetrics
-from sinkstream.service.requests import Limits
+from sinkstream.service.options import Limits
 from sinkstream.service.scheduler import Scheduler
 from sinkstream.service.servicer import SinkStreamServicer
-from sinkstream.service.sessions import EnginePool, SessionManager, SessionStore
+from sinkstream.service.session_manager import SessionManager
+from sinkstream.service.session_store import SessionStore
 from sinkstream.service.wire import add_servicer
 from sinkstream.v1 import sinkstream_pb2 as pb
 from sinkstream.v1 import sinkstream_pb2_grpc as pb_grpc

@@ -46,3 +46,14 @@ class TextInput:
         enc = self.encoder
         return {"context": enc._context, "held": enc._held, "started": enc._started,
                 "utf8_pending": enc._utf8.getstate()[0].hex()}
+
+
+def tokenize(tokenizer, text: str, add_bos: bool, return_pieces: bool) -> tuple[list[int], list[str] | None]:
+    """Ids of a whole text, as a session would feed them (BOS only if `add_bos`), and their token pieces
+    when asked for."""
+    text_input = TextInput(tokenizer)
+    ids = text_input.push(text) + text_input.flush()
+    bos = tokenizer.bos_token_id
+    if not add_bos and ids and bos is not None and ids[0] == bos:
+        ids = ids[1:]
+    return ids, tokenizer.convert_ids_to_tokens(ids) if return_pieces else None

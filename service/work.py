@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from sinkstream.core.sampling import SamplingParams
-from sinkstream.service.requests import RequestError
+from sinkstream.service.errors import RequestError
 
 
 @dataclass
@@ -56,10 +56,3 @@ class ErrorWork:
 
 Work = AppendWork | GenerateWork | CheckpointWork | CloseWork | DetachWork | ErrorWork
 
-
-@dataclass
-class StreamEnd:
-    """Outbox marker: end the call (OK), or abort it with `error`."""
-
-    error: RequestError | None = None
-    extra: dict = field(default_factory=dict)

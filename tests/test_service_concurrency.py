@@ -139,12 +139,12 @@ def test_deadline_stops_generation_and_session_resumes(client):
 def test_fast_writer_is_held_back_by_bounded_queues(server, client, monkeypatch):
     """A client that writes much faster than the model reads and never reads its responses: the server
     buffers a bounded number of requests, input tokens and responses, and flow control stops the writer."""
-    from sinkstream.service import sessions
-    from sinkstream.service.sessions import INBOX_LIMIT, OUTBOX_LIMIT
+    from sinkstream.service import backpressure
+    from sinkstream.service.backpressure import INBOX_LIMIT, OUTBOX_LIMIT
 
     # A small token budget, so that it binds before the 16-request inbox does (the real one is 64k tokens,
     # which 16 requests of the maximal message size would pass many times over).
-    monkeypatch.setattr(sessions, "INPUT_BUDGET_MIN", 2048)
+    monkeypatch.setattr(backpressure, "INPUT_BUDGET_MIN", 2048)
 
     piece = "the cat sat on the mat and " * 80  # ~2 kB, ~700 tokens
     total = 4000  # ~8 MB if the server buffered everything
@@ -181,7 +181,7 @@ def test_fast_writer_is_held_back_by_bounded_queues(server, client, monkeypatch)
 def test_unread_error_replies_stay_bounded(server, client):
     """A client that sends many invalid requests and never reads: the replies the server queues for it
     stay bounded (it stops reading the stream instead), and other sessions are served meanwhile."""
-    from sinkstream.service.sessions import OUTBOX_LIMIT
+    from sinkstream.service.backpressure import OUTBOX_LIMIT
 
     total, sent = 20_000, 0  # with long request ids (echoed): MBs of replies, more than HTTP/2 windows hold
 

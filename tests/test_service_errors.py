@@ -225,7 +225,7 @@ def test_unexpected_error_reading_requests_ends_call_with_internal(client, serve
 
     session = client.open_session(timeout=10)
     session.append_text("Once upon a time")
-    monkeypatch.setattr(server.server.servicer, "_work", broken)
+    monkeypatch.setattr(server.server.servicer.intake, "work", broken)
     err = refused(lambda: session.append_text(" more"))
     assert err.code == grpc.StatusCode.INTERNAL and "test: reader bug" in err.message  # not OK
     monkeypatch.undo()

@@ -163,7 +163,7 @@ def evict(server, session_id: str) -> None:
 
     async def run() -> None:
         async with manager.lock:
-            await manager._evict(manager.sessions[session_id])
+            await manager.residency.evict(manager.sessions[session_id])
     server.call(run())
 
 

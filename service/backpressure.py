@@ -1,0 +1,91 @@
+"""Backpressure: how much one session may hold, so a fast writer or a slow reader stalls only itself.
+
+Input side: a session's inbox holds at most INBOX_LIMIT requests, and the reader waits while the session
+holds more input tokens (queued in the inbox + pending for a forward pass) than its token budget; the
+server then stops reading that stream and HTTP/2 flow control holds the client back. A message limit alone
+would let 16 big texts in.
+
+Output side: the scheduler produces nothing for a session whose attached call has OUTBOX_LIMIT replies
+unsent (replies without a forward pass too, so its inbox fills and the reader stops), and is woken when the
+call has sent enough of them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+from sinkstream.service.work import AppendWork, Work
+
+INBOX_LIMIT = 16  # requests queued per session before the server stops reading its stream
+OUTBOX_LIMIT = 256  # responses queued per session before the scheduler stops producing for it
+INPUT_BUDGET_MIN = 4 * 16384  # input tokens a session holds (queued + pending) before its stream is not read
+
+
+def input_budget(chunk: int) -> int:
+    """Input tokens a session with this chunk size may hold (queued + pending)."""
+    return max(4 * chunk, INPUT_BUDGET_MIN)
+
+
+class Inbox(asyncio.Queue):
+    """A session's requests not started yet, bounded in messages and in input tokens.
+
+    `pending_tokens` tells how many input ids the session holds outside the inbox (waiting for a pass);
+    the session calls `input_ran()` when some of those ran or were dropped.
+    """
+
+    def __init__(self, chunk: int, pending_tokens: Callable[[], int]) -> None:
+        super().__init__(INBOX_LIMIT)
+        self.chunk = chunk
+        self.pending_tokens = pending_tokens
+        self.queued_tokens = 0  # input ids of the AppendWork queued here
+        self.input_room = asyncio.Event()  # set when input tokens ran or were dropped
+
+    async def put_work(self, item: Work) -> None:
+        """Queue a request; waits while the inbox is full or, for input, while the session holds more
+        input tokens than its budget."""
+        if isinstance(item, AppendWork):
+            while self.queued_tokens + self.pending_tokens() > input_budget(self.chunk):
+                self.input_room.clear()
+                await self.input_room.wait()
+            self.queued_tokens += len(item.ids)
+        await self.put(item)
+
+    def take(self) -> Work:
+        """The next queued request (the inbox must not be empty)."""
+        item = self.get_nowait()
+        if isinstance(item, AppendWork):
+            self.queued_tokens -= len(item.ids)
+        return item
+
+    def drop_all(self) -> None:
+        """Drop the requests not started yet."""
+        while not self.empty():
+            self.get_nowait()
+        self.queued_tokens = 0
+        self.input_room.set()
+
+    def input_ran(self) -> None:
+        self.input_room.set()
+
+
+class Outbox:
+    """One call's replies waiting to be sent. Unbounded as a queue: the scheduler checks `full()`."""
+
+    def __init__(self) -> None:
+        self._replies: asyncio.Queue = asyncio.Queue()
+
+    def put(self, reply: Any) -> None:
+        self._replies.put_nowait(reply)
+
+    def full(self) -> bool:
+        return self._replies.qsize() >= OUTBOX_LIMIT
+
+    def qsize(self) -> int:
+        return self._replies.qsize()
+
+    async def get(self) -> tuple[Any, bool]:
+        """The next reply, and whether taking it made room for a session held back by a full outbox."""
+        reply = await self._replies.get()
+        return reply, self._replies.qsize() == OUTBOX_LIMIT - 1

@@ -1,0 +1,44 @@
+"""Refusals and failures as the server reports them: a gRPC status code, the request field at fault, why."""
+
+from __future__ import annotations
+
+import errno
+
+import grpc
+import torch
+
+
+class RequestError(Exception):
+    """A request the server refuses: a gRPC status code, the request field at fault and why."""
+
+    def __init__(self, code: grpc.StatusCode, message: str, field: str = "") -> None:
+        super().__init__(f"{field}: {message}" if field else message)
+        self.code, self.field, self.message = code, field, message
+
+
+class Busy(RequestError):
+    """No row or cache shape is free now; the scheduler waits for one instead of failing the session."""
+
+    def __init__(self, message: str, field: str = "") -> None:
+        super().__init__(grpc.StatusCode.RESOURCE_EXHAUSTED, message, field)
+
+
+def invalid(field: str, message: str) -> RequestError:
+    """An INVALID_ARGUMENT refusal of `field`."""
+    return RequestError(grpc.StatusCode.INVALID_ARGUMENT, message, field)
+
+
+def is_exhaustion(exc: BaseException) -> bool:
+    """Out of memory (host or device; torch.cuda.OutOfMemoryError is torch.OutOfMemoryError) or disk full."""
+    if isinstance(exc, MemoryError | torch.OutOfMemoryError):
+        return True
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def server_failure(exc: BaseException, what: str, field: str = "") -> RequestError:
+    """An unexpected failure as a RequestError: RESOURCE_EXHAUSTED when memory or disk ran out, INTERNAL
+    otherwise (never UNKNOWN); a RequestError passes through unchanged."""
+    if isinstance(exc, RequestError):
+        return exc
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED if is_exhaustion(exc) else grpc.StatusCode.INTERNAL
+    return RequestError(code, f"{what}: {type(exc).__name__}: {exc}", field)

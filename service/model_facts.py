@@ -1,0 +1,44 @@
+"""What ModelInfo reports about the served model and server, as plain values."""
+
+from __future__ import annotations
+
+import importlib.metadata
+from dataclasses import dataclass
+
+from sinkstream.core.config import StreamConfig
+from sinkstream.core.generation import eos_token_ids
+from sinkstream.service.options import Limits
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    name: str
+    model_type: str
+    vocab_size: int
+    max_position_embeddings: int
+    hidden_size: int
+    num_layers: int
+    eos_token_ids: list[int]
+    bos_token_id: int | None
+    default_settings: StreamConfig
+    limits: Limits
+    server_version: str
+
+
+def server_version() -> str:
+    try:
+        return importlib.metadata.version("sinkstream")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def describe_model(name: str, model, tokenizer, defaults: StreamConfig, limits: Limits) -> ModelFacts:
+    """The facts of a loaded model (a transformers causal LM and its tokenizer, which may be None)."""
+    cfg = model.config
+    eos = eos_token_ids(cfg, tokenizer, getattr(model, "generation_config", None))
+    return ModelFacts(
+        name=name, model_type=cfg.model_type, vocab_size=model.get_output_embeddings().out_features,
+        max_position_embeddings=cfg.max_position_embeddings, hidden_size=cfg.hidden_size,
+        num_layers=cfg.num_hidden_layers, eos_token_ids=sorted(eos),
+        bos_token_id=getattr(tokenizer, "bos_token_id", None), default_settings=defaults, limits=limits,
+        server_version=server_version())

@@ -1,0 +1,285 @@
+"""One session's state: its stream's pending input, its queued requests, its running generation, its row.
+
+A session is one stream of tokens with its own bounded cache (a row of the StreamingInference engine
+built for its StreamConfig). It outlives the gRPC call that created it: detaching keeps it. Every change
+of a session's state goes through a method here; the manager, the scheduler and the reader call them.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from sinkstream.core.config import StreamConfig
+from sinkstream.core.generation import Generation
+from sinkstream.core.streaming import RowStats, StreamingInference
+from sinkstream.service.backpressure import Inbox, Outbox
+from sinkstream.service.errors import RequestError
+from sinkstream.service.options import AnalysisOptions
+from sinkstream.service.replies import GenerationReply, Reply, StreamEnd
+from sinkstream.service.text_input import TextInput
+from sinkstream.service.work import AppendWork, GenerateWork, Work
+
+
+@dataclass
+class ActiveGeneration:
+    """A running Generate request of one session."""
+
+    work: GenerateWork
+    gen: Generation
+    input_tokens: int
+    text_parts: list[str] = field(default_factory=list)
+    first_token_at: float | None = None
+    last_token_at: float | None = None
+
+    def record_token(self, text: str, now: float) -> tuple[bool, float]:
+        """Note a generated token's text at time `now` (perf_counter); returns whether it is the first
+        and its latency: since the request arrived for the first, since the previous token otherwise."""
+        first = self.first_token_at is None
+        latency = now - (self.work.arrived if first else self.last_token_at)
+        if first:
+            self.first_token_at = now
+        self.last_token_at = now
+        self.text_parts.append(text)
+        return first, latency
+
+    def complete(self, reason: str, tokens_seen: int, error: str) -> GenerationReply:
+        """The reply that ends this generation with `reason` (a StopReason name without its prefix)."""
+        now = time.perf_counter()
+        ttft = (self.first_token_at - self.work.arrived) if self.first_token_at is not None else 0.0
+        return GenerationReply(
+            request_id=self.work.request_id, stop_reason=reason, generated_tokens=len(self.gen.generated),
+            input_tokens=self.input_tokens, tokens_seen=tokens_seen, text="".join(self.text_parts),
+            time_to_first_token_s=ttft, total_time_s=now - self.work.arrived, error_message=error)
+
+
+class Session:
+    """One client stream of tokens and everything the server keeps for it."""
+
+    def __init__(self, session_id: str, config: StreamConfig, analysis: AnalysisOptions,
+                 text: TextInput | None, created: float | None = None) -> None:
+        self.id = session_id
+        self.config = config
+        self.analysis = analysis
+        self.text = text
+        self.created = created or time.time()
+        self.last_used = self.created
+        self.engine: StreamingInference | None = None
+        self.row: int | None = None
+        self.pending: list[int] = []  # input ids waiting for a forward pass
+        self.pending_owners: deque[list] = deque()  # [ids left, request id] of the appends in `pending`
+        self.flush_request: str | None = None  # request id to acknowledge once `pending` is empty
+        self.inbox = Inbox(config.chunk, lambda: len(self.pending))
+        self.current: Work | None = None  # a request waiting for `pending` to drain
+        self.generation: ActiveGeneration | None = None
+        self.outbox: Outbox | None = None  # the attached call's replies; None when detached
+        self.generate_seq = 0  # Generate requests received on the current call
+        self.cancel_upto = 0  # Generate requests with seq <= this are cancelled
+        self.in_step = False
+        self.closed = False
+        self.retry_at = 0.0  # time.monotonic() before which the scheduler skips a session that failed
+        # Counters of a persisted session (a resident one reads them from its engine row).
+        self.saved_stats: dict[str, Any] = {"tokens_seen": 0, "mean_nll": 0.0, "scored": 0}
+
+    @classmethod
+    def persisted(cls, session_id: str, config: StreamConfig, analysis: AnalysisOptions,
+                  text: TextInput | None, *, created: float, last_used: float, pending: list[int],
+                  saved_stats: dict[str, Any]) -> Session:
+        """A session found in the state directory, not resident until its work restores it."""
+        session = cls(session_id, config, analysis, text, created=created)
+        session.last_used = last_used
+        session.pending = list(pending)
+        session.pending_owners.append([len(session.pending), ""])
+        session.saved_stats = saved_stats
+        return session
+
+    # ------------------------------------------------------------------ state
+    @property
+    def resident(self) -> bool:
+        return self.row is not None
+
+    @property
+    def attached(self) -> bool:
+        return self.outbox is not None
+
+    def has_work(self) -> bool:
+        return bool(len(self.pending) >= self.config.chunk or self.flush_request is not None
+                    or self.current is not None or self.generation is not None or not self.inbox.empty())
+
+    def idle(self) -> bool:
+        return not self.in_step and not self.has_work()
+
+    def outbox_full(self) -> bool:
+        return self.outbox is not None and self.outbox.full()
+
+    def touch(self) -> None:
+        self.last_used = time.time()
+
+    def set_analysis(self, analysis: AnalysisOptions) -> None:
+        self.analysis = analysis
+
+    def row_stats(self) -> RowStats:
+        """Counters and cache occupancy of the session's row (it must be resident)."""
+        return self.engine.stats(self.row)
+
+    def tokens_seen(self) -> int:
+        return self.engine.stats(self.row).tokens_seen if self.resident else self.saved_stats["tokens_seen"]
+
+    def counters(self) -> tuple[int, float]:
+        """(tokens seen, mean negative log-likelihood), resident or persisted."""
+        if self.resident:
+            st = self.engine.stats(self.row)
+            return st.tokens_seen, st.mean_nll
+        return self.saved_stats["tokens_seen"], self.saved_stats["mean_nll"]
+
+    def cache_stats(self) -> RowStats | None:
+        return self.engine.stats(self.row) if self.resident else None
+
+    # ------------------------------------------------------------------ the attached call
+    def attach(self) -> Outbox:
+        """A new call takes the session: its replies go to the returned outbox."""
+        self.outbox = Outbox()
+        self.generate_seq = self.cancel_upto = 0
+        self.touch()
+        return self.outbox
+
+    def detach(self, outbox: Outbox) -> bool:
+        """The call owning `outbox` ended: drop its unstarted requests and cancel its generation; tokens
+        already accepted stay. False if another call owns the session by now."""
+        if self.outbox is not outbox:
+            return False
+        self.outbox = None
+        self.drop_queued()
+        if isinstance(self.current, GenerateWork):
+            self.current = None
+        self.cancel_upto = self.generate_seq
+        self.touch()
+        return True
+
+    def emit(self, reply: Reply | StreamEnd) -> None:
+        """Queue a reply for the attached call (dropped when no call is attached)."""
+        if self.outbox is not None:
+            self.outbox.put(reply)
+
+    def next_generate_seq(self) -> int:
+        """Number a Generate request received on the current call."""
+        self.generate_seq += 1
+        return self.generate_seq
+
+    def cancel_generations(self) -> None:
+        """Cancel the Generate requests received on the current call so far."""
+        self.cancel_upto = self.generate_seq
+
+    # ------------------------------------------------------------------ queued requests and input
+    async def queue(self, item: Work) -> None:
+        """Queue a request for the scheduler; waits while backpressure holds the reader back."""
+        await self.inbox.put_work(item)
+
+    def take_work(self) -> Work | None:
+        """The request to handle next: one waiting for pending input to drain, else the next queued."""
+        item = self.current
+        if item is None:
+            if self.inbox.empty():
+                return None
+            item = self.inbox.take()
+        self.current = None
+        return item
+
+    def defer(self, work: GenerateWork) -> None:
+        """Run the pending input before `work`; it is handled again once that is done."""
+        self.current = work
+        work.input_tokens = len(self.pending)
+
+    def drop_queued(self) -> None:
+        """Drop the requests not started yet."""
+        self.inbox.drop_all()
+
+    def add_input(self, work: AppendWork) -> None:
+        """Ids of an append join the pending input; a flush is acknowledged once they ran."""
+        self.pending.extend(work.ids)
+        self.pending_owners.append([len(work.ids), work.request_id])
+        if work.flush:
+            self.flush_request = work.request_id
+
+    def take_flush_request(self) -> str:
+        """The request id of the flush to acknowledge now (there must be one)."""
+        request_id, self.flush_request = self.flush_request, None
+        return request_id
+
+    def consume_pending(self, n: int) -> str:
+        """Drop the first n pending ids (they ran); return the request id of the last one's append."""
+        del self.pending[:n]
+        self.inbox.input_ran()
+        request_id = ""
+        while n > 0 and self.pending_owners:
+            owner = self.pending_owners[0]
+            used = min(n, owner[0])
+            owner[0] -= used
+            n -= used
+            request_id = owner[1]
+            if owner[0] == 0:
+                self.pending_owners.popleft()
+        return request_id
+
+    def begin_step(self) -> None:
+        self.in_step = True
+
+    def end_step(self) -> None:
+        self.in_step = False
+
+    # ------------------------------------------------------------------ generation
+    def start_generation(self, generation: ActiveGeneration) -> None:
+        self.generation = generation
+
+    def finish_generation(self, reason: str, error: str = "") -> None:
+        """End the running generation: report it, and tell the text input the stream moved on."""
+        g = self.generation
+        assert g is not None
+        self.generation = None
+        if self.text is not None:
+            self.text.push_ids([])  # later text starts at a token boundary after the generated tokens
+        self.emit(g.complete(reason, self.tokens_seen(), error))
+
+    def fail(self, error: RequestError, retry_at: float) -> None:
+        """A server-side failure of this session: end its call with `error`, drop its queued requests
+        (they would fail the same way) and leave it alone until `retry_at` (time.monotonic())."""
+        if self.generation is not None:
+            try:
+                self.finish_generation("ERROR", error=str(error))
+            except Exception:  # the failure may be in the very state that reports it
+                self.generation = None
+        self.emit(StreamEnd(error))
+        self.drop_queued()
+        self.current = self.flush_request = None
+        self.retry_at = retry_at
+
+    # ------------------------------------------------------------------ its row
+    def place(self, engine: StreamingInference, row: int) -> None:
+        """The session now lives in `row` of `engine`."""
+        self.engine, self.row = engine, row
+
+    def release_row(self) -> None:
+        """Free the session's row (it must be resident)."""
+        self.engine.close_row(self.row)
+        self.engine = self.row = None
+
+    def release_row_persisted(self) -> None:
+        """Free the row of a session just persisted, keeping its counters for when it is not resident."""
+        st = self.engine.stats(self.row)
+        self.saved_stats = {"tokens_seen": st.tokens_seen, "mean_nll": st.mean_nll,
+                            "scored": st.scored_tokens}
+        self.release_row()
+
+    def end(self) -> None:
+        """The session is gone for good: free its row; the scheduler stops at once."""
+        if self.resident:
+            self.release_row()
+        self.closed = True
+
+    def meta(self) -> dict[str, Any]:
+        """JSON-able session state that the engine snapshot does not hold."""
+        return {"id": self.id, "analysis": asdict(self.analysis), "created": self.created,
+                "last_used": self.last_used, "pending": self.pending,
+                "text": self.text.state() if self.text is not None else None}

@@ -1,0 +1,220 @@
+"""The sessions' lifecycle: opening, resuming, attaching and detaching calls, failing, closing, expiring,
+idle eviction and persisting them all at shutdown.
+
+Sessions outlive the gRPC call that created them; idle sessions are snapshotted to the state directory
+and their row is freed (engine_pool.Residency); work for a persisted session restores it first, so
+eviction is invisible to clients except for the latency.
+
+Concurrency: everything runs on the server's event loop. `lock` is held by the scheduler around each
+forward pass (which runs in a worker thread); any other code that touches an engine takes it too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from collections.abc import Callable
+
+import grpc
+
+from sinkstream.core.config import StreamConfig
+from sinkstream.service.backpressure import Outbox
+from sinkstream.service.engine_pool import EnginePool, Residency
+from sinkstream.service.errors import Busy, RequestError
+from sinkstream.service.metrics import ServerMetrics
+from sinkstream.service.options import AnalysisOptions
+from sinkstream.service.replies import StreamEnd
+from sinkstream.service.session import Session
+from sinkstream.service.session_store import SessionStore, session_from_meta
+from sinkstream.service.text_input import TextInput
+
+log = logging.getLogger("sinkstream.sessions")
+RECENTLY_CLOSED = 1024  # closed ids remembered for a clearer NOT_FOUND message
+FAILED_RETRY_S = 1.0  # a session that failed server-side is not scheduled again for this long
+
+
+class SessionManager:
+    """All live sessions; opening, resuming, evicting, restoring, expiring and deleting them."""
+
+    def __init__(self, pool: EnginePool, store: SessionStore | None, metrics: ServerMetrics, *,
+                 max_sessions: int, session_ttl_s: float, idle_evict_s: float) -> None:
+        self.pool, self.store, self.metrics = pool, store, metrics
+        self.max_sessions = max_sessions
+        self.session_ttl_s, self.idle_evict_s = session_ttl_s, idle_evict_s
+        self.sessions: dict[str, Session] = {}
+        self.recently_closed: dict[str, None] = {}
+        self.lock = asyncio.Lock()
+        self.residency = Residency(pool, store, self.sessions, metrics, self._update_gauges)
+        self.on_work: Callable[[], None] = lambda: None  # the scheduler's wake-up
+        if store is not None:
+            for meta in store.scan():
+                try:
+                    session = session_from_meta(meta, pool.tokenizer)
+                except (KeyError, TypeError, ValueError) as exc:
+                    log.warning("skipping snapshot without session state: %r", exc)
+                    continue
+                self.sessions[session.id] = session
+        self._update_gauges()
+
+    # ------------------------------------------------------------------ lookup
+    def get(self, session_id: str) -> Session:
+        session = self.sessions.get(session_id)
+        if session is None:
+            why = "was closed" if session_id in self.recently_closed else "is unknown or expired"
+            raise RequestError(grpc.StatusCode.NOT_FOUND, f"session {session_id!r} {why}", "session_id")
+        return session
+
+    def all(self) -> list[Session]:
+        """The live sessions, resident or persisted."""
+        return list(self.sessions.values())
+
+    def _update_gauges(self) -> None:
+        resident = sum(s.resident for s in self.sessions.values())
+        self.metrics.sessions.labels("resident").set(resident)
+        self.metrics.sessions.labels("persisted").set(len(self.sessions) - resident)
+        self.metrics.attached.set(sum(s.attached for s in self.sessions.values()))
+
+    # ------------------------------------------------------------------ open / resume / attach / detach
+    async def open(self, session_id: str, config: StreamConfig, analysis: AnalysisOptions,
+                   seed: int | None) -> Session:
+        """A new resident session; an empty `session_id` gets a random one."""
+        session_id = session_id or secrets.token_hex(8)
+        async with self.lock:
+            if session_id in self.sessions:
+                raise RequestError(grpc.StatusCode.ALREADY_EXISTS, f"session {session_id!r} exists",
+                                   "open.session_id")
+            if len(self.sessions) >= self.max_sessions:
+                self._expire(time.time())
+                if len(self.sessions) >= self.max_sessions:
+                    raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                       f"the server holds its maximum of {self.max_sessions} sessions")
+            text = TextInput(self.pool.tokenizer) if self.pool.tokenizer is not None else None
+            session = Session(session_id, config, analysis, text)
+            await self.residency.take_row(session, seed=seed)
+            self.sessions[session_id] = session
+            self.recently_closed.pop(session_id, None)
+            self._update_gauges()
+            return session
+
+    async def resume(self, session_id: str, analysis: AnalysisOptions | None) -> Session:
+        """An existing session, resident again, for a new call."""
+        async with self.lock:
+            session = self.get(session_id)
+            if session.attached:
+                raise RequestError(grpc.StatusCode.ABORTED,
+                                   f"session {session_id!r} is attached to another stream",
+                                   "resume.session_id")
+            if session.generation is not None:  # cancelled by the previous call's end
+                session.finish_generation("CANCELLED")
+            if not session.resident:
+                await self.residency.restore(session)
+            if analysis is not None:
+                session.set_analysis(analysis)
+            return session
+
+    def attach(self, session: Session) -> Outbox:
+        """A call takes the session; its replies come out of the returned outbox."""
+        outbox = session.attach()
+        self._update_gauges()
+        return outbox
+
+    def detach(self, session: Session, outbox: Outbox) -> None:
+        """The call ended (half-close, cancellation, deadline, error): drop its unstarted requests and
+        cancel its generation; tokens already accepted stay in the session."""
+        if not session.detach(outbox):
+            return
+        self._update_gauges()
+        self.on_work()
+
+    # ------------------------------------------------------------------ restore / failure
+    async def ensure_resident(self, session: Session) -> bool:
+        """Restore a persisted session that has work; False if no row can be freed now, or if restoring
+        failed (the session is failed, or forgotten when its snapshot is unreadable). Lock held."""
+        if session.resident:
+            return True
+        try:
+            await self.residency.restore(session)
+        except Busy:
+            return False  # wait for a row
+        except RequestError as exc:
+            if exc.code == grpc.StatusCode.DATA_LOSS:
+                session.emit(StreamEnd(exc))
+                self._forget(session)
+            else:
+                self.fail(session, exc)
+            return False
+        return True
+
+    def fail(self, session: Session, error: RequestError) -> None:
+        """A server-side failure specific to this session: end its call with `error`, drop its queued
+        requests (they would fail the same way) and leave it alone for a moment; it stays resumable."""
+        log.warning("session failed: %s", error, extra={"session": session.id})
+        session.fail(error, retry_at=time.monotonic() + FAILED_RETRY_S)
+
+    # ------------------------------------------------------------------ checkpoint / close / delete
+    async def checkpoint(self, session: Session) -> int:
+        """Persist a resident session now; returns bytes written. Lock held."""
+        if self.store is None:
+            raise RequestError(grpc.StatusCode.FAILED_PRECONDITION,
+                               "the server runs without --state-dir: nothing can be persisted", "checkpoint")
+        return await self.residency.save(session)
+
+    def close(self, session: Session) -> None:
+        """End a session for good (its row, its snapshot). Lock held."""
+        self._forget(session)
+
+    def _forget(self, session: Session) -> None:
+        session.end()
+        self.sessions.pop(session.id, None)
+        self.recently_closed[session.id] = None
+        if len(self.recently_closed) > RECENTLY_CLOSED:
+            self.recently_closed.pop(next(iter(self.recently_closed)))
+        if self.store is not None:
+            self.store.delete(session.id)
+        self._update_gauges()
+
+    async def delete(self, session_id: str) -> int:
+        """Delete a detached session; returns the tokens it had seen."""
+        async with self.lock:
+            session = self.get(session_id)
+            if session.attached:
+                raise RequestError(grpc.StatusCode.FAILED_PRECONDITION,
+                                   f"session {session_id!r} is attached to a stream; close it there",
+                                   "session_id")
+            tokens = session.tokens_seen()
+            self._forget(session)
+            return tokens
+
+    # ------------------------------------------------------------------ housekeeping
+    def _expire(self, now: float) -> None:
+        if not self.session_ttl_s:
+            return
+        for session in list(self.sessions.values()):
+            if not session.attached and session.idle() and now - session.last_used > self.session_ttl_s:
+                log.info("session expired", extra={"session": session.id})
+                self._forget(session)
+
+    async def sweep(self) -> None:
+        """Expire sessions past their TTL; persist and release sessions idle for idle_evict_s."""
+        async with self.lock:
+            now = time.time()
+            self._expire(now)
+            if self.store is None or not self.idle_evict_s:
+                return
+            for session in list(self.sessions.values()):
+                if session.resident and session.idle() and now - session.last_used > self.idle_evict_s:
+                    await self.residency.evict(session)
+
+    async def persist_all(self) -> int:
+        """At shutdown: persist every resident session (when a state directory is set)."""
+        if self.store is None:
+            return 0
+        async with self.lock:
+            resident = [s for s in self.sessions.values() if s.resident]
+            for session in resident:
+                if session.generation is not None:
+                    session.finish_generation("CANCELLED")
+                await self.residency.evict(session)
+            return len(resident)

@@ -1,0 +1,83 @@
+"""The state directory: persisted sessions as core snapshots (safetensors + JSON, no pickle), and the
+session state read back from their metadata."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from safetensors import safe_open
+
+from sinkstream.core.config import StreamConfig, TierSpec
+from sinkstream.core.snapshot import SnapshotError, load_snapshot, save_snapshot
+from sinkstream.service.options import AnalysisOptions
+from sinkstream.service.session import Session
+from sinkstream.service.text_input import TextInput
+
+log = logging.getLogger("sinkstream.sessions")
+
+
+class SessionStore:
+    """The state directory: one `<session id>.safetensors` per persisted session (no pickle)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+
+    def path(self, session_id: str) -> Path:
+        return self.root / f"{session_id}.safetensors"
+
+    def save(self, session_id: str, tensors: dict, meta: dict) -> int:
+        """Write one session's snapshot; returns its size in bytes."""
+        path = self.path(session_id)
+        save_snapshot(path, tensors, meta)
+        return path.stat().st_size
+
+    def load(self, session_id: str) -> tuple[dict, dict]:
+        try:
+            return load_snapshot(self.path(session_id))
+        except (SnapshotError, MemoryError):  # out of memory says nothing about the file
+            raise
+        except Exception as exc:  # e.g. safetensors' own error for a damaged header
+            raise SnapshotError(f"cannot read snapshot of {session_id}: {exc}") from exc
+
+    def delete(self, session_id: str) -> None:
+        self.path(session_id).unlink(missing_ok=True)
+
+    def scan(self) -> list[dict[str, Any]]:
+        """Metadata of every readable snapshot (unreadable files are logged and skipped)."""
+        metas = []
+        for path in sorted(self.root.glob("*.safetensors")):
+            try:
+                with safe_open(str(path), framework="pt") as f:
+                    metas.append(json.loads((f.metadata() or {})["sinkstream"]))
+            except Exception as exc:  # a damaged file must not stop the server from starting
+                log.warning("skipping unreadable snapshot", extra={"path": str(path), "error": str(exc)})
+        return metas
+
+
+def snapshot_meta(session: Session, meta: dict[str, Any]) -> dict[str, Any]:
+    """The engine snapshot's metadata with the session's own state added."""
+    meta["session"] = session.meta()
+    return meta
+
+
+def config_from_meta(meta: dict[str, Any]) -> StreamConfig:
+    config = dict(meta["config"])
+    config["tiers"] = tuple(TierSpec(**t) for t in config["tiers"])
+    return StreamConfig(**config)
+
+
+def session_from_meta(meta: dict[str, Any], tokenizer) -> Session:
+    """The persisted session a snapshot's metadata describes (KeyError, TypeError, ValueError if it
+    holds no valid session state)."""
+    info = meta["session"]
+    text = TextInput(tokenizer, info["text"]) if tokenizer is not None else None
+    scored = int(meta["scored"])
+    return Session.persisted(
+        info["id"], config_from_meta(meta), AnalysisOptions(**info["analysis"]), text,
+        created=info["created"], last_used=info["last_used"], pending=list(info["pending"]),
+        saved_stats={"tokens_seen": int(meta["tokens_seen"]), "scored": scored,
+                     "mean_nll": float(meta["nll_sum"]) / max(scored, 1)})

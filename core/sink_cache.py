@@ -14,11 +14,13 @@ re-numbering). The ring means eviction never moves data: a token leaves by havin
 Update contract (Hugging Face `Cache`): `begin_step` -> model forward, whose attention layers call
 `update(k, v, layer)` with the chunk's rotated keys [b, kv_heads, n, head_dim] and get back the keys and
 values of every slot [b, kv_heads, num_slots, head_dim] -> `end_step` commits the chunk and evicts.
+
+Extension point: one `CacheHooks` object, registered once with `set_hooks`, hears about each forward pass
+and about tokens leaving the window (core.tiers registers its TierMemory).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,14 +30,10 @@ from transformers.cache_utils import Cache
 from sinkstream.core.config import StreamConfig
 from sinkstream.core.rope import RopeTable, apply_rotation, remove_rotation
 
-# Called with (row, slots [e]) for tokens leaving the window that the sinks do not take; the slots still
-# hold the tokens' keys/values/ids when it runs. core.tiers installs one; without it they are dropped.
-EvictionHandler = Callable[[int, torch.Tensor], None]
-
 
 @dataclass
-class _Step:
-    """Per-forward-pass tensors shared by all layers."""
+class ForwardStep:
+    """Per-forward-pass tensors shared by all layers (built by SinkCache.begin_step)."""
 
     rows: torch.Tensor  # [b] long
     lengths: list[int]  # real tokens per row (rows shorter than the longest are padded)
@@ -46,6 +44,27 @@ class _Step:
     chunk_cos: torch.Tensor  # [b, 1, n, rotary_dim]
     chunk_sin: torch.Tensor
     all_rows: bool  # rows == 0..R-1: storage views can be returned without a gather
+
+
+class CacheHooks:
+    """What a SinkCache tells the one object registered with `SinkCache.set_hooks`; every hook is a no-op
+    here, so a subclass overrides only what it needs."""
+
+    def step_started(self, step: ForwardStep) -> None:
+        """A forward pass over `step` begins (called at the end of begin_step, before the model runs)."""
+
+    def step_ending(self, step: ForwardStep) -> None:
+        """The forward pass over `step` succeeded; called before the chunk is committed and eviction runs."""
+
+    def step_aborted(self) -> None:
+        """The forward pass failed; the cache forgets it."""
+
+    def evicted(self, row: int, slots: torch.Tensor) -> None:
+        """Tokens leave the window of `row` and the sinks do not take them: ring slots [e], stream order.
+
+        The slots still hold the tokens' keys/values/ids during the call; afterwards they are emptied, so
+        without a hook that keeps them the tokens are dropped.
+        """
 
 
 class SinkCache(Cache):
@@ -83,8 +102,14 @@ class SinkCache(Cache):
         self.tokens_seen = [0] * max_rows
         self.sink_used = [0] * max_rows
         self.window_used = [0] * max_rows
-        self.on_evict: EvictionHandler | None = None
-        self._step: _Step | None = None
+        self.hooks = CacheHooks()
+        self._step: ForwardStep | None = None
+
+    def set_hooks(self, hooks: CacheHooks) -> None:
+        """Register the cache's one hooks object (see CacheHooks); a second registration is an error."""
+        if type(self.hooks) is not CacheHooks:
+            raise RuntimeError("SinkCache hooks are already registered")
+        self.hooks = hooks
 
     # ----------------------------------------------------------------- the forward-pass protocol
     def begin_step(
@@ -128,9 +153,10 @@ class SinkCache(Cache):
         slot_cos, slot_sin = self.rope.gather(slot_pos)
         chunk_cos, chunk_sin = self.rope.gather(position_ids)
         all_rows = rows == list(range(self.keys.shape[1]))
-        self._step = _Step(rows_t, lengths, chunk_slots, chunk_tokens, slot_cos, slot_sin,
-                           chunk_cos, chunk_sin, all_rows)
+        self._step = ForwardStep(rows_t, lengths, chunk_slots, chunk_tokens, slot_cos, slot_sin,
+                                 chunk_cos, chunk_sin, all_rows)
         self._step_ids = input_ids
+        self.hooks.step_started(self._step)
         return position_ids, mask
 
     def update(
@@ -164,6 +190,7 @@ class SinkCache(Cache):
         st = self._step
         if st is None:
             raise RuntimeError("end_step without begin_step")
+        self.hooks.step_ending(st)
         for i, row in enumerate(st.rows.tolist()):
             n = st.lengths[i]
             slots = st.chunk_slots[i, :n]
@@ -178,6 +205,7 @@ class SinkCache(Cache):
 
     def abort_step(self) -> None:
         """Forget a forward pass that failed: chunk slots were never counted, so nothing else changes."""
+        self.hooks.step_aborted()
         self._step = None
 
     # ----------------------------------------------------------------- eviction
@@ -194,8 +222,8 @@ class SinkCache(Cache):
             self.token_ids[row, dst] = self.token_ids[row, src]
             self.count[row, dst] = 1.0
             self.sink_used[row] += to_sinks
-        if e > to_sinks and self.on_evict is not None:
-            self.on_evict(row, slots[to_sinks:])
+        if e > to_sinks:
+            self.hooks.evicted(row, slots[to_sinks:])
         self.count[row, slots] = 0.0
         self.window_used[row] -= e
 

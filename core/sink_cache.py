@@ -46,6 +46,19 @@ class ForwardStep:
     all_rows: bool  # rows == 0..R-1: storage views can be returned without a gather
 
 
+@dataclass
+class CacheRowState:
+    """One row's whole cache state (see SinkCache.row_state)."""
+
+    keys: torch.Tensor  # [L, kv_heads, num_slots, head_dim] position-free
+    values: torch.Tensor  # [L, kv_heads, num_slots, head_dim]
+    count: torch.Tensor  # [num_slots] float32, tokens each slot stands for
+    token_ids: torch.Tensor  # [num_slots] long
+    tokens_seen: int
+    sink_used: int
+    window_used: int
+
+
 class CacheHooks:
     """What a SinkCache tells the one object registered with `SinkCache.set_hooks`; every hook is a no-op
     here, so a subclass overrides only what it needs."""
@@ -241,6 +254,20 @@ class SinkCache(Cache):
         self.count[row] = 0.0
         self.token_ids[row] = 0
         self.tokens_seen[row] = self.sink_used[row] = self.window_used[row] = 0
+
+    def row_state(self, row: int) -> CacheRowState:
+        """The row's state; its tensors are views of the cache's storage (clone them to keep them)."""
+        return CacheRowState(self.keys[:, row], self.values[:, row], self.count[row], self.token_ids[row],
+                             self.tokens_seen[row], self.sink_used[row], self.window_used[row])
+
+    def load_row_state(self, row: int, state: CacheRowState) -> None:
+        """Overwrite the row with `state` (shapes and dtypes as `row_state` gives them)."""
+        self.keys[:, row].copy_(state.keys)
+        self.values[:, row].copy_(state.values)
+        self.count[row].copy_(state.count)
+        self.token_ids[row].copy_(state.token_ids)
+        self.tokens_seen[row], self.sink_used[row] = state.tokens_seen, state.sink_used
+        self.window_used[row] = state.window_used
 
     def context_token_ids(self, row: int) -> torch.Tensor:
         """Ids of the plain tokens currently kept for `row` (sinks and window) [k], in slot order."""

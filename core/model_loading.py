@@ -10,8 +10,8 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 from transformers.utils import logging as hf_logging
 
-from sinkstream.core.offload_config import OffloadConfig
-from sinkstream.core.offload_loading import load_model_offloaded
+from sinkstream.core.offload.config import OffloadConfig
+from sinkstream.core.offload.loading import load_model_offloaded
 from sinkstream.core.rope import SUPPORTED_ROPE_TYPES
 
 # Families whose attention applies RoPE before `past_key_values.update` and accepts a 4-D mask.
@@ -72,7 +72,7 @@ def load_model(
     """Load model + tokenizer from a local folder or a hub id, after checking the config is supported.
 
     `offload` (mode cpu/disk) keeps the decoder layers out of memory and streams them through
-    `offload.resident_layers` slots (core.layer_prefetch); it needs a local safetensors folder.
+    `offload.resident_layers` slots (core.offload.prefetch); it needs a local safetensors folder.
     """
     config = AutoConfig.from_pretrained(name_or_path)
     check_supported(config)

@@ -98,7 +98,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ImportError as exc:
             parser.error(f"in-process mode needs the server extra (pip install 'sinkstream[server]'): {exc}")
         from sinkstream.core.config import ConfigError
-        from sinkstream.core.model_loading import UnsupportedModelError
+        from sinkstream.core.model_support import UnsupportedModelError
         from sinkstream.core.offload.checkpoint import CheckpointError
         from sinkstream.core.offload.prefetch import OffloadError
         from sinkstream.core.sampling import SamplingError

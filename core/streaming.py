@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from sinkstream.core.config import StreamConfig
-from sinkstream.core.model_loading import check_supported
+from sinkstream.core.model_support import check_supported
 from sinkstream.core.rope import RopeTable
 from sinkstream.core.sink_cache import CacheRowState, SinkCache
 from sinkstream.core.snapshot import restore_row, snapshot_row

@@ -145,7 +145,7 @@ class SinkCache(Cache):
         chunk_tokens = seen[:, None] + torch.arange(n, device=device)  # [b, n]
         chunk_slots = self.ring_start + chunk_tokens % self.ring_size
         # Stream index of every ring slot: stale slots get garbage positions but are masked out.
-        ring_tokens = self._ring_token_index(seen, window_start)  # [b, ring]
+        ring_tokens = self._ring_token_index(seen)  # [b, ring]
         ring_tokens.scatter_(1, chunk_slots - self.ring_start, chunk_tokens)
         max_pos = self.rope.cos.shape[0] - 1
         slot_pos = torch.cat(
@@ -240,7 +240,7 @@ class SinkCache(Cache):
         self.count[row, slots] = 0.0
         self.window_used[row] -= e
 
-    def _ring_token_index(self, seen: torch.Tensor, window_start: torch.Tensor) -> torch.Tensor:
+    def _ring_token_index(self, seen: torch.Tensor) -> torch.Tensor:
         """Stream index held by each ring slot [b, ring], for slots of the current window."""
         ring = torch.arange(self.ring_size, device=seen.device)
         # The newest token t-1 sits at slot (t-1) % ring; slot s holds the latest index <= t-1 with that

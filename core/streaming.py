@@ -172,11 +172,11 @@ class StreamingInference:
             raise
         self.cache.end_step()
         logprobs = torch.log_softmax(self.lm_head(hidden).float(), dim=-1).cpu()  # [b, n, V]
-        return {row: self._score(i, row, ids[i, : lengths[i]].cpu(), logprobs[i, : lengths[i]],
+        return {row: self._score(row, ids[i, : lengths[i]].cpu(), logprobs[i, : lengths[i]],
                                  hidden[i, : lengths[i]], top_k, embeddings)
                 for i, row in enumerate(rows)}
 
-    def _score(self, i: int, row: int, ids: torch.Tensor, logprobs: torch.Tensor, hidden: torch.Tensor,
+    def _score(self, row: int, ids: torch.Tensor, logprobs: torch.Tensor, hidden: torch.Tensor,
                top_k: int, embeddings: bool) -> ChunkResult:
         """Score each token with the distribution that predicted it; remember the next-token one."""
         first = self._next_logprobs[row] if self._has_next[row] else torch.full_like(logprobs[0], math.nan)

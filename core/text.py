@@ -56,9 +56,9 @@ def special_affixes(tokenizer) -> tuple[list[int], list[int]]:
     raise ValueError("cannot locate the text's tokens among the tokenizer's special tokens")
 
 
-# Facts read off a whole vocabulary are cached per tokenizer backend: scanning a 150k-token vocabulary in
-# Python takes about 0.1 s, which every session and every generation request would otherwise pay. (A
-# tokenizer whose vocabulary changes after first use is not supported.)
+# Facts read off a whole vocabulary are cached per tokenizer backend: scanning a large vocabulary in Python
+# is a cost every session and every generation request would otherwise pay. (A tokenizer whose vocabulary
+# changes after first use is not supported.)
 @functools.lru_cache(maxsize=8)
 def space_cuts_are_hard(backend) -> bool:
     """Whether no vocabulary token has a word marker (space, "▁", byte-level "Ġ") after another character:

@@ -223,11 +223,8 @@ class TierMemory(CacheHooks):
             self._observed = None
         self._step = None
 
-    def evicted(self, row: int, slots: torch.Tensor) -> None:
-        self.absorb(row, slots)
-
     # ----------------------------------------------------------------- eviction into the tiers
-    def absorb(self, row: int, slots: torch.Tensor) -> None:
+    def evicted(self, row: int, slots: torch.Tensor) -> None:
         """Take the tokens leaving the window of `row` (ring slots [e], stream order) into tier 1."""
         device = slots.device
         pending = torch.arange(self.pending_base, self.pending_base + self._pending[row], device=device)

@@ -135,8 +135,8 @@ def run_one(ckpt: Path, variant: str, cache: str, prompt: int, chunk: int, decod
     from transformers import AutoModelForCausalLM
 
     from sinkstream.core.config import StreamConfig
-    from sinkstream.core.offload_config import OffloadConfig
-    from sinkstream.core.offload_loading import load_model_offloaded
+    from sinkstream.core.offload.config import OffloadConfig
+    from sinkstream.core.offload.loading import load_model_offloaded
     from sinkstream.core.streaming import StreamingInference
 
     if cache == "cold":

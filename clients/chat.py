@@ -30,7 +30,7 @@ import grpc
 from sinkstream.clients.client import Session, SinkStreamClient
 from sinkstream.clients.remote_runner import unreachable_hint
 from sinkstream.clients.results import GenerateParams, SessionSettings, SinkStreamError
-from sinkstream.core.offload_config import add_offload_options  # torch-free
+from sinkstream.core.offload.config import add_offload_options  # torch-free
 
 STREAM_ENDING = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.INTERNAL,
                  grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNKNOWN)
@@ -243,7 +243,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"sinkstream chat: error: --model needs the server extra (pip install "
                   f"'sinkstream[server]'): {exc}", file=sys.stderr)
             return 2
-        from sinkstream.core.layer_prefetch import OffloadError
+        from sinkstream.core.offload.prefetch import OffloadError
 
         key = f"local:{Path(args.model).resolve() if Path(args.model).exists() else args.model}"
         try:

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 from sinkstream.clients import chat
 from sinkstream.clients.analysis_report import add_output_options, check_output_options, write_outputs
-from sinkstream.core.offload_config import add_offload_options, check_offload_options  # torch-free
+from sinkstream.core.offload.config import add_offload_options, check_offload_options  # torch-free
 
 DEFAULT_SERVER = os.environ.get("SINKSTREAM_SERVER")
 SERVER_HELP = "host:port of a sinkstream server (default $SINKSTREAM_SERVER); --model wins if given"
@@ -98,10 +98,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ImportError as exc:
             parser.error(f"in-process mode needs the server extra (pip install 'sinkstream[server]'): {exc}")
         from sinkstream.core.config import ConfigError
-        from sinkstream.core.layer_prefetch import OffloadError
-        from sinkstream.core.model_loading import UnsupportedModelError
+        from sinkstream.core.model_support import UnsupportedModelError
+        from sinkstream.core.offload.checkpoint import CheckpointError
+        from sinkstream.core.offload.prefetch import OffloadError
         from sinkstream.core.sampling import SamplingError
-        from sinkstream.core.weight_store import CheckpointError
 
         try:
             if args.command == "generate":

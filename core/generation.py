@@ -10,8 +10,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-import torch
-
 from sinkstream.core.sampling import Sampler, SamplingParams
 from sinkstream.core.streaming import StreamingInference
 from sinkstream.core.text import IncrementalDecoder, StopMatcher
@@ -107,8 +105,3 @@ def generate(engine: StreamingInference, row: int, params: SamplingParams,
         engine.step({row: [token]})
         yield gen.accept(token, logprob)
 
-
-def generate_text(engine: StreamingInference, row: int, params: SamplingParams, tokenizer) -> str:
-    """Convenience: the whole generated text."""
-    with torch.inference_mode():
-        return "".join(t.text for t in generate(engine, row, params, tokenizer))

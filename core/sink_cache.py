@@ -14,11 +14,13 @@ re-numbering). The ring means eviction never moves data: a token leaves by havin
 Update contract (Hugging Face `Cache`): `begin_step` -> model forward, whose attention layers call
 `update(k, v, layer)` with the chunk's rotated keys [b, kv_heads, n, head_dim] and get back the keys and
 values of every slot [b, kv_heads, num_slots, head_dim] -> `end_step` commits the chunk and evicts.
+
+Extension point: one `CacheHooks` object, registered once with `set_hooks`, hears about each forward pass
+and about tokens leaving the window (core.tiers registers its TierMemory).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,14 +30,10 @@ from transformers.cache_utils import Cache
 from sinkstream.core.config import StreamConfig
 from sinkstream.core.rope import RopeTable, apply_rotation, remove_rotation
 
-# Called with (row, slots [e]) for tokens leaving the window that the sinks do not take; the slots still
-# hold the tokens' keys/values/ids when it runs. core.tiers installs one; without it they are dropped.
-EvictionHandler = Callable[[int, torch.Tensor], None]
-
 
 @dataclass
-class _Step:
-    """Per-forward-pass tensors shared by all layers."""
+class ForwardStep:
+    """Per-forward-pass tensors shared by all layers (built by SinkCache.begin_step)."""
 
     rows: torch.Tensor  # [b] long
     lengths: list[int]  # real tokens per row (rows shorter than the longest are padded)
@@ -46,6 +44,40 @@ class _Step:
     chunk_cos: torch.Tensor  # [b, 1, n, rotary_dim]
     chunk_sin: torch.Tensor
     all_rows: bool  # rows == 0..R-1: storage views can be returned without a gather
+
+
+@dataclass
+class CacheRowState:
+    """One row's whole cache state (see SinkCache.row_state)."""
+
+    keys: torch.Tensor  # [L, kv_heads, num_slots, head_dim] position-free
+    values: torch.Tensor  # [L, kv_heads, num_slots, head_dim]
+    count: torch.Tensor  # [num_slots] float32, tokens each slot stands for
+    token_ids: torch.Tensor  # [num_slots] long
+    tokens_seen: int
+    sink_used: int
+    window_used: int
+
+
+class CacheHooks:
+    """What a SinkCache tells the one object registered with `SinkCache.set_hooks`; every hook is a no-op
+    here, so a subclass overrides only what it needs."""
+
+    def step_started(self, step: ForwardStep) -> None:
+        """A forward pass over `step` begins (called at the end of begin_step, before the model runs)."""
+
+    def step_ending(self, step: ForwardStep) -> None:
+        """The forward pass over `step` succeeded; called before the chunk is committed and eviction runs."""
+
+    def step_aborted(self) -> None:
+        """The forward pass failed; the cache forgets it."""
+
+    def evicted(self, row: int, slots: torch.Tensor) -> None:
+        """Tokens leave the window of `row` and the sinks do not take them: ring slots [e], stream order.
+
+        The slots still hold the tokens' keys/values/ids during the call; afterwards they are emptied, so
+        without a hook that keeps them the tokens are dropped.
+        """
 
 
 class SinkCache(Cache):
@@ -83,8 +115,14 @@ class SinkCache(Cache):
         self.tokens_seen = [0] * max_rows
         self.sink_used = [0] * max_rows
         self.window_used = [0] * max_rows
-        self.on_evict: EvictionHandler | None = None
-        self._step: _Step | None = None
+        self.hooks = CacheHooks()
+        self._step: ForwardStep | None = None
+
+    def set_hooks(self, hooks: CacheHooks) -> None:
+        """Register the cache's one hooks object (see CacheHooks); a second registration is an error."""
+        if type(self.hooks) is not CacheHooks:
+            raise RuntimeError("SinkCache hooks are already registered")
+        self.hooks = hooks
 
     # ----------------------------------------------------------------- the forward-pass protocol
     def begin_step(
@@ -107,7 +145,7 @@ class SinkCache(Cache):
         chunk_tokens = seen[:, None] + torch.arange(n, device=device)  # [b, n]
         chunk_slots = self.ring_start + chunk_tokens % self.ring_size
         # Stream index of every ring slot: stale slots get garbage positions but are masked out.
-        ring_tokens = self._ring_token_index(seen, window_start)  # [b, ring]
+        ring_tokens = self._ring_token_index(seen)  # [b, ring]
         ring_tokens.scatter_(1, chunk_slots - self.ring_start, chunk_tokens)
         max_pos = self.rope.cos.shape[0] - 1
         slot_pos = torch.cat(
@@ -128,9 +166,10 @@ class SinkCache(Cache):
         slot_cos, slot_sin = self.rope.gather(slot_pos)
         chunk_cos, chunk_sin = self.rope.gather(position_ids)
         all_rows = rows == list(range(self.keys.shape[1]))
-        self._step = _Step(rows_t, lengths, chunk_slots, chunk_tokens, slot_cos, slot_sin,
-                           chunk_cos, chunk_sin, all_rows)
+        self._step = ForwardStep(rows_t, lengths, chunk_slots, chunk_tokens, slot_cos, slot_sin,
+                                 chunk_cos, chunk_sin, all_rows)
         self._step_ids = input_ids
+        self.hooks.step_started(self._step)
         return position_ids, mask
 
     def update(
@@ -164,6 +203,7 @@ class SinkCache(Cache):
         st = self._step
         if st is None:
             raise RuntimeError("end_step without begin_step")
+        self.hooks.step_ending(st)
         for i, row in enumerate(st.rows.tolist()):
             n = st.lengths[i]
             slots = st.chunk_slots[i, :n]
@@ -178,6 +218,7 @@ class SinkCache(Cache):
 
     def abort_step(self) -> None:
         """Forget a forward pass that failed: chunk slots were never counted, so nothing else changes."""
+        self.hooks.step_aborted()
         self._step = None
 
     # ----------------------------------------------------------------- eviction
@@ -194,12 +235,12 @@ class SinkCache(Cache):
             self.token_ids[row, dst] = self.token_ids[row, src]
             self.count[row, dst] = 1.0
             self.sink_used[row] += to_sinks
-        if e > to_sinks and self.on_evict is not None:
-            self.on_evict(row, slots[to_sinks:])
+        if e > to_sinks:
+            self.hooks.evicted(row, slots[to_sinks:])
         self.count[row, slots] = 0.0
         self.window_used[row] -= e
 
-    def _ring_token_index(self, seen: torch.Tensor, window_start: torch.Tensor) -> torch.Tensor:
+    def _ring_token_index(self, seen: torch.Tensor) -> torch.Tensor:
         """Stream index held by each ring slot [b, ring], for slots of the current window."""
         ring = torch.arange(self.ring_size, device=seen.device)
         # The newest token t-1 sits at slot (t-1) % ring; slot s holds the latest index <= t-1 with that
@@ -213,6 +254,20 @@ class SinkCache(Cache):
         self.count[row] = 0.0
         self.token_ids[row] = 0
         self.tokens_seen[row] = self.sink_used[row] = self.window_used[row] = 0
+
+    def row_state(self, row: int) -> CacheRowState:
+        """The row's state; its tensors are views of the cache's storage (clone them to keep them)."""
+        return CacheRowState(self.keys[:, row], self.values[:, row], self.count[row], self.token_ids[row],
+                             self.tokens_seen[row], self.sink_used[row], self.window_used[row])
+
+    def load_row_state(self, row: int, state: CacheRowState) -> None:
+        """Overwrite the row with `state` (shapes and dtypes as `row_state` gives them)."""
+        self.keys[:, row].copy_(state.keys)
+        self.values[:, row].copy_(state.values)
+        self.count[row].copy_(state.count)
+        self.token_ids[row].copy_(state.token_ids)
+        self.tokens_seen[row], self.sink_used[row] = state.tokens_seen, state.sink_used
+        self.window_used[row] = state.window_used
 
     def context_token_ids(self, row: int) -> torch.Tensor:
         """Ids of the plain tokens currently kept for `row` (sinks and window) [k], in slot order."""

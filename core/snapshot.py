@@ -2,7 +2,9 @@
 
 A snapshot holds the row's cache storage, slot counts and ids, next-token distribution, RNG state and
 counters; restoring it into any free row of an engine with the same model and StreamConfig continues the
-stream exactly as the original would have.
+stream exactly as the original would have. It goes through public state accessors only: the engine's
+`row_state`/`load_row_state` and the tier memory's `state`/`check_state`/`load_state`. The engine's
+`snapshot`/`restore` forward here, so this module imports the engine for type checking only.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -20,7 +22,7 @@ from safetensors.torch import load_file, safe_open, save_file
 from sinkstream.core.config import StreamConfig, TierSpec
 
 if TYPE_CHECKING:
-    from sinkstream.core.streaming import StreamingInference
+    from sinkstream.core.streaming import RowState, StreamingInference
     from sinkstream.core.tiers import TierState
 
 FORMAT = "sinkstream.snapshot.v1"
@@ -36,50 +38,29 @@ def _fingerprint(engine: StreamingInference) -> dict[str, Any]:
             "vocab": engine.vocab_size, "dtype": str(keys.dtype)}
 
 
-def _row_state(engine: StreamingInference, row: int) -> dict[str, torch.Tensor]:
-    """The tensors of one row's state, as views of the engine's storage (rng_state: a copy).
-
-    keys/values [L, kv_heads, slots, D], count/token_ids [slots], next_logprobs [vocab], rng_state [bytes].
-    """
-    cache = engine.cache
-    return {
-        "keys": cache.keys[:, row], "values": cache.values[:, row],
-        "count": cache.count[row], "token_ids": cache.token_ids[row],
-        "next_logprobs": engine._next_logprobs[row],
-        "rng_state": engine.generators[row].get_state(),
-    }
+def _tensors(state: RowState) -> dict[str, torch.Tensor]:
+    """A row state's tensors under their snapshot names: keys/values [L, kv_heads, slots, D],
+    count/token_ids [slots], next_logprobs [vocab], rng_state [bytes]."""
+    cache = state.cache
+    return {"keys": cache.keys, "values": cache.values, "count": cache.count, "token_ids": cache.token_ids,
+            "next_logprobs": state.next_logprobs, "rng_state": state.rng_state}
 
 
 def snapshot_row(engine: StreamingInference, row: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Copy one stream's state out of the engine: (tensors, json-able metadata)."""
-    engine._check_row(row)
-    cache = engine.cache
-    tensors = {name: t.clone() for name, t in _row_state(engine, row).items()}
+    state = engine.row_state(row)
+    tensors = {name: t.clone() for name, t in _tensors(state).items()}
     meta: dict[str, Any] = {
         "format": FORMAT, "config": asdict(engine.config), "model": _fingerprint(engine),
-        "tokens_seen": cache.tokens_seen[row], "sink_used": cache.sink_used[row],
-        "window_used": cache.window_used[row], "has_next": engine._has_next[row],
-        "nll_sum": engine._nll_sum[row], "scored": engine._scored[row],
+        "tokens_seen": state.cache.tokens_seen, "sink_used": state.cache.sink_used,
+        "window_used": state.cache.window_used, "has_next": state.has_next,
+        "nll_sum": state.nll_sum, "scored": state.scored,
     }
     if engine.tier_memory is not None:
         tier_tensors, tier_meta = engine.tier_memory.state(row)
         tensors.update({f"tiers.{k}": v for k, v in tier_tensors.items()})
         meta["tiers"] = tier_meta
     return tensors, meta
-
-
-@dataclass
-class _Checked:
-    """A snapshot's row state, checked against the engine: writing it into a row cannot fail."""
-
-    tensors: dict[str, torch.Tensor]  # as _row_state names them
-    tokens_seen: int
-    sink_used: int
-    window_used: int
-    has_next: bool
-    nll_sum: float
-    scored: int
-    tiers: TierState | None
 
 
 def _integer(meta: dict[str, Any], key: str, low: int, high: int | float) -> int:
@@ -89,9 +70,10 @@ def _integer(meta: dict[str, Any], key: str, low: int, high: int | float) -> int
     return value
 
 
-def _check(engine: StreamingInference, row: int, tensors: dict[str, torch.Tensor],
-           meta: dict[str, Any]) -> _Checked:
-    """Everything restore_row will write, validated; raises SnapshotError and touches nothing."""
+def _check(engine: StreamingInference, current: RowState, tensors: dict[str, torch.Tensor],
+           meta: dict[str, Any]) -> tuple[RowState, TierState | None]:
+    """Everything restore_row will write, validated against the row's `current` state (for shapes and
+    dtypes): the snapshot's row state and tier state. Raises SnapshotError and touches nothing."""
     if meta.get("format") != FORMAT:
         raise SnapshotError(f"not a sinkstream snapshot (format {meta.get('format')!r})")
     config = dict(meta["config"])
@@ -102,7 +84,7 @@ def _check(engine: StreamingInference, row: int, tensors: dict[str, torch.Tensor
         raise SnapshotError(f"snapshot model {meta['model']} does not match {_fingerprint(engine)}")
 
     checked: dict[str, torch.Tensor] = {}
-    for name, like in _row_state(engine, row).items():
+    for name, like in _tensors(current).items():
         t = tensors.get(name)
         if not isinstance(t, torch.Tensor) or t.shape != like.shape or t.dtype != like.dtype:
             got = "missing" if not isinstance(t, torch.Tensor) else f"{t.dtype} {tuple(t.shape)}"
@@ -146,32 +128,29 @@ def _check(engine: StreamingInference, row: int, tensors: dict[str, torch.Tensor
         tiers = engine.tier_memory.check_state(
             {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}, meta["tiers"],
             count, evicted - sink_used)
-    return _Checked(checked, tokens_seen, sink_used, window_used, has_next, float(nll_sum), scored, tiers)
+    cache_state = replace(current.cache, keys=checked["keys"], values=checked["values"], count=count,
+                          token_ids=ids, tokens_seen=tokens_seen, sink_used=sink_used,
+                          window_used=window_used)
+    state = replace(current, cache=cache_state, next_logprobs=checked["next_logprobs"],
+                    rng_state=checked["rng_state"], has_next=has_next, nll_sum=float(nll_sum), scored=scored)
+    return state, tiers
 
 
 def restore_row(engine: StreamingInference, row: int, tensors: dict[str, torch.Tensor],
                 meta: dict[str, Any]) -> None:
     """Load a snapshot into an open row, after checking it was made with the same model and config and
     that its state is whole and consistent. A refused snapshot (SnapshotError) changes nothing."""
-    engine._check_row(row)
+    current = engine.row_state(row)
     try:
-        state = _check(engine, row, tensors, meta)
+        state, tiers = _check(engine, current, tensors, meta)
     except SnapshotError:
         raise
     except (KeyError, TypeError, ValueError, AttributeError) as exc:  # a missing or mistyped entry
         raise SnapshotError(f"snapshot state is missing or malformed: {exc!r}") from exc
     # Nothing below can fail: every value was checked above.
-    for name, dst in _row_state(engine, row).items():
-        if name != "rng_state":
-            dst.copy_(state.tensors[name])
-    engine.generators[row].set_state(state.tensors["rng_state"])
-    cache = engine.cache
-    cache.tokens_seen[row], cache.sink_used[row] = state.tokens_seen, state.sink_used
-    cache.window_used[row] = state.window_used
-    engine._has_next[row], engine._nll_sum[row] = state.has_next, state.nll_sum
-    engine._scored[row] = state.scored
-    if state.tiers is not None:
-        engine.tier_memory.load_state(row, state.tiers)
+    engine.load_row_state(row, state)
+    if tiers is not None:
+        engine.tier_memory.load_state(row, tiers)
 
 
 def save_snapshot(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:

@@ -15,9 +15,9 @@ import torch
 from torch import nn
 
 from sinkstream.core.config import StreamConfig
-from sinkstream.core.model_loading import check_supported
+from sinkstream.core.model_support import check_supported
 from sinkstream.core.rope import RopeTable
-from sinkstream.core.sink_cache import SinkCache
+from sinkstream.core.sink_cache import CacheRowState, SinkCache
 from sinkstream.core.snapshot import restore_row, snapshot_row
 from sinkstream.core.tiers import TierMemory
 
@@ -59,6 +59,18 @@ class RowStats:
     window_used: int
     tier_used: list[int]
     cache_bytes: int
+
+
+@dataclass
+class RowState:
+    """One stream's engine state apart from its memory tiers (see StreamingInference.row_state)."""
+
+    cache: CacheRowState
+    next_logprobs: torch.Tensor  # [vocab] float32, meaningful when has_next
+    rng_state: torch.Tensor  # the row's sampling generator state (uint8)
+    has_next: bool
+    nll_sum: float  # summed negative log-likelihood of the scored tokens
+    scored: int  # tokens with a logprob (all but the stream's first)
 
 
 def model_dims(config) -> tuple[int, int, int]:
@@ -160,11 +172,11 @@ class StreamingInference:
             raise
         self.cache.end_step()
         logprobs = torch.log_softmax(self.lm_head(hidden).float(), dim=-1).cpu()  # [b, n, V]
-        return {row: self._score(i, row, ids[i, : lengths[i]].cpu(), logprobs[i, : lengths[i]],
+        return {row: self._score(row, ids[i, : lengths[i]].cpu(), logprobs[i, : lengths[i]],
                                  hidden[i, : lengths[i]], top_k, embeddings)
                 for i, row in enumerate(rows)}
 
-    def _score(self, i: int, row: int, ids: torch.Tensor, logprobs: torch.Tensor, hidden: torch.Tensor,
+    def _score(self, row: int, ids: torch.Tensor, logprobs: torch.Tensor, hidden: torch.Tensor,
                top_k: int, embeddings: bool) -> ChunkResult:
         """Score each token with the distribution that predicted it; remember the next-token one."""
         first = self._next_logprobs[row] if self._has_next[row] else torch.full_like(logprobs[0], math.nan)
@@ -198,6 +210,22 @@ class StreamingInference:
         return self._next_logprobs[row] if self._has_next[row] else None
 
     # ----------------------------------------------------------------- persistence
+    def row_state(self, row: int) -> RowState:
+        """An open row's state; its tensors are views of the engine's storage (rng_state is a copy)."""
+        self._check_row(row)
+        return RowState(self.cache.row_state(row), self._next_logprobs[row], self.generators[row].get_state(),
+                        self._has_next[row], self._nll_sum[row], self._scored[row])
+
+    def load_row_state(self, row: int, state: RowState) -> None:
+        """Overwrite an open row with `state` (shapes and dtypes as `row_state` gives them); the row's tiers
+        are the tier memory's (TierMemory.load_state)."""
+        self._check_row(row)
+        self.cache.load_row_state(row, state.cache)
+        self._next_logprobs[row].copy_(state.next_logprobs)
+        self.generators[row].set_state(state.rng_state)
+        self._has_next[row], self._nll_sum[row] = state.has_next, state.nll_sum
+        self._scored[row] = state.scored
+
     def snapshot(self, row: int) -> tuple[dict[str, torch.Tensor], dict]:
         """The row's whole state as (tensors, metadata); see core.snapshot."""
         return snapshot_row(self, row)

@@ -20,8 +20,7 @@ from __future__ import annotations
 import codecs
 import functools
 import re
-from collections.abc import Iterable, Iterator, Sequence
-from typing import BinaryIO
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 
@@ -57,9 +56,9 @@ def special_affixes(tokenizer) -> tuple[list[int], list[int]]:
     raise ValueError("cannot locate the text's tokens among the tokenizer's special tokens")
 
 
-# Facts read off a whole vocabulary are cached per tokenizer backend: scanning a 150k-token vocabulary in
-# Python takes about 0.1 s, which every session and every generation request would otherwise pay. (A
-# tokenizer whose vocabulary changes after first use is not supported.)
+# Facts read off a whole vocabulary are cached per tokenizer backend: scanning a large vocabulary in Python
+# is a cost every session and every generation request would otherwise pay. (A tokenizer whose vocabulary
+# changes after first use is not supported.)
 @functools.lru_cache(maxsize=8)
 def space_cuts_are_hard(backend) -> bool:
     """Whether no vocabulary token has a word marker (space, "▁", byte-level "Ġ") after another character:
@@ -234,19 +233,6 @@ def first_token_at(offsets: np.ndarray, pos: int) -> int | None:
     return None if index > 0 and offsets[index - 1, 1] > pos else index
 
 
-def iter_file_ids(file: BinaryIO, encoder: IncrementalEncoder,
-                  block_bytes: int = 1 << 16) -> Iterator[list[int]]:
-    """Token ids of a binary file read in blocks through `encoder`, ending with its flush: the
-    concatenation equals tokenizing the whole file's text at once."""
-    while block := file.read(block_bytes):
-        ids = encoder.push(block)
-        if ids:
-            yield ids
-    tail = encoder.flush()
-    if tail:
-        yield tail
-
-
 class IncrementalDecoder:
     """Turns generated token ids into text deltas that are always whole characters.
 
@@ -278,11 +264,6 @@ class IncrementalDecoder:
         self._read = len(self._ids)  # ids before this have had all their text emitted
         self._prefix_len = len(self._decode(self._ids))  # chars of decode(window[: _read])
         self._sent = 0  # chars after _prefix_len already emitted (a partially held delta)
-
-    @property
-    def ids(self) -> list[int]:
-        """All ids pushed so far (context ids first)."""
-        return self._ids
 
     def _decode(self, ids: Sequence[int]) -> str:
         return self._tokenizer.decode(ids, skip_special_tokens=self._skip)

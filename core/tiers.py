@@ -1,6 +1,7 @@
 """Hierarchical memory tiers: tokens evicted from the window merge into fixed-size, coarser and coarser tiers.
 
-`TierMemory` owns the tier region [S, S+T) of a SinkCache row and is installed as its `on_evict` hook.
+`TierMemory` owns the tier region [S, S+T) of a SinkCache row and is registered as the cache's hooks
+(`SinkCache.set_hooks`): evicted tokens arrive through `evicted`.
 Region layout (position order = age order, so the cache's cumsum positions read "sinks, tiers oldest
 first, window"):
 
@@ -40,7 +41,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMa
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from sinkstream.core.config import ConfigError, StreamConfig
-from sinkstream.core.sink_cache import SinkCache
+from sinkstream.core.sink_cache import CacheHooks, ForwardStep, SinkCache
 from sinkstream.core.snapshot import SnapshotError
 
 HEAVY_BLOCK_SLOTS = 2  # heavy-hitters: slots a block of evicted tokens becomes (2 had lower NLL than 4)
@@ -158,8 +159,12 @@ def block_tokens(config: StreamConfig) -> int:
     return r1 * HEAVY_BLOCK_SLOTS if config.merge_policy == "heavy-hitters" else r1
 
 
-class TierMemory:
-    """The memory tiers of every row of one SinkCache (see the module docstring for the layout)."""
+class TierMemory(CacheHooks):
+    """The memory tiers of every row of one SinkCache (see the module docstring for the layout).
+
+    As the cache's hooks it takes the tokens the window evicts and, with an attention policy, records the
+    attention of each forward pass (see `install_observer`) and adds it up before the pass's eviction.
+    """
 
     def __init__(self, cache: SinkCache, config: StreamConfig, model: nn.Module | None = None) -> None:
         if not config.tiers:
@@ -190,14 +195,36 @@ class TierMemory:
         # Attention each slot has received (summed over observed queries, heads and layers).
         self.attention = torch.zeros(rows, cache.num_slots, dtype=torch.float32, device=cache.count.device)
         self._observed: _Observed | None = None
-        cache.on_evict = self.absorb
-        if self.policy in ATTENTION_POLICIES:
+        self._step: ForwardStep | None = None  # the cache's forward pass in progress
+        self.observes = self.policy in ATTENTION_POLICIES
+        if self.observes:
             if model is None:
                 raise ValueError(f"merge policy {self.policy!r} needs the model to observe attention")
-            install_observer(model, cache, self)
+            install_observer(model, self.policy)
+        cache.set_hooks(self)
+
+    # ----------------------------------------------------------------- the cache's hooks
+    def step_started(self, step: ForwardStep) -> None:
+        """Observe this thread's attention (attention policies) until the pass ends."""
+        self._step = step
+        if self.observes:
+            _ACTIVE.memory = self
+
+    def step_ending(self, step: ForwardStep) -> None:
+        """Turn the recorded logits into attention, before the cache evicts."""
+        if self.observes:
+            _ACTIVE.memory = None
+            self.account()
+        self._step = None
+
+    def step_aborted(self) -> None:
+        if self.observes:
+            _ACTIVE.memory = None
+            self._observed = None
+        self._step = None
 
     # ----------------------------------------------------------------- eviction into the tiers
-    def absorb(self, row: int, slots: torch.Tensor) -> None:
+    def evicted(self, row: int, slots: torch.Tensor) -> None:
         """Take the tokens leaving the window of `row` (ring slots [e], stream order) into tier 1."""
         device = slots.device
         pending = torch.arange(self.pending_base, self.pending_base + self._pending[row], device=device)
@@ -280,7 +307,7 @@ class TierMemory:
         [b, 1, n, N] additive (SinkCache.begin_step's). `account` turns them into attention at the end of
         the forward pass, for all layers at once (fewer, larger ops than per layer).
         """
-        st = self.cache._step
+        st = self._step
         if st is None or mask is None:
             return
         b, heads, n, d = query.shape
@@ -302,7 +329,7 @@ class TierMemory:
     def account(self) -> None:
         """Add the attention recorded in this forward pass to each slot's total (call before eviction)."""
         obs, self._observed = self._observed, None
-        st = self.cache._step
+        st = self._step
         if obs is None or not obs.logits or st is None:
             return
         layers = torch.stack(obs.logits)  # [layers, b, kv_heads, group * seen, N]
@@ -424,18 +451,18 @@ def _observed(base_name: str):
     return attention
 
 
-def install_observer(model: nn.Module, cache: SinkCache, memory: TierMemory) -> None:
-    """Make `model` run its attention through a wrapper that also reports attention to `memory`.
+def install_observer(model: nn.Module, policy: str) -> None:
+    """Make `model` run its attention through a wrapper that also reports attention to the TierMemory
+    active on the current thread (the one whose cache is inside a forward pass, see
+    TierMemory.step_started); `policy` names the merge policy that needs it, for the error message.
 
     The wrapper computes exactly what the model's own attention function computes (it calls it), so
-    streams without tiers and the dense path on the same model are unaffected. It only reports while
-    `cache` is inside a forward pass on the current thread: this wraps the cache instance's begin_step
-    (marks it active), end_step (turns the recorded logits into attention, then evicts) and abort_step.
+    streams without tiers and the dense path on the same model are unaffected.
     """
     current = model.config._attn_implementation
     base_name = current.removeprefix("sinkstream_observed_")
     if base_name != "eager" and base_name not in ALL_ATTENTION_FUNCTIONS:
-        raise ValueError(f"merge policy {memory.policy!r} cannot observe attention implementation "
+        raise ValueError(f"merge policy {policy!r} cannot observe attention implementation "
                          f"{current!r}; load the model with sdpa or eager attention")
     name = f"sinkstream_observed_{base_name}"
     if name not in ALL_ATTENTION_FUNCTIONS:
@@ -443,22 +470,3 @@ def install_observer(model: nn.Module, cache: SinkCache, memory: TierMemory) -> 
         AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[base_name])
     if current != name:
         model.set_attn_implementation(name)
-
-    begin, end, abort = cache.begin_step, cache.end_step, cache.abort_step
-
-    def begin_step(*args, **kwargs):
-        out = begin(*args, **kwargs)
-        _ACTIVE.memory = memory
-        return out
-
-    def end_step() -> None:
-        _ACTIVE.memory = None
-        memory.account()
-        end()
-
-    def abort_step() -> None:
-        _ACTIVE.memory = None
-        memory._observed = None
-        abort()
-
-    cache.begin_step, cache.end_step, cache.abort_step = begin_step, end_step, abort_step

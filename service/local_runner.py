@@ -16,7 +16,7 @@ from sinkstream.core.config import StreamConfig, TierSpec
 from sinkstream.core.dense import DenseInference
 from sinkstream.core.generation import generate
 from sinkstream.core.model_loading import LoadedModel, load_model
-from sinkstream.core.offload_config import offload_from_args
+from sinkstream.core.offload.config import offload_from_args
 from sinkstream.core.sampling import SamplingParams
 from sinkstream.core.streaming import StreamingInference
 from sinkstream.core.text import IncrementalEncoder

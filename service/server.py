@@ -18,7 +18,7 @@ from grpc_reflection.v1alpha import reflection
 
 from sinkstream.core.config import ConfigError, StreamConfig, TierSpec
 from sinkstream.core.model_loading import LoadedModel, load_model
-from sinkstream.core.offload_config import add_offload_options, check_offload_options, offload_from_args
+from sinkstream.core.offload.config import add_offload_options, check_offload_options, offload_from_args
 from sinkstream.service import logs
 from sinkstream.service.allocator import keep_freed_memory
 from sinkstream.service.engine_pool import EnginePool

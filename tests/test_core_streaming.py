@@ -13,7 +13,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, BertConfig, GPT2Co
 
 from sinkstream.core.config import ConfigError, StreamConfig, TierSpec
 from sinkstream.core.generation import generate
-from sinkstream.core.model_loading import UnsupportedModelError, check_supported, load_model
+from sinkstream.core.model_loading import load_model
+from sinkstream.core.model_support import UnsupportedModelError, check_supported
 from sinkstream.core.sampling import SamplingParams
 from sinkstream.core.snapshot import SnapshotError, load_snapshot, save_snapshot
 from sinkstream.core.streaming import NoFreeRowError, StreamingInference

@@ -11,12 +11,12 @@ import torch
 from transformers import AutoModelForCausalLM, DynamicCache
 
 from sinkstream.core.config import ConfigError, StreamConfig
-from sinkstream.core.layer_prefetch import OffloadError
 from sinkstream.core.model_loading import load_model
-from sinkstream.core.offload_config import OffloadConfig
-from sinkstream.core.offload_loading import enable_layer_offload, load_model_offloaded
+from sinkstream.core.offload.checkpoint import CheckpointError
+from sinkstream.core.offload.config import OffloadConfig
+from sinkstream.core.offload.loading import enable_layer_offload, load_model_offloaded
+from sinkstream.core.offload.prefetch import OffloadError
 from sinkstream.core.streaming import StreamingInference
-from sinkstream.core.weight_store import CheckpointError
 from tests.tiny_models import tiny_config
 
 MODES = ("disk", "cpu")

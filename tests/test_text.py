@@ -5,7 +5,6 @@ byte-level BPE trained here."""
 
 from __future__ import annotations
 
-import io
 import json
 import random
 
@@ -25,7 +24,6 @@ from sinkstream.core.text import (
     IncrementalEncoder,
     StopMatcher,
     byte_fallback_ids,
-    iter_file_ids,
     space_cuts_are_hard,
 )
 
@@ -173,13 +171,6 @@ def test_tokenizer_with_merges_across_spaces(sotu):
         assert encode_in_pieces(encoder, pieces) == tokenizer(text)["input_ids"]
 
     check()
-
-
-def test_file_read_in_blocks_equals_whole_file(stories_tokenizer, sotu):
-    text = sotu[:300_000] + " 日本語 café 😀"
-    blocks = list(iter_file_ids(io.BytesIO(text.encode()), IncrementalEncoder(stories_tokenizer), 4099))
-    assert len(blocks) > 10
-    assert [i for block in blocks for i in block] == stories_tokenizer(text)["input_ids"]
 
 
 def test_flush_then_more_text(stories_tokenizer):

@@ -14,6 +14,7 @@ from sinkstream.core.config import ConfigError, StreamConfig, TierSpec
 from sinkstream.core.dense import DenseInference
 from sinkstream.core.generation import generate
 from sinkstream.core.sampling import SamplingParams
+from sinkstream.core.sink_cache import CacheHooks
 from sinkstream.core.snapshot import SnapshotError, load_snapshot, save_snapshot
 from sinkstream.core.streaming import StreamingInference
 from sinkstream.core.tiers import OBSERVED_QUERIES, Units, block_groups, merge_units
@@ -135,7 +136,7 @@ def test_tiers_off_builds_no_tier_machinery_and_matches_the_default_config(polic
     default = run(StreamingInference(model, StreamConfig(sink_tokens=4, window=60, chunk=16)), ids)
     engine = StreamingInference(model, StreamConfig(sink_tokens=4, window=60, chunk=16, tiers=(),
                                                     merge_policy=policy))
-    assert engine.tier_memory is None and engine.cache.on_evict is None
+    assert engine.tier_memory is None and type(engine.cache.hooks) is CacheHooks  # evictions are dropped
     assert engine.cache.ring_start == 4
     assert model.config._attn_implementation == attention
     assert torch.equal(run(engine, ids), default)

@@ -10,7 +10,7 @@ from typing import Protocol
 
 import torch
 
-from sinkstream.core.weight_store import ShardReader, TensorLocation
+from sinkstream.core.offload.checkpoint import ShardReader, TensorLocation
 
 
 class LayerSource(Protocol):

@@ -1,4 +1,4 @@
-"""Building a causal LM whose decoder layers stay on disk or in host memory (see core.layer_prefetch).
+"""Building a causal LM whose decoder layers stay on disk or in host memory (see core.offload.prefetch).
 
 `load_model_offloaded` never materialises the whole model: it builds it on the meta device, loads only
 the resident tensors (embeddings, final norm, LM head, rotary tables) and hands the decoder layers to a
@@ -15,10 +15,10 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
 from sinkstream.core.config import ConfigError
-from sinkstream.core.layer_prefetch import LayerOffloader, decoder_layers
-from sinkstream.core.layer_sources import DiskLayerSource, HostLayerSource
-from sinkstream.core.offload_config import OffloadConfig
-from sinkstream.core.weight_store import CheckpointError, TensorLocation, index_checkpoint, load_tensors
+from sinkstream.core.offload.checkpoint import CheckpointError, TensorLocation, index_checkpoint, load_tensors
+from sinkstream.core.offload.config import OffloadConfig
+from sinkstream.core.offload.prefetch import LayerOffloader, decoder_layers
+from sinkstream.core.offload.sources import DiskLayerSource, HostLayerSource
 
 
 def layer_locations(model: nn.Module, index: dict[str, TensorLocation]) -> list[dict[str, TensorLocation]]:

@@ -23,9 +23,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from sinkstream.core.layer_sources import LayerSource
-from sinkstream.core.offload_config import OffloadConfig
-from sinkstream.core.offload_slots import Layout, SlotPool, make_slot_pool, plan_layout
+from sinkstream.core.offload.config import OffloadConfig
+from sinkstream.core.offload.slots import Layout, SlotPool, make_slot_pool, plan_layout
+from sinkstream.core.offload.sources import LayerSource
 
 
 class OffloadError(RuntimeError):

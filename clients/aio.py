@@ -1,4 +1,5 @@
-"""asyncio sinkstream client (grpc.aio); the same surface as clients.client, with coroutines.
+"""asyncio sinkstream client: the protocol (protocol.py) over grpc.aio; the same surface as client.py, with
+coroutines.
 
     async with AsyncSinkStreamClient("127.0.0.1:50051") as client:
         session = await client.open_session(SessionSettings(logprobs=True))
@@ -11,14 +12,14 @@
 from __future__ import annotations
 
 import asyncio
-import itertools
 import os
 from collections.abc import AsyncIterable, AsyncIterator, Iterable
+from typing import TypeVar
 
 import grpc
 
 from sinkstream.clients import protocol
-from sinkstream.clients.protocol import Progress
+from sinkstream.clients.protocol import Progress, SessionProtocol, UnaryCall
 from sinkstream.clients.results import (
     Checkpointed,
     ChunkResult,
@@ -29,12 +30,13 @@ from sinkstream.clients.results import (
     GenerationResult,
     ModelInfo,
     SessionInfo,
-    SessionOpened,
     SessionSettings,
     SinkStreamError,
 )
 from sinkstream.v1 import sinkstream_pb2 as pb
 from sinkstream.v1 import sinkstream_pb2_grpc as pb_grpc
+
+T = TypeVar("T")
 
 
 class AsyncSinkStreamClient:
@@ -42,8 +44,10 @@ class AsyncSinkStreamClient:
 
     def __init__(self, address: str, *, timeout: float | None = None,
                  max_message_bytes: int = protocol.DEFAULT_MAX_MESSAGE_BYTES,
-                 retry_attempts: int = 5) -> None:
-        self.channel = grpc.aio.insecure_channel(address, options=protocol.channel_options(
+                 retry_attempts: int = 5,
+                 channel: grpc.aio.Channel | None = None) -> None:
+        """`channel` given: use it (its options as they are) instead of opening one to `address`."""
+        self.channel = channel or grpc.aio.insecure_channel(address, options=protocol.channel_options(
             max_message_bytes, retry_attempts=retry_attempts))
         self.stub = pb_grpc.SinkStreamStub(self.channel)
         self.timeout = timeout
@@ -58,44 +62,39 @@ class AsyncSinkStreamClient:
         """Close the channel (the server keeps sessions for resume)."""
         await self.channel.close()
 
-    async def _unary(self, method, request):
+    async def _unary(self, call: UnaryCall[T]) -> T:
+        rpc = protocol.unary_callable(self.channel, call)
         try:
-            return await method(request, timeout=self.timeout)
+            return call.interpret(await rpc(call.request, timeout=self.timeout))
         except grpc.RpcError as exc:
             raise protocol.rpc_error(exc) from None
 
+    # ------------------------------------------------------------------ unary calls
     async def tokenize(self, text: str, add_bos: bool = False) -> list[int]:
         """Token ids of `text` as a session would get them (add_bos: as in its first append)."""
-        request = pb.TokenizeRequest(text=text, add_bos=add_bos)
-        return list((await self._unary(self.stub.Tokenize, request)).ids)
+        return await self._unary(protocol.tokenize_call(text, add_bos))
 
     async def model_info(self) -> ModelInfo:
         """The served model, the server's session defaults and its limits."""
-        return protocol.model_info_from_pb(await self._unary(self.stub.ModelInfo, pb.ModelInfoRequest()))
+        return await self._unary(protocol.model_info_call())
 
     async def get_session(self, session_id: str) -> SessionInfo:
         """One session's state (raises SinkStreamError NOT_FOUND for an unknown id)."""
-        return protocol.session_info_from_pb(
-            await self._unary(self.stub.GetSession, pb.GetSessionRequest(session_id=session_id)))
+        return await self._unary(protocol.get_session_call(session_id))
 
     async def list_sessions(self) -> list[SessionInfo]:
         """Every live session, in creation order."""
-        response = await self._unary(self.stub.ListSessions, pb.ListSessionsRequest())
-        return [protocol.session_info_from_pb(s) for s in response.sessions]
+        return await self._unary(protocol.list_sessions_call())
 
     async def delete_session(self, session_id: str) -> int:
         """Delete a detached session; returns the tokens it had processed."""
-        request = pb.DeleteSessionRequest(session_id=session_id)
-        return (await self._unary(self.stub.DeleteSession, request)).tokens_seen
+        return await self._unary(protocol.delete_session_call(session_id))
 
     async def health(self, service: str = "") -> str:
         """The server's health status name, e.g. "SERVING"."""
-        from grpc_health.v1 import health_pb2, health_pb2_grpc
+        return await self._unary(protocol.health_call(service))
 
-        stub = health_pb2_grpc.HealthStub(self.channel)
-        response = await self._unary(stub.Check, health_pb2.HealthCheckRequest(service=service))
-        return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
-
+    # ------------------------------------------------------------------ sessions
     async def open_session(self, settings: SessionSettings | None = None, *, seed: int | None = None,
                            session_id: str | None = None, timeout: float | None = None) -> AsyncSession:
         """Start a new session on a new stream (`timeout`: the stream's deadline in seconds)."""
@@ -107,27 +106,20 @@ class AsyncSinkStreamClient:
         return await AsyncSession.start(self.stub, protocol.resume_request(session_id, settings), timeout)
 
 
-class AsyncSession:
+class AsyncSession(SessionProtocol):
     """One session on one `Stream` call; use from one task (cancel_generation from any)."""
 
     def __init__(self, call) -> None:
+        super().__init__()
         self._call = call
-        self._ids = (str(i) for i in itertools.count(1))
-        self._chunks: list[ChunkResult] = []
-        self._ended = False
-        self.opened: SessionOpened | None = None
-        self.id = ""
-        self.last_flush: Flushed | None = None
-        self.last_generation: GenerationResult | None = None
 
     @classmethod
     async def start(cls, stub: pb_grpc.SinkStreamStub, first: pb.StreamRequest,
                     timeout: float | None) -> AsyncSession:
         """Open the stream, send `first` (open or resume) and wait for SessionOpened."""
         self = cls(stub.Stream(timeout=timeout))
-        await self._write(first)
-        self.opened = await self._next()
-        self.id = self.opened.session_id
+        await self._send(first)
+        self._on_opened(await self._next())
         return self
 
     async def __aenter__(self) -> AsyncSession:
@@ -139,74 +131,65 @@ class AsyncSession:
         else:
             self.abort()
 
-    async def _write(self, request: pb.StreamRequest) -> str:
-        if self._ended:
-            raise SinkStreamError(grpc.StatusCode.FAILED_PRECONDITION, "the session's stream has ended")
-        request.request_id = request.request_id or next(self._ids)
+    # ------------------------------------------------------------------ transport
+    async def _send(self, request: pb.StreamRequest) -> str:
+        self._stamp(request)
         try:
             await self._call.write(request)
         except grpc.RpcError as exc:
-            self._ended = True
-            raise protocol.rpc_error(exc) from None
+            raise self._failed(protocol.rpc_error(exc)) from None
         except asyncio.InvalidStateError:
-            self._ended = True
-            await self._raise_status()
+            raise self._failed(await self._status_error()) from None
         return request.request_id
 
-    async def _raise_status(self):
-        code = await self._call.code()
-        raise SinkStreamError(code, await self._call.details() or "the stream has ended")
+    async def _status_error(self) -> SinkStreamError:
+        return protocol.stream_ended_error(await self._call.code(), await self._call.details())
 
     async def _next(self):
+        """The next response as a dataclass; raises SinkStreamError for an Error or a failed call."""
         try:
             response = await self._call.read()
         except grpc.RpcError as exc:
-            self._ended = True
-            raise protocol.rpc_error(exc) from None
+            raise self._failed(protocol.rpc_error(exc)) from None
         if response is grpc.aio.EOF:
-            self._ended = True
-            await self._raise_status()
-        result = protocol.response_from_pb(response)
-        if isinstance(result, SinkStreamError):
-            raise result
-        return result
+            raise self._failed(await self._status_error())
+        return self._interpret(response)
 
     async def _collect_chunks_until(self, kind: type):
-        while True:
-            result = await self._next()
-            if isinstance(result, ChunkResult):
-                self._chunks.append(result)
-            elif isinstance(result, kind):
-                return result
-
-    def _take_chunks(self) -> list[ChunkResult]:
-        chunks, self._chunks = self._chunks, []
-        return chunks
+        """Read until the answer of `kind` (returned), keeping chunk results for the next append_*."""
+        while (answer := self._awaited(await self._next(), kind)) is None:
+            pass
+        return answer
 
     # ------------------------------------------------------------------ input
     async def send_text(self, text: str, flush: bool = False) -> str:
-        """Queue text without waiting for results; returns the request id."""
-        return await self._write(pb.StreamRequest(append_text=pb.AppendText(text=text, flush=flush)))
+        """Queue text without waiting for results (waits only under backpressure); returns the request id."""
+        return await self._send(protocol.append_text_request(text, flush))
 
     async def send_tokens(self, ids: Iterable[int], flush: bool = False) -> str:
         """Queue token ids (used as they are, no BOS) without waiting; returns the request id."""
-        return await self._write(pb.StreamRequest(append_tokens=pb.AppendTokens(ids=list(ids), flush=flush)))
+        return await self._send(protocol.append_tokens_request(ids, flush))
 
     async def append_text(self, text: str) -> list[ChunkResult]:
         """Append text and process everything pending; the chunk results since the last call."""
         await self.send_text(text, flush=True)
-        self.last_flush = await self._collect_chunks_until(Flushed)
+        await self._collect_chunks_until(Flushed)
         return self._take_chunks()
 
     async def append_tokens(self, ids: Iterable[int]) -> list[ChunkResult]:
         """Append token ids and process everything pending; the chunk results since the last call."""
         await self.send_tokens(ids, flush=True)
-        self.last_flush = await self._collect_chunks_until(Flushed)
+        await self._collect_chunks_until(Flushed)
         return self._take_chunks()
+
+    async def flush(self) -> list[ChunkResult]:
+        """Process everything pending (a final partial chunk, held-back text); the chunk results."""
+        return await self.append_text("")
 
     async def stream_text(self, pieces: Iterable[str] | AsyncIterable[str], progress: Progress | None = None,
                           total_bytes: int | None = None) -> AsyncIterator[ChunkResult]:
-        """Send pieces from a task while yielding chunk results; ends after the final flush.
+        """Send pieces from a task while yielding chunk results as they arrive; ends with a flush, so
+        every piece's tokens are processed when the iterator is exhausted.
         `progress(bytes_sent, total_bytes)` is called after each piece."""
         sent = 0
 
@@ -230,13 +213,9 @@ class AsyncSession:
         try:
             for chunk in self._take_chunks():
                 yield chunk
-            while True:
-                result = await self._next()
+            while not self._flush_reached(result := await self._next()):
                 if isinstance(result, ChunkResult):
                     yield result
-                elif isinstance(result, Flushed):
-                    self.last_flush = result
-                    break
             await sender
         finally:
             if not sender.done():
@@ -244,27 +223,19 @@ class AsyncSession:
 
     def stream_file(self, path: str | os.PathLike, progress: Progress | None = None,
                     block_chars: int = protocol.FILE_BLOCK_CHARS) -> AsyncIterator[ChunkResult]:
-        """stream_text over a UTF-8 file read in blocks; `progress(bytes_sent, file_size)` per block."""
+        """stream_text over a UTF-8 file read in blocks (any size; memory stays bounded);
+        `progress(bytes_sent, file_size)` after each block."""
         return self.stream_text(protocol.read_text_blocks(path, block_chars), progress,
                                 os.path.getsize(path))
 
     # ------------------------------------------------------------------ generation
     async def generate_stream(self, params: GenerateParams | None = None,
                               **kwargs) -> AsyncIterator[GeneratedToken]:
-        """Yield tokens as generated; the final GenerationResult is `self.last_generation`."""
-        await self._write(protocol.generate_request(params or GenerateParams(**kwargs), ""))
-        tokens = []
-        while True:
-            result = await self._next()
+        """Yield tokens as they are generated; the final GenerationResult is `self.last_generation`."""
+        await self._send(self._generate_request(params, kwargs))
+        while not self._generated(result := await self._next()):
             if isinstance(result, GeneratedToken):
-                tokens.append(result)
                 yield result
-            elif isinstance(result, ChunkResult):
-                self._chunks.append(result)
-            elif isinstance(result, GenerationResult):
-                result.tokens = tokens
-                self.last_generation = result
-                return
 
     async def generate(self, params: GenerateParams | None = None, **kwargs) -> GenerationResult:
         """Generate and wait for the end; the result holds the text and every token."""
@@ -274,17 +245,17 @@ class AsyncSession:
 
     async def cancel_generation(self) -> None:
         """Stop the running (or next queued) generation; it ends with stop reason CANCELLED."""
-        await self._write(pb.StreamRequest(cancel=pb.CancelGeneration()))
+        await self._send(protocol.cancel_request())
 
     # ------------------------------------------------------------------ lifecycle
     async def checkpoint(self) -> Checkpointed:
         """Persist the session on the server now (needs `serve --state-dir`)."""
-        await self._write(pb.StreamRequest(checkpoint=pb.Checkpoint()))
+        await self._send(protocol.checkpoint_request())
         return await self._collect_chunks_until(Checkpointed)
 
     async def close(self) -> Closed:
         """End the session for good (its state is deleted)."""
-        await self._write(pb.StreamRequest(close=pb.Close()))
+        await self._send(protocol.close_request())
         closed = await self._collect_chunks_until(Closed)
         await self._drain()
         return closed
@@ -300,14 +271,12 @@ class AsyncSession:
         self._ended = True
         try:
             while (response := await self._call.read()) is not grpc.aio.EOF:
-                result = protocol.response_from_pb(response)
-                if isinstance(result, ChunkResult):
-                    self._chunks.append(result)
+                self._drained(response)
         except grpc.RpcError as exc:
-            if exc.code() != grpc.StatusCode.CANCELLED:
-                raise protocol.rpc_error(exc) from None
+            if (error := protocol.drain_error(exc)) is not None:
+                raise error from None
 
     def abort(self) -> None:
-        """Cancel the call; the server keeps the session."""
+        """Cancel the call (as a client crash would); the server keeps the session."""
         self._ended = True
         self._call.cancel()

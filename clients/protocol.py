@@ -1,13 +1,19 @@
-"""Conversions between the client's dataclasses and the sinkstream.v1 messages, shared by the sync and
-asyncio clients, plus the channel options both use."""
+"""The client's protocol, independent of transport: channel options, request building, response
+interpretation, error mapping and a session stream's bookkeeping. The sync (client.py) and asyncio (aio.py)
+clients are thin transports over it, so they cannot drift apart."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
-from collections.abc import Callable, Iterator
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
 
 import grpc
+from google.protobuf.message import Message
 
 from sinkstream.clients.results import (
     CacheStats,
@@ -27,6 +33,7 @@ from sinkstream.clients.results import (
 )
 from sinkstream.v1 import sinkstream_pb2 as pb
 
+T = TypeVar("T")
 DEFAULT_MAX_MESSAGE_BYTES = 64 << 20
 FILE_BLOCK_CHARS = 1 << 16  # text per AppendText when streaming a file
 
@@ -112,6 +119,81 @@ def generate_request(p: GenerateParams, request_id: str) -> pb.StreamRequest:
     if p.seed is not None:
         msg.seed = p.seed
     return pb.StreamRequest(request_id=request_id, generate=msg)
+
+
+def append_text_request(text: str, flush: bool) -> pb.StreamRequest:
+    return pb.StreamRequest(append_text=pb.AppendText(text=text, flush=flush))
+
+
+def append_tokens_request(ids: Iterable[int], flush: bool) -> pb.StreamRequest:
+    return pb.StreamRequest(append_tokens=pb.AppendTokens(ids=list(ids), flush=flush))
+
+
+def cancel_request() -> pb.StreamRequest:
+    return pb.StreamRequest(cancel=pb.CancelGeneration())
+
+
+def checkpoint_request() -> pb.StreamRequest:
+    return pb.StreamRequest(checkpoint=pb.Checkpoint())
+
+
+def close_request() -> pb.StreamRequest:
+    return pb.StreamRequest(close=pb.Close())
+
+
+# ---------------------------------------------------------------------- unary calls
+SERVICE_PATH = "/sinkstream.v1.SinkStream/"
+
+
+@dataclass(frozen=True)
+class UnaryCall(Generic[T]):
+    """One unary call, ready for any transport: the method's full path, the request, the response type,
+    and how the response becomes the caller's result."""
+
+    path: str
+    request: Message
+    response_type: type[Message]
+    interpret: Callable[[Any], T]
+
+
+def tokenize_call(text: str, add_bos: bool) -> UnaryCall[list[int]]:
+    return UnaryCall(SERVICE_PATH + "Tokenize", pb.TokenizeRequest(text=text, add_bos=add_bos),
+                     pb.TokenizeResponse, lambda r: list(r.ids))
+
+
+def model_info_call() -> UnaryCall[ModelInfo]:
+    return UnaryCall(SERVICE_PATH + "ModelInfo", pb.ModelInfoRequest(), pb.ModelInfoResponse,
+                     model_info_from_pb)
+
+
+def get_session_call(session_id: str) -> UnaryCall[SessionInfo]:
+    return UnaryCall(SERVICE_PATH + "GetSession", pb.GetSessionRequest(session_id=session_id),
+                     pb.SessionInfo, session_info_from_pb)
+
+
+def list_sessions_call() -> UnaryCall[list[SessionInfo]]:
+    return UnaryCall(SERVICE_PATH + "ListSessions", pb.ListSessionsRequest(), pb.ListSessionsResponse,
+                     lambda r: [session_info_from_pb(s) for s in r.sessions])
+
+
+def delete_session_call(session_id: str) -> UnaryCall[int]:
+    return UnaryCall(SERVICE_PATH + "DeleteSession", pb.DeleteSessionRequest(session_id=session_id),
+                     pb.DeleteSessionResponse, lambda r: r.tokens_seen)
+
+
+def health_call(service: str) -> UnaryCall[str]:
+    """grpc.health.v1 Check; the result is the status name, e.g. "SERVING"."""
+    from grpc_health.v1 import health_pb2  # grpcio-health-checking: only this call needs it
+
+    return UnaryCall("/grpc.health.v1.Health/Check", health_pb2.HealthCheckRequest(service=service),
+                     health_pb2.HealthCheckResponse,
+                     lambda r: health_pb2.HealthCheckResponse.ServingStatus.Name(r.status))
+
+
+def unary_callable(channel: grpc.Channel | grpc.aio.Channel, call: UnaryCall):
+    """The channel's multi-callable for `call` (sync or asyncio, as the channel is)."""
+    return channel.unary_unary(call.path, request_serializer=type(call.request).SerializeToString,
+                               response_deserializer=call.response_type.FromString)
 
 
 # ---------------------------------------------------------------------- responses
@@ -210,3 +292,103 @@ def rpc_error(exc: grpc.RpcError) -> SinkStreamError:
     if not sep or " " in field:
         field, message = "", details
     return SinkStreamError(exc.code(), message, field)
+
+
+def stream_ended_error(code: grpc.StatusCode | None, details: str | None) -> SinkStreamError:
+    """The stream ended before the awaited answer: the call's status (UNAVAILABLE when it had none)."""
+    if code is None or code == grpc.StatusCode.OK:
+        return SinkStreamError(grpc.StatusCode.UNAVAILABLE, details or "the server ended the stream")
+    return SinkStreamError(code, details or "the stream has ended")
+
+
+def drain_error(exc: grpc.RpcError) -> SinkStreamError | None:
+    """What a failure while draining a stream being ended means: nothing if the call was cancelled."""
+    return None if exc.code() == grpc.StatusCode.CANCELLED else rpc_error(exc)
+
+
+# ---------------------------------------------------------------------- a session stream's bookkeeping
+class SessionProtocol:
+    """The state of one session on one `Stream` call, whatever the transport: request ids, the chunk
+    results read while waiting for another answer, the last flush and generation. The transports
+    (client.Session, aio.AsyncSession) move the messages and call these steps on each response."""
+
+    def __init__(self) -> None:
+        self._ids = (str(i) for i in itertools.count(1))
+        self._ids_lock = threading.Lock()  # cancel_generation may stamp from another thread
+        self._ended = False
+        self._chunks: list[ChunkResult] = []  # results read while waiting for something else
+        self._tokens: list[GeneratedToken] = []  # of the running generation
+        self.opened: SessionOpened | None = None
+        self.id = ""
+        self.last_flush: Flushed | None = None  # set by append_*/flush/stream_*
+        self.last_generation: GenerationResult | None = None  # set by generate/generate_stream
+
+    def _stamp(self, request: pb.StreamRequest) -> pb.StreamRequest:
+        """`request` with a request id; raises when the stream has ended."""
+        if self._ended:
+            raise SinkStreamError(grpc.StatusCode.FAILED_PRECONDITION, "the session's stream has ended")
+        with self._ids_lock:
+            request.request_id = request.request_id or next(self._ids)
+        return request
+
+    def _interpret(self, response: pb.StreamResponse):
+        """The dataclass of one response; an Error is raised as SinkStreamError."""
+        result = response_from_pb(response)
+        if isinstance(result, SinkStreamError):
+            raise result
+        return result
+
+    def _failed(self, error: SinkStreamError) -> SinkStreamError:
+        """Mark the stream ended by `error` and return it, for the transport to raise."""
+        self._ended = True
+        return error
+
+    def _on_opened(self, result) -> None:
+        """Book the first answer, SessionOpened."""
+        if not isinstance(result, SessionOpened):
+            raise SinkStreamError(grpc.StatusCode.INTERNAL, f"expected SessionOpened, got {result!r}")
+        self.opened, self.id = result, result.session_id
+
+    def _awaited(self, result, kind: type):
+        """Book one result while waiting for an answer of `kind`: the answer when it is one, else None
+        (chunk results are kept for the next append_*; anything else is not waited for)."""
+        if isinstance(result, ChunkResult):
+            self._chunks.append(result)
+        elif isinstance(result, kind):
+            if isinstance(result, Flushed):
+                self.last_flush = result
+            return result
+        return None
+
+    def _flush_reached(self, result) -> bool:
+        """Book one result of stream_text; True at the final flush (chunk results are the caller's)."""
+        if isinstance(result, Flushed):
+            self.last_flush = result
+            return True
+        return False
+
+    def _generate_request(self, params: GenerateParams | None, kwargs: dict) -> pb.StreamRequest:
+        self._tokens = []
+        return generate_request(params or GenerateParams(**kwargs), "")
+
+    def _generated(self, result) -> bool:
+        """Book one result of a generation; True at its end (then last_generation holds every token)."""
+        if isinstance(result, GeneratedToken):
+            self._tokens.append(result)
+        elif isinstance(result, ChunkResult):
+            self._chunks.append(result)
+        elif isinstance(result, GenerationResult):
+            result.tokens, self._tokens = self._tokens, []
+            self.last_generation = result
+            return True
+        return False
+
+    def _drained(self, response: pb.StreamResponse) -> None:
+        """Book a response read while ending the stream (chunk results are kept; errors are moot)."""
+        result = response_from_pb(response)
+        if isinstance(result, ChunkResult):
+            self._chunks.append(result)
+
+    def _take_chunks(self) -> list[ChunkResult]:
+        chunks, self._chunks = self._chunks, []
+        return chunks

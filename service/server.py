@@ -1,9 +1,8 @@
 """Server bootstrap: model, sessions, scheduler, gRPC (health, reflection, keepalive, message limits),
-metrics endpoint, SIGTERM graceful shutdown, and the `sinkstream serve` command."""
+metrics endpoint, SIGTERM graceful shutdown. The `sinkstream serve` command that runs it is in the CLI."""
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import logging
 import signal
@@ -12,15 +11,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
-import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from sinkstream.core.config import ConfigError, StreamConfig, TierSpec
-from sinkstream.core.model_loading import LoadedModel, load_model
-from sinkstream.core.offload.config import add_offload_options, check_offload_options, offload_from_args
-from sinkstream.service import logs
-from sinkstream.service.allocator import keep_freed_memory
+from sinkstream.core.config import StreamConfig
+from sinkstream.core.model_loading import LoadedModel
 from sinkstream.service.engine_pool import EnginePool
 from sinkstream.service.metrics import ServerMetrics
 from sinkstream.service.options import Limits
@@ -38,7 +33,7 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["SinkStream"].full_name
 
 @dataclass
 class ServerConfig:
-    """Everything `sinkstream serve` can set (see build_parser for the meaning of each)."""
+    """Everything `sinkstream serve` can set (see sinkstream.clients.cli.serve for the meaning of each)."""
 
     model: str
     host: str = "127.0.0.1"
@@ -189,68 +184,6 @@ class ServerThread:
         self._thread.join(10)
 
 
-# ---------------------------------------------------------------------- the `serve` command
-def build_parser() -> argparse.ArgumentParser:
-    d = ServerConfig(model="")
-    p = argparse.ArgumentParser(prog="sinkstream serve", description="Run the sinkstream gRPC server.")
-    p.add_argument("--model", required=True, help="model folder or Hugging Face hub id")
-    p.add_argument("--host", default=d.host, help=f"address to listen on (default {d.host})")
-    p.add_argument("--port", type=int, default=d.port, help=f"port; 0 picks a free one (default {d.port})")
-    p.add_argument("--max-sessions", type=int, default=d.max_sessions,
-                   help=f"live sessions, in memory or persisted (default {d.max_sessions})")
-    p.add_argument("--max-resident", type=int, default=d.max_resident,
-                   help=f"sessions in memory per cache shape = batch rows (default {d.max_resident})")
-    p.add_argument("--max-cache-shapes", type=int, default=d.max_cache_shapes,
-                   help=f"distinct session cache shapes served at once (default {d.max_cache_shapes})")
-    p.add_argument("--session-ttl", type=float, default=d.session_ttl_s, metavar="SECONDS",
-                   help=f"delete detached sessions unused this long; 0 = never (default {d.session_ttl_s:g})")
-    p.add_argument("--idle-evict", type=float, default=d.idle_evict_s, metavar="SECONDS",
-                   help="persist and release sessions idle this long (needs --state-dir; 0 = never; "
-                        f"default {d.idle_evict_s:g})")
-    p.add_argument("--state-dir", type=Path, help="where sessions are persisted (default: memory only)")
-    p.add_argument("--max-message-bytes", type=int, default=d.max_message_bytes,
-                   help=f"largest message sent or received (default {d.max_message_bytes})")
-    p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port (0 = any)")
-    p.add_argument("--metrics-host", default=d.metrics_host)
-    p.add_argument("--keepalive-time-ms", type=int, default=d.keepalive_time_ms,
-                   help="server keepalive ping interval")
-    p.add_argument("--keepalive-timeout-ms", type=int, default=d.keepalive_timeout_ms)
-    p.add_argument("--min-client-ping-interval-ms", type=int, default=d.min_client_ping_interval_ms,
-                   help="shortest client keepalive interval accepted without too_many_pings")
-    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help="limit per Generate")
-    p.add_argument("--max-top-k", type=int, default=d.max_top_k, help="limit on analysis top_k")
-    p.add_argument("--decode-input-budget", type=int, default=d.decode_input_budget, metavar="TOKENS",
-                   help="input tokens per forward pass while sessions generate (0 = no limit; "
-                        f"default {d.decode_input_budget}): lower = faster tokens, slower ingest")
-    p.add_argument("--grace", type=float, default=d.grace_s, metavar="SECONDS",
-                   help="on SIGTERM, time open streams get to finish")
-    g = p.add_argument_group("session defaults")
-    g.add_argument("--sink-tokens", type=int, default=d.defaults.sink_tokens)
-    g.add_argument("--window", type=int, default=d.defaults.window)
-    g.add_argument("--chunk", type=int, default=d.defaults.chunk)
-    g.add_argument("--tiers", default="", help="e.g. 32x4,16x4")
-    g.add_argument("--merge-policy", default=d.defaults.merge_policy)
-    add_offload_options(p)
-    p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
-    p.add_argument("--log-level", default="info")
-    p.add_argument("--plain-logs", action="store_true", help="human-readable logs instead of JSON lines")
-    return p
-
-
-def config_from_args(args: argparse.Namespace) -> ServerConfig:
-    return ServerConfig(
-        model=args.model, host=args.host, port=args.port, max_sessions=args.max_sessions,
-        max_resident=args.max_resident, max_cache_shapes=args.max_cache_shapes,
-        session_ttl_s=args.session_ttl, idle_evict_s=args.idle_evict, state_dir=args.state_dir,
-        max_message_bytes=args.max_message_bytes, metrics_port=args.metrics_port,
-        metrics_host=args.metrics_host, keepalive_time_ms=args.keepalive_time_ms,
-        keepalive_timeout_ms=args.keepalive_timeout_ms,
-        min_client_ping_interval_ms=args.min_client_ping_interval_ms, max_new_tokens=args.max_new_tokens,
-        max_top_k=args.max_top_k, grace_s=args.grace, decode_input_budget=args.decode_input_budget,
-        defaults=StreamConfig(sink_tokens=args.sink_tokens, window=args.window, chunk=args.chunk,
-                              tiers=TierSpec.parse(args.tiers), merge_policy=args.merge_policy))
-
-
 async def serve_until_signal(config: ServerConfig, loaded: LoadedModel) -> None:
     server = await SinkStreamServer.start(config, loaded)
     # Machine-readable line for supervisors and tests that pass --port 0.
@@ -264,22 +197,3 @@ async def serve_until_signal(config: ServerConfig, loaded: LoadedModel) -> None:
     await stop.wait()
     log.info("shutting down", extra={"grace_s": config.grace_s})
     await server.stop()
-
-
-def serve_main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if problem := check_offload_options(args):
-        parser.error(problem)
-    logs.configure(args.log_level, json_lines=not args.plain_logs)
-    try:
-        config = config_from_args(args)
-        if args.threads:
-            torch.set_num_threads(args.threads)
-        keep_freed_memory()  # passes reuse their temporaries instead of page-faulting them in each time
-        loaded = load_model(args.model, offload=offload_from_args(args))
-        asyncio.run(serve_until_signal(config, loaded))
-    except (ConfigError, ValueError, OSError) as exc:
-        print(f"sinkstream serve: error: {exc}", flush=True)
-        return 2
-    return 0

@@ -125,3 +125,24 @@ def test_plot_size_is_validated_before_any_work(document, tmp_path):
     proc = run_cli("analyze", str(document), "--server", "127.0.0.1:1", "--plot", str(tmp_path / "x.png"),
                    "--plot-size", "big", tmp_path=tmp_path)
     assert proc.returncode == 2 and "--plot-size" in proc.stderr
+
+
+@pytest.mark.parametrize("where", [["--server", "127.0.0.1:1"], ["--model", "unused"]])
+def test_malformed_tiers_are_a_usage_error_in_process_and_remote(where, document, capsys):
+    from sinkstream.clients.cli import main
+
+    with pytest.raises(SystemExit) as info:  # argparse's error: usage line, message, exit code 2
+        main(["analyze", str(document), *where, "--tiers", "32xfour"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --tiers: expected SLOTSxRATIO like 32x4, got '32xfour'" in err
+    assert "Traceback" not in err
+
+
+def test_serve_rejects_malformed_tiers(capsys):
+    from sinkstream.clients.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["serve", "--model", "unused", "--tiers", "32xfour"])
+    assert info.value.code == 2
+    assert "argument --tiers: expected SLOTSxRATIO like 32x4, got '32xfour'" in capsys.readouterr().err

@@ -51,7 +51,7 @@ def test_bad_offload_options_are_usage_errors(options, message, capsys):
 
 
 def test_serve_rejects_bad_offload_options(capsys):
-    from sinkstream.service.server import serve_main  # imports torch
+    from sinkstream.clients.cli.serve import serve_main  # imports torch
 
     with pytest.raises(SystemExit) as info:
         serve_main(["--model", "unused", "--offload", "disk", "--resident-layers", "1",

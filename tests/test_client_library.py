@@ -4,6 +4,7 @@ safe to repeat, files streamed with a progress callback (sync and asyncio), and 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import math
 from concurrent import futures
 
@@ -11,8 +12,8 @@ import grpc
 import pytest
 from service_support import start_server
 
-from sinkstream.clients.aio import AsyncSinkStreamClient
-from sinkstream.clients.client import SinkStreamClient
+from sinkstream.clients.aio import AsyncSession, AsyncSinkStreamClient
+from sinkstream.clients.client import Session, SinkStreamClient
 from sinkstream.clients.passages import find_passages, locate
 from sinkstream.clients.results import SessionSettings, SinkStreamError
 from sinkstream.v1 import sinkstream_pb2 as pb
@@ -156,3 +157,30 @@ def test_locate_finds_byte_offsets_lines_and_columns(tmp_path):
     assert p.line == raw.count(b"\n", 0, p.byte_start) + 1 in (321, 322)
     assert p.column == p.token_start - (text.rfind("\n", 0, p.token_start) + 1) + 1
     assert text[p.token_start:p.token_end].strip() in p.excerpt
+
+
+def public_api(cls: type) -> dict[str, list[tuple[str, object, object]]]:
+    """Public methods (the context-manager protocol included, as sync names; construction excluded) and
+    their parameters: name, kind, default. Annotations may differ (a grpc.aio.Channel, AsyncIterator)."""
+    names = {"__aenter__": "__enter__", "__aexit__": "__exit__"}
+    api = {}
+    for name, member in inspect.getmembers(cls, callable):
+        if name.startswith("_") and name not in ("__enter__", "__exit__", "__aenter__", "__aexit__"):
+            continue
+        params = inspect.signature(member).parameters.values()
+        api[names.get(name, name)] = [(p.name, p.kind, p.default) for p in params]
+    return api
+
+
+@pytest.mark.parametrize(("sync", "asynchronous"), [(SinkStreamClient, AsyncSinkStreamClient),
+                                                    (Session, AsyncSession)])
+def test_sync_and_async_clients_have_the_same_api(sync, asynchronous):
+    assert public_api(sync) == public_api(asynchronous)
+    init = [(p.name, p.kind, p.default) for p in inspect.signature(sync.__init__).parameters.values()]
+    if sync is SinkStreamClient:  # the clients are built alike; sessions by their client's transport
+        assert init == [(p.name, p.kind, p.default)
+                        for p in inspect.signature(asynchronous.__init__).parameters.values()]
+    # every method that does I/O is a coroutine (or an async iterator) on the asyncio side
+    for name, method in inspect.getmembers(asynchronous, inspect.isfunction):
+        if not name.startswith("_") and name not in ("abort", "stream_file"):
+            assert inspect.iscoroutinefunction(method) or inspect.isasyncgenfunction(method), name

@@ -6,11 +6,10 @@ import math
 
 import pytest
 
-from sinkstream.clients.cli import build_parser
+from sinkstream.clients.cli import build_parser, local_runner
 from sinkstream.core.config import StreamConfig
 from sinkstream.core.model_loading import load_model
 from sinkstream.core.streaming import StreamingInference
-from sinkstream.service import local_runner
 
 
 @pytest.mark.parametrize("block_chars", [997, 65536])

@@ -3,6 +3,7 @@ compiles to other languages' message code (C++, Java) with the options their gRP
 
 from __future__ import annotations
 
+import ast
 import filecmp
 import importlib.util
 import os
@@ -57,14 +58,18 @@ def test_committed_stubs_are_up_to_date(tmp_path: Path) -> None:
 
 
 def test_stubs_and_client_import_without_torch() -> None:
-    # torch and transformers are made unimportable, as on a client-only install; the CLI may use the
-    # torch-free option modules of core (their validation is shared with the server) and nothing else.
+    # torch and transformers are made unimportable, as on a client-only install. The client library imports
+    # the stubs and nothing else of sinkstream; the CLI may add the torch-free option modules of core (their
+    # defaults and validation are shared with the server) and nothing else.
     code = (
         "import sys\n"
         "sys.modules.update({'torch': None, 'transformers': None})\n"
-        "import sinkstream.clients.aio, sinkstream.clients.cli, sinkstream.clients.client\n"
+        "import sinkstream.clients.aio, sinkstream.clients.client, sinkstream.clients.analysis\n"
         "from sinkstream.v1 import sinkstream_pb2, sinkstream_pb2_grpc\n"
         "assert sinkstream_pb2.DESCRIPTOR.package == 'sinkstream.v1'\n"
+        "bad = [m for m in sys.modules if m.startswith(('sinkstream.core', 'sinkstream.service'))]\n"
+        "assert not bad, bad\n"
+        "import sinkstream.clients.cli\n"
         "sinkstream.clients.cli.build_parser().parse_args(['analyze', 'doc.txt', '--server', 'h:1'])\n"
         "torch_free = {'sinkstream.core', 'sinkstream.core.config', 'sinkstream.core.offload',\n"
         "             'sinkstream.core.offload.config'}\n"
@@ -73,6 +78,25 @@ def test_stubs_and_client_import_without_torch() -> None:
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, check=True)
+
+
+def test_client_library_imports_only_the_stubs_grpc_and_the_standard_library() -> None:
+    # Lazy imports included: the library (sinkstream.clients but its CLI) never reaches the engine or server.
+    allowed_roots = {"sinkstream", "grpc", "grpc_health", "google", "tqdm", *sys.stdlib_module_names}
+    allowed_sinkstream = ("sinkstream.v1", "sinkstream.clients")
+    for path in sorted((REPO_ROOT / "clients").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                names = [node.module]
+            else:
+                continue
+            for name in names:
+                assert name.split(".")[0] in allowed_roots, f"{path.name} imports {name}"
+                if name.startswith("sinkstream"):
+                    assert name.startswith(allowed_sinkstream) and not name.startswith(
+                        "sinkstream.clients.cli"), f"{path.name} imports {name}"
 
 
 def test_every_message_field_enum_and_method_is_documented(tmp_path: Path) -> None:

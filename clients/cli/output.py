@@ -45,7 +45,7 @@ def write_outputs(summary: AnalysisSummary, args: argparse.Namespace) -> None:
         summary.write_csv(args.csv)
         print(f"wrote {args.csv}", file=sys.stderr)
     if args.plot:
-        from sinkstream.clients.plot import plot_surprisal
+        from sinkstream.clients.cli.plot import plot_surprisal
 
         width, _, height = args.plot_size.lower().partition("x")
         plot_surprisal(summary, args.plot, int(width), int(height))

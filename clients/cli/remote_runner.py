@@ -1,5 +1,5 @@
 """`sinkstream analyze --server ADDR` and `sinkstream generate --server ADDR`: the same commands as the
-in-process runner (service.local_runner), through the gRPC client. No torch here."""
+in-process runner (local_runner), through the gRPC client. No torch here."""
 
 from __future__ import annotations
 
@@ -13,19 +13,16 @@ import grpc
 from tqdm import tqdm
 
 from sinkstream.clients.analysis import AnalysisSummary
-from sinkstream.clients.analysis_report import write_outputs
+from sinkstream.clients.cli.output import write_outputs
 from sinkstream.clients.client import SinkStreamClient
 from sinkstream.clients.results import GenerateParams, SessionSettings, SinkStreamError, TierSpec
 
 
 def session_settings(args: argparse.Namespace, logprobs: bool = False) -> SessionSettings:
-    """SessionSettings from the shared CLI options (clients.cli.add_stream_options)."""
-    tiers = []
-    for part in filter(None, (p.strip() for p in (args.tiers or "").split(","))):
-        slots, _, ratio = part.lower().partition("x")
-        tiers.append(TierSpec(int(slots), int(ratio)))
+    """SessionSettings from the cache-shape options (options.add_cache_shape_options; --tiers parsed)."""
+    tiers = tuple(TierSpec(t.slots, t.ratio) for t in args.tiers)
     return SessionSettings(sink_tokens=args.sink_tokens, window=args.window, chunk=args.chunk,
-                           tiers=tuple(tiers), merge_policy=args.merge_policy, logprobs=logprobs)
+                           tiers=tiers, merge_policy=args.merge_policy, logprobs=logprobs)
 
 
 def analyze(args: argparse.Namespace) -> AnalysisSummary:
@@ -33,7 +30,7 @@ def analyze(args: argparse.Namespace) -> AnalysisSummary:
     settings = dataclasses.replace(session_settings(args, logprobs=True), token_ids=True)
     shown = {"sink_tokens": args.sink_tokens, "window": args.window, "chunk": args.chunk}
     if settings.tiers:
-        shown.update(tiers=args.tiers, merge_policy=args.merge_policy)
+        shown.update(tiers=",".join(map(str, args.tiers)), merge_policy=args.merge_policy)
     summary = AnalysisSummary(source=str(path), mode=f"streaming via {args.server}", settings=shown)
     with SinkStreamClient(args.server) as client:
         with client.open_session(settings) as session, \

@@ -11,22 +11,15 @@ from sinkstream.clients.analysis import AnalysisSummary
 MAX_POINTS = 4000  # the per-token series is averaged into at most this many bins before drawing
 
 
-class PlotUnavailableError(RuntimeError):
-    pass
-
-
 def plot_surprisal(summary: AnalysisSummary, out: str | Path, width_px: int = 1200, height_px: int = 450,
                    dpi: int = 100) -> None:
-    """Write a PNG of `width_px` x `height_px` pixels."""
-    try:
-        import matplotlib
+    """Write a PNG of `width_px` x `height_px` pixels. Needs matplotlib, which the command checks for
+    before any work (output.check_output_options)."""
+    import matplotlib
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        import numpy as np
-    except ImportError as exc:
-        raise PlotUnavailableError(
-            f"--plot needs matplotlib: pip install 'sinkstream[plot]' ({exc})") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
 
     nll = np.frombuffer(summary.token_nll, dtype=np.float64)
     n = len(nll)

@@ -1,4 +1,5 @@
-"""In-process `sinkstream analyze` and `sinkstream generate`: the core driven directly, no server."""
+"""In-process `sinkstream analyze` and `sinkstream generate`: the core driven directly, no server.
+Imports torch (the server extra); the command line imports this module only when such a command runs."""
 
 from __future__ import annotations
 
@@ -12,23 +13,30 @@ import torch
 from tqdm import tqdm
 
 from sinkstream.clients.analysis import AnalysisSummary
-from sinkstream.core.config import StreamConfig, TierSpec
+from sinkstream.core.config import ConfigError, StreamConfig
 from sinkstream.core.dense import DenseInference
 from sinkstream.core.generation import generate
 from sinkstream.core.model_loading import LoadedModel, load_model
+from sinkstream.core.model_support import UnsupportedModelError
+from sinkstream.core.offload.checkpoint import CheckpointError
 from sinkstream.core.offload.config import offload_from_args
-from sinkstream.core.sampling import SamplingParams
+from sinkstream.core.offload.prefetch import OffloadError
+from sinkstream.core.sampling import SamplingError, SamplingParams
 from sinkstream.core.streaming import StreamingInference
 from sinkstream.core.text import IncrementalEncoder
 from sinkstream.service.allocator import keep_freed_memory
 
+# Failures of a run, as the command reports them: bad settings or model (exit 2), or a layer that failed to
+# load mid-run (exit 1).
+USAGE_ERRORS = (ConfigError, SamplingError, UnsupportedModelError, CheckpointError)
+RUN_ERRORS = (OffloadError,)
 BLOCK_CHARS = 1 << 16  # characters read from a file at a time (text mode)
 
 
 def stream_config(args: argparse.Namespace) -> StreamConfig:
-    """StreamConfig from the shared CLI options (see clients.cli.add_stream_options)."""
+    """StreamConfig from the cache-shape options (options.add_cache_shape_options; --tiers already parsed)."""
     return StreamConfig(sink_tokens=args.sink_tokens, window=args.window, chunk=args.chunk,
-                        tiers=TierSpec.parse(args.tiers or ""), merge_policy=args.merge_policy)
+                        tiers=args.tiers, merge_policy=args.merge_policy)
 
 
 def load(args: argparse.Namespace) -> LoadedModel:

@@ -18,19 +18,17 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
-import signal
 import sys
-import threading
 from pathlib import Path
 
 import grpc
 
-from sinkstream.clients.client import Session, SinkStreamClient
-from sinkstream.clients.remote_runner import unreachable_hint
-from sinkstream.clients.results import GenerateParams, SessionSettings, SinkStreamError
-from sinkstream.core.offload.config import add_offload_options  # torch-free
+from sinkstream.clients.cli.conversation import Conversation
+from sinkstream.clients.cli.options import add_cache_shape_options, add_offload_options, add_server_option
+from sinkstream.clients.cli.remote_runner import unreachable_hint
+from sinkstream.clients.client import SinkStreamClient
+from sinkstream.clients.results import SinkStreamError
 
 STREAM_ENDING = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.INTERNAL,
                  grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNKNOWN)
@@ -40,8 +38,7 @@ HELP = "commands: /new  /stats  /save  /help  /quit   (Ctrl-C stops a reply, Ctr
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("chat", help="endless chat with the model on a server (remembers the conversation)",
                        description=__doc__.split("\n\n")[0])
-    p.add_argument("--server", default=os.environ.get("SINKSTREAM_SERVER"),
-                   help="host:port of a sinkstream server (default: $SINKSTREAM_SERVER)")
+    add_server_option(p, "host:port of a sinkstream server (default: $SINKSTREAM_SERVER)")
     p.add_argument("--model", help="no server: run this model in-process (needs the server extra); "
                    "conversations persist under $XDG_STATE_HOME/sinkstream/chat")
     p.add_argument("--session", metavar="ID", help="conversation to continue or create (default: the "
@@ -57,147 +54,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--repetition-penalty", type=float, default=1.1)
     p.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence")
     p.add_argument("--seed", type=int, default=None, help="seed of a new session's sampling")
-    p.add_argument("--window", type=int, default=None, help="recent tokens kept (default: server's)")
-    p.add_argument("--sink-tokens", type=int, default=None, help="attention sinks (default: server's)")
+    add_cache_shape_options(p, names=("window", "sink_tokens"), server_default=True)
     add_offload_options(p)  # with --model only: the model runs in this process
-
-
-# ---------------------------------------------------------------------- remembered sessions
-def state_file() -> Path:
-    """Where chat sessions are remembered (XDG_CONFIG_HOME respected)."""
-    base = os.environ.get("XDG_CONFIG_HOME") or os.environ.get("APPDATA") or Path.home() / ".config"
-    return Path(base) / "sinkstream" / "chat.json"
-
-
-def load_state() -> dict:
-    try:
-        data = json.loads(state_file().read_text())
-    except (OSError, ValueError):
-        return {"sessions": {}}
-    return data if isinstance(data.get("sessions"), dict) else {"sessions": {}}
-
-
-def remember(server: str, session_id: str, open_turn: bool) -> None:
-    """Record this server's conversation; open_turn: the stream ends with the user prefix already."""
-    data = load_state()
-    data["sessions"][server] = {"session_id": session_id, "open_turn": open_turn}
-    path = state_file()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    tmp.replace(path)
-
-
-# ---------------------------------------------------------------------- the conversation
-class Conversation:
-    """One chat on one session: turn formatting, streaming replies, cancellation, commands."""
-
-    def __init__(self, client: SinkStreamClient, args: argparse.Namespace, key: str, again: str) -> None:
-        """key: what the session is remembered under; again: the command that continues it."""
-        self.client, self.args, self.key, self.again = client, args, key, again
-        self.params = GenerateParams(
-            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-            repetition_penalty=args.repetition_penalty, max_new_tokens=args.max_new_tokens,
-            stop_sequences=(f"\n{args.user}",), ignore_eos=args.ignore_eos)
-        self.session: Session | None = None
-        self.open_turn = False  # the stream already ends with "\n<user prefix>"
-        self.fresh = True  # nothing said yet in this session
-
-    def start(self) -> None:
-        remembered = load_state()["sessions"].get(self.key, {})
-        wanted = self.args.session or (None if self.args.new else remembered.get("session_id"))
-        if wanted:
-            try:
-                self.session = self.client.resume_session(wanted)
-                same = wanted == remembered.get("session_id")
-                self.open_turn = bool(remembered.get("open_turn")) if same else False
-                self.fresh = self.session.opened.tokens_seen == 0
-                print(f"resumed session {wanted} ({self.session.opened.tokens_seen:,} tokens so far)")
-            except SinkStreamError as exc:
-                if exc.code != grpc.StatusCode.NOT_FOUND:
-                    raise
-                if not self.args.session:
-                    print(f"session {wanted} is gone from the server; starting a new conversation")
-                    wanted = None
-        if self.session is None:
-            self._open(wanted)
-        self._remember()
-
-    def _open(self, session_id: str | None) -> None:
-        settings = SessionSettings(sink_tokens=self.args.sink_tokens, window=self.args.window)
-        self.session = self.client.open_session(settings, seed=self.args.seed, session_id=session_id)
-        self.open_turn, self.fresh = False, True
-        print(f"new session {self.session.id}")
-
-    def _remember(self) -> None:
-        remember(self.key, self.session.id, self.open_turn)
-
-    def turn_text(self, message: str) -> str:
-        a = self.args
-        if self.open_turn:
-            return f" {message}\n{a.assistant}"
-        if self.fresh:
-            return (f"{a.system}\n" if a.system else "") + f"{a.user} {message}\n{a.assistant}"
-        return f"\n{a.user} {message}\n{a.assistant}"
-
-    def reply(self, message: str) -> None:
-        """Send one user message and stream the reply to stdout; Ctrl-C cancels the reply."""
-        self.session.send_text(self.turn_text(message))
-        self.fresh = False
-        first = True
-        with self._cancel_on_sigint():
-            for token in self.session.generate_stream(self.params):
-                text = token.text.lstrip() if first else token.text
-                first = first and not text
-                print(text, end="", flush=True)
-        result = self.session.last_generation
-        print(" [cancelled]" if result.stop_reason == "CANCELLED" else "", flush=True)
-        if result.stop_reason == "ERROR":
-            print(f"(the server failed: {result.error_message})", file=sys.stderr)
-        self.open_turn = result.stop_reason == "STOP_SEQUENCE"
-        self._remember()
-
-    @contextlib.contextmanager
-    def _cancel_on_sigint(self):
-        """While a reply streams, Ctrl-C sends CancelGeneration (from a helper thread: a signal handler
-        must not block on the session's send queue) instead of raising KeyboardInterrupt."""
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
-
-        def on_sigint(signum, frame) -> None:
-            threading.Thread(target=self.session.cancel_generation, daemon=True).start()
-
-        previous = signal.signal(signal.SIGINT, on_sigint)
-        try:
-            yield
-        finally:
-            signal.signal(signal.SIGINT, previous)
-
-    def stats(self) -> None:
-        info = self.client.get_session(self.session.id)
-        line = (f"session {info.session_id}: tokens_seen={info.tokens_seen} "
-                f"pending={info.pending_tokens} perplexity={info.perplexity:.2f} state={info.state}")
-        if info.cache is not None:
-            c = info.cache
-            tiers = f" tiers={c.tier_used}" if c.tier_used else ""
-            line += (f" cache={c.used}/{c.capacity} (sinks {c.sink_used}, window {c.window_used}{tiers}, "
-                     f"{c.cache_bytes:,} bytes)")
-        print(line)
-
-    def save(self) -> None:
-        saved = self.session.checkpoint()
-        print(f"saved session {saved.session_id}: {saved.tokens_seen:,} tokens, {saved.bytes:,} bytes")
-
-    def new(self) -> None:
-        closed = self.session.close()
-        print(f"closed session {closed.session_id} ({closed.tokens_seen:,} tokens)")
-        self._open(None)
-        self._remember()
-
-    def quit(self) -> None:
-        self.session.detach()
-        print(f"bye. `{self.again}` continues session {self.session.id}")
 
 
 def _read_line(interactive: bool) -> str | None:
@@ -222,7 +80,7 @@ def local_server(args: argparse.Namespace):
     """A server in this process on a free port for args.model (its layers offloaded as --offload asks),
     persisting sessions to local_state_dir() when it stops, so the next `sinkstream chat --model` resumes
     them. Imports torch (the server extra)."""
-    from sinkstream.service import local_runner
+    from sinkstream.clients.cli import local_runner
     from sinkstream.service.server import ServerConfig, ServerThread
 
     config = ServerConfig(model=args.model, port=0, state_dir=local_state_dir(), session_ttl_s=0,

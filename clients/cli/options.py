@@ -1,0 +1,64 @@
+"""Command-line options shared by several commands: the server address, the bounded cache's shape, and
+weight offloading. Each flag is defined once here; the torch-free core modules supply the defaults, the
+merge policies and the one parser of tier specs, so every command and both ends agree on them."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from sinkstream.core.config import MERGE_POLICIES, ConfigError, StreamConfig, TierSpec  # torch-free
+from sinkstream.core.offload.config import add_offload_options, check_offload_options  # torch-free
+
+__all__ = ["CACHE_SHAPE_OPTIONS", "add_cache_shape_options", "add_offload_options", "add_server_option",
+           "check_offload_options", "tier_specs"]
+
+DEFAULT_SERVER = os.environ.get("SINKSTREAM_SERVER")
+CACHE_SHAPE_OPTIONS = ("sink_tokens", "window", "chunk", "tiers", "merge_policy")
+
+
+def add_server_option(p: argparse.ArgumentParser, help_text: str | None = None) -> None:
+    """--server HOST:PORT, defaulting to $SINKSTREAM_SERVER."""
+    p.add_argument("--server", default=DEFAULT_SERVER, help=help_text or "host:port of a sinkstream server "
+                   "(default $SINKSTREAM_SERVER); --model wins if given")
+
+
+def tier_specs(text: str) -> tuple[TierSpec, ...]:
+    """argparse type of --tiers: ``"32x4,16x4"`` -> tiers, finest first ("" = none). A malformed spec is a
+    usage error (exit 2) whether the cache is built in this process, by `serve` or by a remote server."""
+    try:
+        return TierSpec.parse(text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(exc.message) from None
+
+
+def add_cache_shape_options(p: argparse.ArgumentParser, title: str = "bounded cache",
+                            names: tuple[str, ...] = CACHE_SHAPE_OPTIONS,
+                            server_default: bool = False) -> None:
+    """The bounded cache's shape: --sink-tokens, --window, --chunk, --tiers, --merge-policy (the subset
+    `names` of CACHE_SHAPE_OPTIONS). server_default: leave unset options to the server (value None)."""
+    d = StreamConfig()
+
+    def default(value: object) -> object:
+        return None if server_default else value
+
+    def note(value: object) -> str:
+        return "default: server's" if server_default else f"default {value}"
+
+    options = {
+        "sink_tokens": ("--sink-tokens", dict(type=int, default=default(d.sink_tokens),
+                                              help=f"attention-sink tokens kept ({note(d.sink_tokens)})")),
+        "window": ("--window", dict(type=int, default=default(d.window),
+                                    help=f"recent tokens kept ({note(d.window)})")),
+        "chunk": ("--chunk", dict(type=int, default=default(d.chunk),
+                                  help=f"tokens per forward pass ({note(d.chunk)})")),
+        "tiers": ("--tiers", dict(type=tier_specs, default=default(""),
+                                  help=f"memory tiers, e.g. 32x4,16x4 ({note('none')})")),
+        "merge_policy": ("--merge-policy", dict(default=default(d.merge_policy), choices=MERGE_POLICIES,
+                                                help=f"how evicted tokens merge into tiers "
+                                                     f"({note(d.merge_policy)})")),
+    }
+    group = p.add_argument_group(title)
+    for name in names:
+        flag, kwargs = options[name]
+        group.add_argument(flag, **kwargs)

@@ -1,0 +1,96 @@
+"""`sinkstream serve`: its options, the ServerConfig they make, and running the server until SIGTERM.
+Imports torch (the server extra); the command line imports this module only when `serve` runs."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from pathlib import Path
+
+import torch
+
+from sinkstream.clients.cli.options import add_cache_shape_options, add_offload_options, check_offload_options
+from sinkstream.core.config import ConfigError, StreamConfig
+from sinkstream.core.model_loading import load_model
+from sinkstream.core.offload.config import offload_from_args
+from sinkstream.service import logs
+from sinkstream.service.allocator import keep_freed_memory
+from sinkstream.service.server import ServerConfig, serve_until_signal
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The options of `sinkstream serve` (defaults: ServerConfig's)."""
+    d = ServerConfig(model="")
+    p = argparse.ArgumentParser(prog="sinkstream serve", description="Run the sinkstream gRPC server.")
+    p.add_argument("--model", required=True, help="model folder or Hugging Face hub id")
+    p.add_argument("--host", default=d.host, help=f"address to listen on (default {d.host})")
+    p.add_argument("--port", type=int, default=d.port, help=f"port; 0 picks a free one (default {d.port})")
+    p.add_argument("--max-sessions", type=int, default=d.max_sessions,
+                   help=f"live sessions, in memory or persisted (default {d.max_sessions})")
+    p.add_argument("--max-resident", type=int, default=d.max_resident,
+                   help=f"sessions in memory per cache shape = batch rows (default {d.max_resident})")
+    p.add_argument("--max-cache-shapes", type=int, default=d.max_cache_shapes,
+                   help=f"distinct session cache shapes served at once (default {d.max_cache_shapes})")
+    p.add_argument("--session-ttl", type=float, default=d.session_ttl_s, metavar="SECONDS",
+                   help=f"delete detached sessions unused this long; 0 = never (default {d.session_ttl_s:g})")
+    p.add_argument("--idle-evict", type=float, default=d.idle_evict_s, metavar="SECONDS",
+                   help="persist and release sessions idle this long (needs --state-dir; 0 = never; "
+                        f"default {d.idle_evict_s:g})")
+    p.add_argument("--state-dir", type=Path, help="where sessions are persisted (default: memory only)")
+    p.add_argument("--max-message-bytes", type=int, default=d.max_message_bytes,
+                   help=f"largest message sent or received (default {d.max_message_bytes})")
+    p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port (0 = any)")
+    p.add_argument("--metrics-host", default=d.metrics_host)
+    p.add_argument("--keepalive-time-ms", type=int, default=d.keepalive_time_ms,
+                   help="server keepalive ping interval")
+    p.add_argument("--keepalive-timeout-ms", type=int, default=d.keepalive_timeout_ms)
+    p.add_argument("--min-client-ping-interval-ms", type=int, default=d.min_client_ping_interval_ms,
+                   help="shortest client keepalive interval accepted without too_many_pings")
+    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help="limit per Generate")
+    p.add_argument("--max-top-k", type=int, default=d.max_top_k, help="limit on analysis top_k")
+    p.add_argument("--decode-input-budget", type=int, default=d.decode_input_budget, metavar="TOKENS",
+                   help="input tokens per forward pass while sessions generate (0 = no limit; "
+                        f"default {d.decode_input_budget}): lower = faster tokens, slower ingest")
+    p.add_argument("--grace", type=float, default=d.grace_s, metavar="SECONDS",
+                   help="on SIGTERM, time open streams get to finish")
+    add_cache_shape_options(p, title="session defaults")
+    add_offload_options(p)
+    p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
+    p.add_argument("--log-level", default="info")
+    p.add_argument("--plain-logs", action="store_true", help="human-readable logs instead of JSON lines")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> ServerConfig:
+    """The ServerConfig of parsed `serve` options (--tiers already parsed)."""
+    return ServerConfig(
+        model=args.model, host=args.host, port=args.port, max_sessions=args.max_sessions,
+        max_resident=args.max_resident, max_cache_shapes=args.max_cache_shapes,
+        session_ttl_s=args.session_ttl, idle_evict_s=args.idle_evict, state_dir=args.state_dir,
+        max_message_bytes=args.max_message_bytes, metrics_port=args.metrics_port,
+        metrics_host=args.metrics_host, keepalive_time_ms=args.keepalive_time_ms,
+        keepalive_timeout_ms=args.keepalive_timeout_ms,
+        min_client_ping_interval_ms=args.min_client_ping_interval_ms, max_new_tokens=args.max_new_tokens,
+        max_top_k=args.max_top_k, grace_s=args.grace, decode_input_budget=args.decode_input_budget,
+        defaults=StreamConfig(sink_tokens=args.sink_tokens, window=args.window, chunk=args.chunk,
+                              tiers=args.tiers, merge_policy=args.merge_policy))
+
+
+def serve_main(argv: list[str] | None = None) -> int:
+    """Run `sinkstream serve` with `argv` until SIGTERM / SIGINT; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if problem := check_offload_options(args):
+        parser.error(problem)
+    logs.configure(args.log_level, json_lines=not args.plain_logs)
+    try:
+        config = config_from_args(args)
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        keep_freed_memory()  # passes reuse their temporaries instead of page-faulting them in each time
+        loaded = load_model(args.model, offload=offload_from_args(args))
+        asyncio.run(serve_until_signal(config, loaded))
+    except (ConfigError, ValueError, OSError) as exc:
+        print(f"sinkstream serve: error: {exc}", flush=True)
+        return 2
+    return 0

@@ -118,6 +118,16 @@ class IncrementalEncoder:
         """Text received but not yet turned into ids (bounded by about max_hold_chars + one piece)."""
         return self._held
 
+    @property
+    def started(self) -> bool:
+        """Whether any id (BOS included) has been emitted on this stream."""
+        return self._started
+
+    @property
+    def holds_text(self) -> bool:
+        """Whether text (or the start of a UTF-8 character) was received but not yet turned into ids."""
+        return bool(self._held) or bool(self._utf8.getstate()[0])
+
     def state(self) -> dict[str, str | bool | None]:
         """JSON-able state (held text, left context, pending UTF-8 bytes) for session snapshots."""
         return {"context": self._context, "held": self._held, "started": self._started,

@@ -17,9 +17,7 @@ class TextInput:
     def __init__(self, tokenizer, state: dict[str, Any] | None = None) -> None:
         self.encoder = IncrementalEncoder(tokenizer)
         if state:
-            enc = self.encoder
-            enc._context, enc._held, enc._started = state["context"], state["held"], state["started"]
-            enc._utf8.setstate((bytes.fromhex(state["utf8_pending"]), 0))
+            self.encoder.load_state(state)
 
     def push(self, text: str) -> list[int]:
         """Ids made final by `text` (a partial last word is held back)."""
@@ -36,16 +34,16 @@ class TextInput:
     @property
     def needs_flush(self) -> bool:
         """Whether flush() would return ids: held text, or the BOS of a stream with no token yet."""
-        return self.holds_text or not self.encoder._started
+        return self.holds_text or not self.encoder.started
 
     @property
     def holds_text(self) -> bool:
-        return bool(self.encoder.held_text) or bool(self.encoder._utf8.getstate()[0])
+        """Whether text received is still held back (a partial word or UTF-8 character)."""
+        return self.encoder.holds_text
 
     def state(self) -> dict[str, Any]:
-        enc = self.encoder
-        return {"context": enc._context, "held": enc._held, "started": enc._started,
-                "utf8_pending": enc._utf8.getstate()[0].hex()}
+        """The encoder's JSON-able state, saved with the session."""
+        return self.encoder.state()
 
 
 def tokenize(tokenizer, text: str, add_bos: bool, return_pieces: bool) -> tuple[list[int], list[str] | None]:

@@ -89,12 +89,14 @@ def test_layer_contracts_hold(site: Path, tmp_path: Path) -> None:
     ("sinkstream/clients/_probe.py", "import torch"),
     ("sinkstream/clients/_probe.py", "from sinkstream.core import config"),
     ("sinkstream/service/_probe.py", "from sinkstream.clients import results"),
+    ("sinkstream/clients/results.py", "from sinkstream.clients.cli import main"),
 ])
 def test_a_lazy_import_across_a_layer_breaks_a_contract(site: Path, tmp_path: Path, module: str,
                                                         lazy_import: str) -> None:
     broken_site = tmp_path / "site"
     shutil.copytree(site, broken_site)
-    (broken_site / module).write_text(f"def later():\n    {lazy_import}\n")
+    probe = broken_site / module
+    probe.write_text((probe.read_text() if probe.exists() else "") + f"\n\ndef later():\n    {lazy_import}\n")
     result = _lint_imports(broken_site, tmp_path)
     assert result.returncode != 0, result.stdout
     assert "BROKEN" in result.stdout

@@ -55,8 +55,8 @@ class RowStats:
     perplexity: float
     cache_used: int
     cache_capacity: int
-    sink_used: int
-    window_used: int
+    sink_used: int  # attention-sink tokens held: min(sink_tokens, tokens_seen), in sink slots or the ring
+    window_used: int  # the other tokens of the window
     tier_used: list[int]
     cache_bytes: int
 
@@ -247,11 +247,16 @@ class StreamingInference:
         self._check_row(row)
         mean_nll = self._nll_sum[row] / max(self._scored[row], 1)
         tiers = self.tier_memory.used(row) if self.tier_memory is not None else []
+        # The stream's first sink_tokens tokens are its attention sinks from the start; until the window
+        # first overflows they sit in the ring and move to the sink slots as they are evicted. Count them
+        # as sinks wherever they are, so sink_used + window_used + sum(tiers) == cache_used.
+        sinks = min(self.config.sink_tokens, self.cache.tokens_seen[row])
+        window = self.cache.sink_used[row] + self.cache.window_used[row] - sinks
         return RowStats(
             tokens_seen=self.cache.tokens_seen[row], scored_tokens=self._scored[row], mean_nll=mean_nll,
             perplexity=math.exp(mean_nll), cache_used=self.cache.used_slots(row),
-            cache_capacity=self.config.cache_slots, sink_used=self.cache.sink_used[row],
-            window_used=self.cache.window_used[row], tier_used=tiers, cache_bytes=self.cache_bytes,
+            cache_capacity=self.config.cache_slots, sink_used=sinks, window_used=window, tier_used=tiers,
+            cache_bytes=self.cache_bytes,
         )
 
     @property

@@ -8,6 +8,10 @@ from dataclasses import dataclass
 import torch
 
 MAX_NEW_TOKENS_LIMIT = 1 << 20
+# Bounds within which the sampler's float64 arithmetic stays finite for any finite float32 log-probability
+# (|logprob| <= 3.4e38: times the penalty, over the temperature, well inside float64's range).
+MIN_TEMPERATURE, MAX_TEMPERATURE = 9.99999997e-7, 1e6  # besides 0 (greedy); the minimum is 1e-6 as float32
+MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 1e-3, 1e3
 
 
 class SamplingError(ValueError):
@@ -34,14 +38,17 @@ class SamplingParams:
 
     def validate(self) -> None:
         """Raise SamplingError for the first out-of-range field."""
-        if not math.isfinite(self.temperature) or self.temperature < 0:
-            raise SamplingError("temperature", f"must be a finite number >= 0, got {self.temperature}")
+        t = self.temperature
+        if not (t == 0.0 or MIN_TEMPERATURE <= t <= MAX_TEMPERATURE):  # NaN fails every comparison
+            raise SamplingError("temperature", f"must be 0 (greedy) or in {MIN_TEMPERATURE:g}.."
+                                f"{MAX_TEMPERATURE:g}, got {t}")
         if self.top_k < 0:
             raise SamplingError("top_k", f"must be >= 0 (0 disables), got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:
             raise SamplingError("top_p", f"must be in (0, 1], got {self.top_p}")
-        if not math.isfinite(self.repetition_penalty) or self.repetition_penalty <= 0:
-            raise SamplingError("repetition_penalty", f"must be > 0, got {self.repetition_penalty}")
+        if not MIN_REPETITION_PENALTY <= self.repetition_penalty <= MAX_REPETITION_PENALTY:
+            raise SamplingError("repetition_penalty", f"must be in {MIN_REPETITION_PENALTY:g}.."
+                                f"{MAX_REPETITION_PENALTY:g} (1 = off), got {self.repetition_penalty}")
         if not 1 <= self.max_new_tokens <= MAX_NEW_TOKENS_LIMIT:
             raise SamplingError("max_new_tokens",
                                 f"must be in 1..{MAX_NEW_TOKENS_LIMIT}, got {self.max_new_tokens}")
@@ -62,24 +69,38 @@ class Sampler:
         self.generator = generator or torch.Generator()
 
     def sample(self, logprobs: torch.Tensor, context_ids: torch.Tensor | None = None) -> int:
-        """Pick a token from log-probabilities [vocab]; context_ids [k] get the repetition penalty."""
+        """Pick a token from log-probabilities [vocab]; context_ids [k] get the repetition penalty.
+
+        Sampling works in float64 log-space relative to the best score, so every valid parameter gives a
+        proper distribution (the best token keeps weight 1); ValueError if no log-probability is finite.
+        """
         p = self.params
-        scores = logprobs.float().clone()
-        if p.repetition_penalty != 1.0 and context_ids is not None and context_ids.numel():
-            # CTRL-style penalty applied to log-probs (all <= 0): a factor > 1 makes repeats less likely.
-            ids = context_ids.unique()
-            scores[ids] = scores[ids] * p.repetition_penalty
-        if p.temperature == 0.0:
+        if p.temperature == 0.0:  # greedy: float32 as it always was, so ties resolve exactly as before
+            scores = logprobs.float().clone()
+            self._penalize(scores, context_ids)
             return int(scores.argmax())
-        scores = scores / p.temperature
+        scores = logprobs.double().clone()
+        scores = self._penalize(scores, context_ids).nan_to_num(nan=-math.inf)
+        best = scores.max()
+        if not torch.isfinite(best):
+            raise ValueError("the next-token distribution has no finite log-probability")
+        scores = (scores - best) / p.temperature  # <= 0, the best token exactly 0
         if p.top_k:
             kth = scores.topk(min(p.top_k, scores.numel())).values[-1]
             scores[scores < kth] = -math.inf
         if p.top_p < 1.0:
             sorted_scores, order = scores.sort(descending=True)
-            cumulative = sorted_scores.softmax(-1).cumsum(-1)
+            probs = sorted_scores.softmax(-1)
             # Drop tokens once the mass before them already reaches top_p; the top token always stays.
-            drop = cumulative - sorted_scores.softmax(-1) >= p.top_p
+            drop = probs.cumsum(-1) - probs >= p.top_p
+            drop[0] = False
             scores[order[drop]] = -math.inf
-        probs = scores.softmax(-1)
-        return int(torch.multinomial(probs, 1, generator=self.generator))
+        return int(torch.multinomial(scores.softmax(-1), 1, generator=self.generator))
+
+    def _penalize(self, scores: torch.Tensor, context_ids: torch.Tensor | None) -> torch.Tensor:
+        """Apply the repetition penalty to `scores` [vocab] in place; returns them."""
+        if self.params.repetition_penalty != 1.0 and context_ids is not None and context_ids.numel():
+            # CTRL-style penalty applied to log-probs (all <= 0): a factor > 1 makes repeats less likely.
+            ids = context_ids.unique()
+            scores[ids] = scores[ids] * self.params.repetition_penalty
+        return scores

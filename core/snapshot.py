@@ -5,10 +5,14 @@ counters; restoring it into any free row of an engine with the same model and St
 stream exactly as the original would have. It goes through public state accessors only: the engine's
 `row_state`/`load_row_state` and the tier memory's `state`/`check_state`/`load_state`. The engine's
 `snapshot`/`restore` forward here, so this module imports the engine for type checking only.
+
+On disk (save_snapshot/load_snapshot) a snapshot carries a sha256 over its tensors and its metadata JSON;
+any mismatch, truncation or unparsable content is a SnapshotError, never a state that loads with NaNs.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -153,13 +157,30 @@ def restore_row(engine: StreamingInference, row: int, tensors: dict[str, torch.T
         engine.tier_memory.load_state(row, tiers)
 
 
+CHECKSUM_KEY = "sinkstream.sha256"
+
+
+def snapshot_checksum(tensors: dict[str, torch.Tensor], meta_json: str) -> str:
+    """sha256 (hex) over the metadata JSON exactly as stored and every tensor's name, dtype, shape and
+    bytes, in name order."""
+    digest = hashlib.sha256(meta_json.encode("utf-8"))
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        digest.update(f"\0{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def save_snapshot(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-    """Write atomically: a crash mid-write never leaves a truncated snapshot under `path`."""
+    """Write atomically, with a checksum over the tensors and the metadata: a crash mid-write never leaves
+    a truncated snapshot under `path`, and damage after the write is found by load_snapshot."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
+    tensors = {k: v.contiguous() for k, v in tensors.items()}
+    meta_json = json.dumps(meta)
     try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp),
-                  metadata={"sinkstream": json.dumps(meta)})
+        save_file(tensors, str(tmp), metadata={"sinkstream": meta_json,
+                                               CHECKSUM_KEY: snapshot_checksum(tensors, meta_json)})
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)  # a failed write (disk full) leaves nothing behind
@@ -167,10 +188,26 @@ def save_snapshot(path: str | os.PathLike, tensors: dict[str, torch.Tensor], met
 
 
 def load_snapshot(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Read a snapshot written by save_snapshot."""
+    """Read a snapshot written by save_snapshot. SnapshotError if the file is missing, truncated or
+    unparsable, has no checksum, or its tensors or metadata do not match the checksum."""
     try:
         with safe_open(str(path), framework="pt") as f:
-            meta = json.loads((f.metadata() or {})["sinkstream"])
-        return load_file(str(path)), meta
-    except (KeyError, ValueError, OSError) as exc:
-        raise SnapshotError(f"cannot read snapshot {path}: {exc}") from exc
+            header = f.metadata() or {}
+        meta_json, stored = header["sinkstream"], header[CHECKSUM_KEY]
+        tensors = load_file(str(path))
+        if snapshot_checksum(tensors, meta_json) != stored:
+            raise SnapshotError(f"snapshot {path} is damaged: its tensors or metadata do not match the "
+                                "checksum")
+        meta = json.loads(meta_json)
+    except SnapshotError:
+        raise
+    except MemoryError:  # says nothing about the file
+        raise
+    except KeyError as exc:
+        raise SnapshotError(f"snapshot {path} has no {exc} entry (damaged, or not a sinkstream snapshot)"
+                            ) from exc
+    except Exception as exc:  # OSError, JSON errors, safetensors' own error for a damaged file
+        raise SnapshotError(f"cannot read snapshot {path}: {type(exc).__name__}: {exc}") from exc
+    if not isinstance(meta, dict):
+        raise SnapshotError(f"snapshot {path} metadata is not an object")
+    return tensors, meta

@@ -55,8 +55,8 @@ class RowStats:
     perplexity: float
     cache_used: int
     cache_capacity: int
-    sink_used: int
-    window_used: int
+    sink_used: int  # attention-sink tokens held: min(sink_tokens, tokens_seen), in sink slots or the ring
+    window_used: int  # the other tokens of the window
     tier_used: list[int]
     cache_bytes: int
 
@@ -164,38 +164,46 @@ class StreamingInference:
         ids = ids.to(self.device)
 
         position_ids, mask = self.cache.begin_step(rows, ids, lengths)
-        try:
+        try:  # everything that can fail runs before the commit, so a failed pass changes no row
             hidden = self.base(input_ids=ids, attention_mask=mask, position_ids=position_ids,
                                past_key_values=self.cache, use_cache=True).last_hidden_state
+            logprobs = torch.log_softmax(self.lm_head(hidden).float(), dim=-1).cpu()  # [b, n, V]
+            scored = [self._score(row, ids[i, : lengths[i]].cpu(), logprobs[i, : lengths[i]],
+                                  hidden[i, : lengths[i]], top_k, embeddings)
+                      for i, row in enumerate(rows)]
         except BaseException:
             self.cache.abort_step()
             raise
         self.cache.end_step()
-        logprobs = torch.log_softmax(self.lm_head(hidden).float(), dim=-1).cpu()  # [b, n, V]
-        return {row: self._score(row, ids[i, : lengths[i]].cpu(), logprobs[i, : lengths[i]],
-                                 hidden[i, : lengths[i]], top_k, embeddings)
-                for i, row in enumerate(rows)}
+        return {row: self._commit(row, result, logprobs[i, lengths[i] - 1])
+                for i, (row, result) in enumerate(zip(rows, scored, strict=True))}
 
     def _score(self, row: int, ids: torch.Tensor, logprobs: torch.Tensor, hidden: torch.Tensor,
                top_k: int, embeddings: bool) -> ChunkResult:
-        """Score each token with the distribution that predicted it; remember the next-token one."""
+        """Score each token with the distribution that predicted it (changes nothing; see _commit)."""
         first = self._next_logprobs[row] if self._has_next[row] else torch.full_like(logprobs[0], math.nan)
         predictive = torch.cat((first[None], logprobs[:-1]))  # [n, V]
         token_lp = predictive.gather(1, ids[:, None])[:, 0]
-        scored = token_lp[~token_lp.isnan()]
-        self._nll_sum[row] -= float(scored.double().sum())
-        self._scored[row] += scored.numel()
-        self._next_logprobs[row] = logprobs[-1]
-        self._has_next[row] = True
         topk_ids = topk_lp = None
         if top_k:
             topk_lp, topk_ids = predictive.topk(top_k, dim=-1)
-        mean_nll = self._nll_sum[row] / max(self._scored[row], 1)
         return ChunkResult(
             row=row, token_ids=ids.tolist(), logprobs=token_lp, topk_ids=topk_ids, topk_logprobs=topk_lp,
             embedding=hidden.float().mean(0).cpu() if embeddings else None,
-            tokens_seen=self.cache.tokens_seen[row], mean_nll=mean_nll, perplexity=math.exp(mean_nll),
+            tokens_seen=0, mean_nll=math.nan, perplexity=math.nan,  # set by _commit
         )
+
+    def _commit(self, row: int, result: ChunkResult, next_logprobs: torch.Tensor) -> ChunkResult:
+        """Count a scored chunk into the row's totals and remember its next-token distribution [V]."""
+        scored = result.logprobs[~result.logprobs.isnan()]
+        self._nll_sum[row] -= float(scored.double().sum())
+        self._scored[row] += scored.numel()
+        self._next_logprobs[row] = next_logprobs
+        self._has_next[row] = True
+        result.tokens_seen = self.cache.tokens_seen[row]
+        result.mean_nll = self._nll_sum[row] / max(self._scored[row], 1)
+        result.perplexity = math.exp(result.mean_nll)
+        return result
 
     def append(self, row: int, token_ids: Sequence[int], *, top_k: int = 0,
                embeddings: bool = False) -> Iterator[ChunkResult]:
@@ -239,11 +247,16 @@ class StreamingInference:
         self._check_row(row)
         mean_nll = self._nll_sum[row] / max(self._scored[row], 1)
         tiers = self.tier_memory.used(row) if self.tier_memory is not None else []
+        # The stream's first sink_tokens tokens are its attention sinks from the start; until the window
+        # first overflows they sit in the ring and move to the sink slots as they are evicted. Count them
+        # as sinks wherever they are, so sink_used + window_used + sum(tiers) == cache_used.
+        sinks = min(self.config.sink_tokens, self.cache.tokens_seen[row])
+        window = self.cache.sink_used[row] + self.cache.window_used[row] - sinks
         return RowStats(
             tokens_seen=self.cache.tokens_seen[row], scored_tokens=self._scored[row], mean_nll=mean_nll,
             perplexity=math.exp(mean_nll), cache_used=self.cache.used_slots(row),
-            cache_capacity=self.config.cache_slots, sink_used=self.cache.sink_used[row],
-            window_used=self.cache.window_used[row], tier_used=tiers, cache_bytes=self.cache_bytes,
+            cache_capacity=self.config.cache_slots, sink_used=sinks, window_used=window, tier_used=tiers,
+            cache_bytes=self.cache_bytes,
         )
 
     @property

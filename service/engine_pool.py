@@ -23,6 +23,12 @@ from sinkstream.service.session_store import SessionStore, snapshot_meta
 log = logging.getLogger("sinkstream.sessions")
 
 
+def lost(session: Session, exc: SnapshotError) -> RequestError:
+    """DATA_LOSS naming the session whose snapshot cannot be restored."""
+    return RequestError(grpc.StatusCode.DATA_LOSS, f"session {session.id!r} cannot be restored: {exc}",
+                        "session_id")
+
+
 class EnginePool:
     """One StreamingInference per distinct StreamConfig, all sharing the model's weights."""
 
@@ -135,7 +141,7 @@ class Residency:
         try:
             tensors, meta = await asyncio.to_thread(self.store.load, session.id)
         except SnapshotError as exc:
-            raise RequestError(grpc.StatusCode.DATA_LOSS, str(exc), "session_id") from exc
+            raise lost(session, exc) from exc
         except Exception as exc:  # e.g. out of memory reading it: the snapshot itself may be fine
             raise server_failure(exc, f"cannot restore session {session.id!r}", "session_id") from exc
         await self.take_row(session)
@@ -144,7 +150,7 @@ class Residency:
         except BaseException as exc:  # whatever the failure, the row must not stay taken
             session.release_row()
             if isinstance(exc, SnapshotError):
-                raise RequestError(grpc.StatusCode.DATA_LOSS, str(exc), "session_id") from exc
+                raise lost(session, exc) from exc
             if isinstance(exc, Exception):
                 raise server_failure(exc, f"cannot restore session {session.id!r}", "session_id") from exc
             raise

@@ -27,7 +27,8 @@ import torch
 
 from sinkstream.core.generation import Generation
 from sinkstream.core.streaming import ChunkResult, StreamingInference
-from sinkstream.service.errors import RequestError, is_exhaustion, server_failure
+from sinkstream.service.batch import run_rows
+from sinkstream.service.errors import RequestError, server_failure
 from sinkstream.service.metrics import ServerMetrics
 from sinkstream.service.replies import (
     CheckpointedReply,
@@ -248,12 +249,11 @@ class Scheduler:
             p.session.begin_step()
         started = time.perf_counter()
         try:
-            results = await asyncio.get_running_loop().run_in_executor(
+            outcome = await asyncio.get_running_loop().run_in_executor(
                 self._compute_thread, self._compute, engine, pieces, top_k, embeddings)
-        except Exception as exc:  # e.g. out of memory: report to the sessions in this pass, keep serving
+        except Exception as exc:  # _compute handles failures per piece; this is a bug, reported to all
             log.exception("forward pass failed")
-            self._fail(pieces, exc)
-            return
+            outcome = {p.session.row: exc for p in pieces}
         finally:
             for p in pieces:
                 p.session.end_step()
@@ -261,36 +261,55 @@ class Scheduler:
         self.metrics.step_seconds.observe(elapsed)
         self.metrics.batch_rows.observe(len(pieces))
         self.metrics.batch_tokens.observe(sum(len(p.ids) if p.ids is not None else 1 for p in pieces))
-        for p in pieces:
-            if p.ids is not None:
-                self._deliver_chunk(p, results[p.session.row])
-            else:
-                self._deliver_token(p)
+        for p in pieces:  # each piece on its own: one session's failure never stops another's delivery
+            result = outcome[p.session.row]
+            try:
+                if isinstance(result, Exception):
+                    self._fail_piece(p, result)
+                elif p.ids is not None:
+                    self._deliver_chunk(p, result)
+                else:
+                    self._deliver_token(p)
+            except Exception as exc:  # e.g. this generation's stop matcher: fail this session only
+                log.exception("delivering a result failed", extra={"session": p.session.id})
+                self.manager.fail(p.session, server_failure(exc, "the server failed serving this session"))
 
     @staticmethod
     def _compute(engine: StreamingInference, pieces: list[Piece], top_k: int,
-                 embeddings: bool) -> dict[int, ChunkResult]:
-        """Worker thread: sample decode tokens, run one batched forward pass."""
+                 embeddings: bool) -> dict[int, ChunkResult | Exception]:
+        """Worker thread: sample each decode token, then run the pieces as one batched pass. A failure
+        belongs to the piece it came from: a piece whose sampling fails is left out of the pass, and a
+        failed pass is run again row by row. Returns each piece's result or exception, by row."""
+        outcome: dict[int, ChunkResult | Exception] = {}
+        inputs: dict[int, list[int]] = {}
         with torch.inference_mode():
-            inputs = {}
             for p in pieces:
-                if p.ids is None:
+                row = p.session.row
+                if p.ids is not None:
+                    inputs[row] = p.ids
+                    continue
+                try:
                     p.token, p.logprob = p.session.generation.gen.choose()
-                    inputs[p.session.row] = [p.token]
-                else:
-                    inputs[p.session.row] = p.ids
-            return engine.step(inputs, top_k=top_k, embeddings=embeddings)
+                except Exception as exc:  # this session's sampler or parameters
+                    outcome[row] = exc
+                    continue
+                inputs[row] = [p.token]
+            outcome.update(run_rows(engine, inputs, top_k, embeddings))
+        return outcome
 
-    def _fail(self, pieces: list[Piece], exc: Exception) -> None:
-        code = grpc.StatusCode.RESOURCE_EXHAUSTED if is_exhaustion(exc) else grpc.StatusCode.INTERNAL
-        for p in pieces:
-            s = p.session
-            if p.ids is None:
-                s.finish_generation("ERROR", error=f"{type(exc).__name__}: {exc}")
-            else:
-                s.consume_pending(len(p.ids))  # dropped: retrying the same input would fail again
-                s.emit(ErrorReply("", RequestError(
-                    code, f"forward pass failed, {len(p.ids)} input tokens dropped: {exc}")))
+    def _fail_piece(self, p: Piece, exc: Exception) -> None:
+        """This piece's own work failed (its sampler, or its row of the pass); its row is unchanged."""
+        s = p.session
+        log.warning("a session's part of a forward pass failed: %r", exc, extra={"session": s.id})
+        if p.ids is None:
+            s.finish_generation("ERROR", error=f"generating the next token failed: {exc!r}")
+            return
+        n = len(p.ids)
+        # Dropped and said so: retrying input that fails on its own row would fail again.
+        request_id = s.consume_pending(n)
+        s.emit(ErrorReply(request_id, server_failure(
+            exc, f"the forward pass failed on this session's input: {n} input tokens were not processed "
+            f"and are not part of the stream (tokens_seen stays {s.tokens_seen()})")))
 
     def _deliver_chunk(self, p: Piece, result: ChunkResult) -> None:
         s = p.session

@@ -45,11 +45,14 @@ class SessionManager:
         self.session_ttl_s, self.idle_evict_s = session_ttl_s, idle_evict_s
         self.sessions: dict[str, Session] = {}
         self.recently_closed: dict[str, None] = {}
+        # Sessions whose snapshot is damaged (id -> why): DATA_LOSS until deleted, never NOT_FOUND.
+        self.damaged: dict[str, str] = {}
         self.lock = asyncio.Lock()
         self.residency = Residency(pool, store, self.sessions, metrics, self._update_gauges)
         self.on_work: Callable[[], None] = lambda: None  # the scheduler's wake-up
         if store is not None:
-            for meta in store.scan():
+            metas, self.damaged = store.scan()
+            for meta in metas:
                 try:
                     session = session_from_meta(meta, pool.tokenizer)
                 except (KeyError, TypeError, ValueError) as exc:
@@ -61,6 +64,9 @@ class SessionManager:
     # ------------------------------------------------------------------ lookup
     def get(self, session_id: str) -> Session:
         session = self.sessions.get(session_id)
+        if session is None and session_id in self.damaged:
+            raise RequestError(grpc.StatusCode.DATA_LOSS, f"session {session_id!r} is lost: its persisted "
+                               f"state is damaged ({self.damaged[session_id]}); delete it", "session_id")
         if session is None:
             why = "was closed" if session_id in self.recently_closed else "is unknown or expired"
             raise RequestError(grpc.StatusCode.NOT_FOUND, f"session {session_id!r} {why}", "session_id")
@@ -82,7 +88,7 @@ class SessionManager:
         """A new resident session; an empty `session_id` gets a random one."""
         session_id = session_id or secrets.token_hex(8)
         async with self.lock:
-            if session_id in self.sessions:
+            if session_id in self.sessions or session_id in self.damaged:
                 raise RequestError(grpc.StatusCode.ALREADY_EXISTS, f"session {session_id!r} exists",
                                    "open.session_id")
             if len(self.sessions) >= self.max_sessions:
@@ -109,7 +115,12 @@ class SessionManager:
             if session.generation is not None:  # cancelled by the previous call's end
                 session.finish_generation("CANCELLED")
             if not session.resident:
-                await self.residency.restore(session)
+                try:
+                    await self.residency.restore(session)
+                except RequestError as exc:
+                    if exc.code == grpc.StatusCode.DATA_LOSS:
+                        self._lose(session, exc)
+                    raise
             if analysis is not None:
                 session.set_analysis(analysis)
             return session
@@ -141,11 +152,20 @@ class SessionManager:
         except RequestError as exc:
             if exc.code == grpc.StatusCode.DATA_LOSS:
                 session.emit(StreamEnd(exc))
-                self._forget(session)
+                self._lose(session, exc)
             else:
                 self.fail(session, exc)
             return False
         return True
+
+    def _lose(self, session: Session, error: RequestError) -> None:
+        """The session's snapshot is damaged: it is gone from memory, its file stays (for inspection) and
+        every later use of its id is DATA_LOSS until DeleteSession removes it."""
+        log.error("session lost: %s", error, extra={"session": session.id})
+        session.end()
+        self.sessions.pop(session.id, None)
+        self.damaged[session.id] = error.message
+        self._update_gauges()
 
     def fail(self, session: Session, error: RequestError) -> None:
         """A server-side failure specific to this session: end its call with `error`, drop its queued
@@ -178,6 +198,11 @@ class SessionManager:
     async def delete(self, session_id: str) -> int:
         """Delete a detached session; returns the tokens it had seen."""
         async with self.lock:
+            if session_id in self.damaged:
+                self.damaged.pop(session_id)
+                if self.store is not None:
+                    self.store.delete(session_id)
+                return 0
             session = self.get(session_id)
             if session.attached:
                 raise RequestError(grpc.StatusCode.FAILED_PRECONDITION,

@@ -46,16 +46,18 @@ class SessionStore:
     def delete(self, session_id: str) -> None:
         self.path(session_id).unlink(missing_ok=True)
 
-    def scan(self) -> list[dict[str, Any]]:
-        """Metadata of every readable snapshot (unreadable files are logged and skipped)."""
-        metas = []
+    def scan(self) -> tuple[list[dict[str, Any]], dict[str, str]]:
+        """Metadata of every readable snapshot, and why each unreadable one is (by session id, from its
+        file name): a damaged file must not stop the server from starting, nor make its session vanish."""
+        metas, damaged = [], {}
         for path in sorted(self.root.glob("*.safetensors")):
             try:
                 with safe_open(str(path), framework="pt") as f:
                     metas.append(json.loads((f.metadata() or {})["sinkstream"]))
-            except Exception as exc:  # a damaged file must not stop the server from starting
-                log.warning("skipping unreadable snapshot", extra={"path": str(path), "error": str(exc)})
-        return metas
+            except Exception as exc:
+                log.warning("unreadable snapshot", extra={"path": str(path), "error": str(exc)})
+                damaged[path.stem] = f"cannot read snapshot {path.name}: {type(exc).__name__}: {exc}"
+        return metas, damaged
 
 
 def snapshot_meta(session: Session, meta: dict[str, Any]) -> dict[str, Any]:

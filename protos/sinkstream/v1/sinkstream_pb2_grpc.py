@@ -76,7 +76,11 @@ class SinkStreamServicer:
         `session_opened`, then processes the following requests in order. Half-closing the request side
         detaches the session (it stays resumable until its TTL); `close` ends the session for good.
         Cancelling the call or letting its deadline pass stops any running generation promptly; the
-        session keeps every token processed so far and stays resumable.
+        session keeps every token processed so far and stays resumable. Generated tokens enter the stream
+        when they are computed, before they are sent, so after a cancelled call the stream can hold generated
+        tokens the client never received (the one in flight and any not yet sent); `SessionOpened.tokens_seen`
+        on resume gives the stream's exact length. `CancelGeneration` has no such gap: every generated token
+        in the stream is sent before the generation's CANCELLED result.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -97,7 +101,8 @@ class SinkStreamServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetSession(self, request, context):
-        """One session's state (in memory or persisted). NOT_FOUND for an unknown id.
+        """One session's state (in memory or persisted). NOT_FOUND for an unknown id; DATA_LOSS for a session
+        whose persisted state is damaged (until DeleteSession removes it).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -111,8 +116,8 @@ class SinkStreamServicer:
         raise NotImplementedError('Method not implemented!')
 
     def DeleteSession(self, request, context):
-        """Ends a session and deletes its persisted state. NOT_FOUND for an unknown id; FAILED_PRECONDITION
-        while a stream is attached to it (close it from that stream instead).
+        """Ends a session and deletes its persisted state (also a damaged one). NOT_FOUND for an unknown id;
+        FAILED_PRECONDITION while a stream is attached to it (close it from that stream instead).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

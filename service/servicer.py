@@ -103,13 +103,14 @@ class SinkStreamServicer(pb_grpc.SinkStreamServicer):
                         session.cancel_generations()
                         self.scheduler.wake()
                         continue
-                    work = await self.intake.work(session, request)
+                    # made lazily: a big append is tokenized slice by slice as budget room appears
+                    async for item in self.intake.work(session, request):
+                        await session.queue(item)  # backpressure: waits while the session holds enough
+                        self.scheduler.wake()
                 except RequestError as exc:
                     self.metrics.errors.labels(exc.code.name).inc()
                     rid = "" if exc.field == "request_id" else message.request_id  # not echoed when too long
-                    work = [ErrorWork(rid, exc)]
-                for item in work:
-                    await session.queue(item)  # backpressure: waits while the session holds enough
+                    await session.queue(ErrorWork(rid, exc))
                     self.scheduler.wake()
                 if kind == "close":
                     return
@@ -126,8 +127,7 @@ class SinkStreamServicer(pb_grpc.SinkStreamServicer):
     async def Tokenize(self, request: pb.TokenizeRequest, context) -> pb.TokenizeResponse:  # noqa: N802
         if self.tokenizer is None:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "the model has no tokenizer")
-        ids, pieces = await asyncio.to_thread(tokenize, self.tokenizer, request.text, request.add_bos,
-                                              request.return_pieces)
+        ids, pieces = await tokenize(self.tokenizer, request.text, request.add_bos, request.return_pieces)
         return convert.tokenize_to_pb(ids, pieces)
 
     async def ModelInfo(self, request: pb.ModelInfoRequest, context) -> pb.ModelInfoResponse:  # noqa: N802

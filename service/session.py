@@ -105,6 +105,10 @@ class Session:
         return self.outbox is not None
 
     def has_work(self) -> bool:
+        """Whether the scheduler has something to do for this session. Without an attached call, only a
+        generation to end: input kept for a resume waits for it (a client that left costs no compute)."""
+        if self.outbox is None:
+            return self.generation is not None
         return bool(len(self.pending) >= self.config.chunk or self.flush_request is not None
                     or self.current is not None or self.generation is not None or not self.inbox.empty())
 
@@ -146,12 +150,13 @@ class Session:
         return self.outbox
 
     def detach(self, outbox: Outbox) -> bool:
-        """The call owning `outbox` ended: drop its unstarted requests and cancel its generation; tokens
-        already accepted stay. False if another call owns the session by now."""
+        """The call owning `outbox` ended: its queued input joins the pending input, kept unprocessed for a
+        resume (at most the input budget); its other unstarted requests are dropped and its generation
+        cancelled. False if another call owns the session by now."""
         if self.outbox is not outbox:
             return False
         self.outbox = None
-        self.drop_queued()
+        self.keep_queued_input()
         if isinstance(self.current, GenerateWork):
             self.current = None
         self.cancel_upto = self.generate_seq
@@ -195,6 +200,19 @@ class Session:
     def drop_queued(self) -> None:
         """Drop the requests not started yet."""
         self.inbox.drop_all()
+
+    def keep_queued_input(self) -> None:
+        """The call is ending: its queued appends join the pending input (kept for a resume, within the
+        input budget, which counted them); its other unstarted requests and a flush to acknowledge are
+        dropped."""
+        for item in self.inbox.drop_all():
+            if isinstance(item, AppendWork):
+                self.add_input(item)
+        self.flush_request = None
+
+    def unprocessed_input(self) -> list[tuple[str, int]]:
+        """(request id, input tokens not processed yet) of each append with pending input, oldest first."""
+        return [(rid, n) for n, rid in self.pending_owners if n]
 
     def add_input(self, work: AppendWork) -> None:
         """Ids of an append join the pending input; a flush is acknowledged once they ran."""

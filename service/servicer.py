@@ -137,7 +137,8 @@ class SinkStreamServicer(pb_grpc.SinkStreamServicer):
 
     async def GetSession(self, request: pb.GetSessionRequest, context) -> pb.SessionInfo:  # noqa: N802
         try:
-            return convert.session_info_to_pb(self.manager.get(request.session_id))
+            session_id = convert.check_session_id(request.session_id, "session_id")
+            return convert.session_info_to_pb(self.manager.get(session_id))
         except RequestError as exc:
             await self._abort(context, exc)
 
@@ -146,6 +147,7 @@ class SinkStreamServicer(pb_grpc.SinkStreamServicer):
 
     async def DeleteSession(self, request: pb.DeleteSessionRequest, context) -> pb.DeleteSessionResponse:  # noqa: N802
         try:
-            return convert.delete_session_to_pb(await self.manager.delete(request.session_id))
+            session_id = convert.check_session_id(request.session_id, "session_id")
+            return convert.delete_session_to_pb(await self.manager.delete(session_id))
         except RequestError as exc:
             await self._abort(context, exc)

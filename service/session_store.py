@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -12,11 +13,25 @@ from safetensors import safe_open
 
 from sinkstream.core.config import StreamConfig, TierSpec
 from sinkstream.core.snapshot import SnapshotError, load_snapshot, save_snapshot
+from sinkstream.service.errors import shown_id
 from sinkstream.service.options import AnalysisOptions
-from sinkstream.service.session import Session
+from sinkstream.service.session import Session, is_valid_session_id
 from sinkstream.service.text_input import TextInput
 
 log = logging.getLogger("sinkstream.sessions")
+
+
+def prepare_state_dir(root: Path) -> None:
+    """Create the state directory if needed and check that files can be written in it (OSError with a
+    one-line message if not)."""
+    probe = root / f".sinkstream-write-check-{os.getpid()}"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise OSError(exc.errno, f"state directory {str(root)!r} is not writable: "
+                                 f"{exc.strerror or exc}") from exc
 
 
 class SessionStore:
@@ -24,9 +39,13 @@ class SessionStore:
 
     def __init__(self, root: Path) -> None:
         self.root = root
-        root.mkdir(parents=True, exist_ok=True)
+        prepare_state_dir(root)
 
     def path(self, session_id: str) -> Path:
+        """The snapshot file of a session (ValueError for an id that is not a valid session id: paths are
+        never built from unchecked ids)."""
+        if not is_valid_session_id(session_id):
+            raise ValueError(f"not a valid session id: {shown_id(session_id)}")
         return self.root / f"{session_id}.safetensors"
 
     def save(self, session_id: str, tensors: dict, meta: dict) -> int:
@@ -52,9 +71,15 @@ class SessionStore:
         for path in sorted(self.root.glob("*.safetensors")):
             try:
                 with safe_open(str(path), framework="pt") as f:
-                    metas.append(json.loads((f.metadata() or {})["sinkstream"]))
+                    meta = json.loads((f.metadata() or {})["sinkstream"])
+                session_id = meta["session"]["id"]
             except Exception as exc:  # a damaged file must not stop the server from starting
                 log.warning("skipping unreadable snapshot", extra={"path": str(path), "error": str(exc)})
+                continue
+            if session_id != path.name.removesuffix(".safetensors") or not is_valid_session_id(session_id):
+                log.warning("skipping snapshot of another file name", extra={"path": str(path)})
+                continue
+            metas.append(meta)
         return metas
 
 

@@ -36,8 +36,8 @@ def main() -> None:
     ap.add_argument("--mb", type=float, default=20.0)
     ap.add_argument("--seconds", type=float, default=10.0, help="how long to probe health while it runs")
     args = ap.parse_args()
-    proc = subprocess.Popen([sys.executable, "-m", "sinkstream", "serve", "--model", args.model, "--port", "0",
-                             "--max-message-bytes", str(128 << 20), "--log-level", "warning"],
+    proc = subprocess.Popen([sys.executable, "-m", "sinkstream", "serve", "--model", args.model,
+                             "--port", "0", "--max-message-bytes", str(128 << 20), "--log-level", "warning"],
                             stdout=subprocess.PIPE, text=True)
     address = proc.stdout.readline().split()[3]
     try:

@@ -90,6 +90,7 @@ class Session:
         self.in_step = False
         self.closed = False
         self.retry_at = 0.0  # time.monotonic() before which the scheduler skips a session that failed
+        self.input_unsaved = False  # a persisted session's pending input grew since its snapshot
         # Counters of a persisted session (a resident one reads them from its engine row).
         self.saved_stats: dict[str, Any] = {"tokens_seen": 0, "mean_nll": 0.0, "scored": 0}
 
@@ -222,6 +223,7 @@ class Session:
         for item in self.inbox.drop_all():
             if isinstance(item, AppendWork):
                 self.add_input(item)
+                self.input_unsaved |= not self.resident and bool(item.ids)
                 if item.flush:
                     dropped.append((item.request_id, None))
             elif isinstance(item, ErrorWork):
@@ -316,6 +318,7 @@ class Session:
         st = self.engine.stats(self.row)
         self.saved_stats = {"tokens_seen": st.tokens_seen, "mean_nll": st.mean_nll,
                             "scored": st.scored_tokens}
+        self.input_unsaved = False
         self.release_row()
 
     def end(self) -> None:

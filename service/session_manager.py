@@ -229,17 +229,21 @@ class SessionManager:
             session.emit(StreamEnd(error))
 
     async def persist_all(self) -> ShutdownReport:
-        """At shutdown: persist every resident session (when a state directory is set), each on its own:
-        a failed save is logged and reported, and the others are still saved."""
+        """At shutdown: persist every resident session, and the session state of persisted ones whose
+        pending input grew (when a state directory is set), each on its own: a failed save is logged and
+        reported, and the others are still saved."""
         report = ShutdownReport()
         if self.store is None:
             return report
         async with self.lock:
-            for session in [s for s in self.sessions.values() if s.resident]:
+            for session in [s for s in self.sessions.values() if s.resident or s.input_unsaved]:
                 if session.generation is not None:
                     session.finish_generation("CANCELLED")
                 try:
-                    await self.residency.evict(session)
+                    if session.resident:
+                        await self.residency.evict(session)
+                    else:  # input kept at detach while it waited for a row: its snapshot must hold it
+                        await asyncio.to_thread(self.store.update_session_meta, session)
                 except Exception as exc:  # disk full, unwritable, too large: the next session is still saved
                     why = f"{type(exc).__name__}: {exc}"
                     log.error("could not persist session at shutdown: %s", why, extra={"session": session.id})

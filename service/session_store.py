@@ -62,6 +62,14 @@ class SessionStore:
         except Exception as exc:  # e.g. safetensors' own error for a damaged header
             raise SnapshotError(f"cannot read snapshot of {session_id}: {exc}") from exc
 
+    def update_session_meta(self, session: Session) -> int:
+        """Rewrite a persisted session's snapshot with its current session state (e.g. pending input
+        added while it was not resident); returns its size in bytes."""
+        tensors, meta = self.load(session.id)
+        size = self.save(session.id, tensors, snapshot_meta(session, meta))
+        session.input_unsaved = False
+        return size
+
     def delete(self, session_id: str) -> None:
         self.path(session_id).unlink(missing_ok=True)
 

@@ -16,6 +16,7 @@ import pytest
 from service_support import start_server
 
 from sinkstream.clients.client import SinkStreamClient
+from sinkstream.service.work import AppendWork
 from sinkstream.v1 import sinkstream_pb2 as pb
 
 IDS = ["keep-1", "fails", "keep-2"]
@@ -119,5 +120,32 @@ def test_shutdown_answers_each_unprocessed_append_and_keeps_its_input(model_dir,
             # every admitted token is either processed (and reported) or kept, reported as unprocessed
             assert info.tokens_seen == processed
             assert info.pending_tokens == errors["a2"].unprocessed_tokens
+    finally:
+        again.stop()
+
+
+def test_input_kept_for_a_persisted_session_is_saved_at_shutdown(model_dir, tmp_path):
+    # A call ends while its session waits for a row (persisted): its queued appends join the pending
+    # input, and shutdown writes them into the session's snapshot.
+    server = start_server(model_dir, state_dir=tmp_path, idle_evict_s=0)
+    detached_sessions(server.address, ["waiting"])
+    manager = server.server.manager
+    session = manager.get("waiting")
+
+    async def evict_then_queue_then_detach() -> None:
+        async with manager.lock:
+            await manager.residency.evict(session)
+        outbox = manager.attach(session)
+        await session.queue(AppendWork("late", [403] * 10, False))
+        manager.detach(session, outbox)
+
+    server.call(evict_then_queue_then_detach())
+    assert not session.resident and len(session.pending) == 10
+    assert server.stop().saved == ["waiting"]
+    again = start_server(model_dir, state_dir=tmp_path)
+    try:
+        with SinkStreamClient(again.address, timeout=30) as client:
+            info = client.get_session("waiting")
+            assert (info.tokens_seen, info.pending_tokens) == (5, 10)
     finally:
         again.stop()

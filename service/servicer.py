@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 
@@ -104,9 +105,10 @@ class SinkStreamServicer(pb_grpc.SinkStreamServicer):
                         self.scheduler.wake()
                         continue
                     # made lazily: a big append is tokenized slice by slice as budget room appears
-                    async for item in self.intake.work(session, request):
-                        await session.queue(item)  # backpressure: waits while the session holds enough
-                        self.scheduler.wake()
+                    async with contextlib.aclosing(self.intake.work(session, request)) as items:
+                        async for item in items:
+                            await session.queue(item)  # backpressure: waits while the session holds enough
+                            self.scheduler.wake()
                 except RequestError as exc:
                     self.metrics.errors.labels(exc.code.name).inc()
                     rid = "" if exc.field == "request_id" else message.request_id  # not echoed when too long

@@ -66,14 +66,19 @@ class StreamConfig:
         """Largest position id used plus one: every slot plus one chunk."""
         return self.cache_slots + self.chunk
 
-    def validate(self, max_position_embeddings: int | None = None) -> None:
-        """Raise ConfigError naming the first invalid field; return None when the config is usable."""
+    def validate(self, max_position_embeddings: int | None = None, *,
+                 chunk_within_window: bool = False) -> None:
+        """Raise ConfigError naming the first invalid field; return None when the config is usable.
+        `chunk_within_window`: also require chunk <= window (the wire contract's rule; the engine itself
+        runs a chunk larger than the window)."""
         if self.sink_tokens < 0:
             raise ConfigError("sink_tokens", f"must be >= 0, got {self.sink_tokens}")
         if self.window <= 0:
             raise ConfigError("window", f"must be > 0, got {self.window}")
         if self.chunk <= 0:
             raise ConfigError("chunk", f"must be > 0, got {self.chunk}")
+        if chunk_within_window and self.chunk > self.window:
+            raise ConfigError("chunk", f"must be at most window ({self.window}), got {self.chunk}")
         for i, tier in enumerate(self.tiers):
             if tier.slots <= 0:
                 raise ConfigError("tiers", f"tier {i + 1} needs at least one slot, got {tier.slots}")

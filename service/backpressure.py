@@ -1,9 +1,10 @@
 """Backpressure: how much one session may hold, so a fast writer or a slow reader stalls only itself.
 
-Input side: a session's inbox holds at most INBOX_LIMIT requests, and the reader waits while the session
-holds more input tokens (queued in the inbox + pending for a forward pass) than its token budget; the
-server then stops reading that stream and HTTP/2 flow control holds the client back. A message limit alone
-would let 16 big texts in.
+Input side: a session's inbox holds at most INBOX_LIMIT requests, and the reader waits while the input an
+append would add takes the session (queued in the inbox + pending for a forward pass) over its token
+budget; the server then stops reading that stream and HTTP/2 flow control holds the client back. A message
+limit alone would let 16 big texts in, and one big message is admitted in slices (intake.py), each counted
+against the budget, so no message bypasses it.
 
 Output side: the scheduler produces nothing for a session whose attached call has OUTBOX_LIMIT replies
 unsent (replies without a forward pass too, so its inbox fills and the reader stops), and is woken when the
@@ -20,7 +21,8 @@ from sinkstream.service.work import AppendWork, Work
 
 INBOX_LIMIT = 16  # requests queued per session before the server stops reading its stream
 OUTBOX_LIMIT = 256  # responses queued per session before the scheduler stops producing for it
-INPUT_BUDGET_MIN = 4 * 16384  # input tokens a session holds (queued + pending) before its stream is not read
+INPUT_SLICE = 16384  # an append is admitted in pieces of at most this many characters or ids
+INPUT_BUDGET_MIN = 4 * INPUT_SLICE  # input tokens a session may hold (queued + pending)
 
 
 def input_budget(chunk: int) -> int:
@@ -43,14 +45,20 @@ class Inbox(asyncio.Queue):
         self.input_room = asyncio.Event()  # set when input tokens ran or were dropped
 
     async def put_work(self, item: Work) -> None:
-        """Queue a request; waits while the inbox is full or, for input, while the session holds more
-        input tokens than its budget."""
+        """Queue a request; waits while the inbox is full or, for input, while adding its ids would take
+        the session over its input budget. An item is let in over the budget only when the session holds
+        less than a chunk (nothing could run to make room); slices of at most INPUT_SLICE ids never are."""
         if isinstance(item, AppendWork):
-            while self.queued_tokens + self.pending_tokens() > input_budget(self.chunk):
+            while self._over_budget(len(item.ids)):
                 self.input_room.clear()
                 await self.input_room.wait()
             self.queued_tokens += len(item.ids)
         await self.put(item)
+
+    def _over_budget(self, adding: int) -> bool:
+        held = self.queued_tokens + self.pending_tokens()
+        can_drain = self.queued_tokens > 0 or self.pending_tokens() >= self.chunk
+        return held + adding > input_budget(self.chunk) and can_drain
 
     def take(self) -> Work:
         """The next queued request (the inbox must not be empty)."""
@@ -59,12 +67,14 @@ class Inbox(asyncio.Queue):
             self.queued_tokens -= len(item.ids)
         return item
 
-    def drop_all(self) -> None:
-        """Drop the requests not started yet."""
+    def drop_all(self) -> list[Work]:
+        """Drop the requests not started yet; returns them, oldest first."""
+        dropped = []
         while not self.empty():
-            self.get_nowait()
+            dropped.append(self.get_nowait())
         self.queued_tokens = 0
         self.input_room.set()
+        return dropped
 
     def input_ran(self) -> None:
         self.input_room.set()

@@ -8,14 +8,14 @@ INVALID_ARGUMENT "open.settings.window: must be > 0".
 from __future__ import annotations
 
 import math
-import re
 
 import grpc
 
 from sinkstream.core.config import ConfigError, StreamConfig, TierSpec
 from sinkstream.core.sampling import SamplingError, SamplingParams
 from sinkstream.core.streaming import RowStats
-from sinkstream.service.errors import RequestError, invalid
+from sinkstream.core.tiers import validate_tiers
+from sinkstream.service.errors import RequestError, invalid, shown_id
 from sinkstream.service.model_facts import ModelFacts
 from sinkstream.service.options import AnalysisOptions, Limits
 from sinkstream.service.replies import (
@@ -41,17 +41,18 @@ from sinkstream.service.requests import (
     StartRequest,
     StreamRequest,
 )
-from sinkstream.service.session import Session
+from sinkstream.service.session import Session, is_valid_session_id
 from sinkstream.v1 import sinkstream_pb2 as pb
 
-SESSION_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 MAX_REQUEST_ID_BYTES = 256  # request ids are echoed on every response: keep them from multiplying traffic
 
 
 # ---------------------------------------------------------------------- wire -> plain
 def check_session_id(session_id: str, field: str) -> str:
-    if not SESSION_ID.match(session_id):
-        raise invalid(field, "session ids are 1-128 characters of A-Z a-z 0-9 . _ -")
+    """`session_id` if it is a valid session id; INVALID_ARGUMENT naming `field` otherwise."""
+    if not is_valid_session_id(session_id):
+        raise invalid(field, f"session ids are 1-128 characters of A-Z a-z 0-9 . _ -, not starting with . or "
+                             f"-; got {shown_id(session_id)} ({len(session_id)} characters)")
     return session_id
 
 
@@ -84,7 +85,9 @@ def stream_config_from_pb(settings: pb.SessionSettings, defaults: StreamConfig, 
         merge_policy=settings.merge_policy or defaults.merge_policy,
     )
     try:
-        config.validate(limits.max_positions)
+        config.validate(limits.max_positions, chunk_within_window=True)
+        if config.tiers:
+            validate_tiers(config)  # what the engine would refuse when built, refused now by name
     except ConfigError as exc:
         raise invalid(f"{field}.{exc.field}", exc.message) from exc
     return config
@@ -164,8 +167,9 @@ def _exp(x: float) -> float:
     return math.exp(x) if x < 700 else math.inf
 
 
-def error_to_pb(error: RequestError) -> pb.Error:
-    return pb.Error(code=error.code.value[0], field=error.field, message=error.message)
+def error_to_pb(error: RequestError, unprocessed_tokens: int = 0) -> pb.Error:
+    return pb.Error(code=error.code.value[0], field=error.field, message=error.message,
+                    unprocessed_tokens=unprocessed_tokens)
 
 
 def analysis_to_pb(analysis: AnalysisOptions) -> pb.AnalysisOptions:
@@ -234,7 +238,7 @@ def reply_to_pb(reply: Reply) -> pb.StreamResponse:
         return pb.StreamResponse(request_id=rid, closed=pb.Closed(session_id=reply.session_id,
                                                                   tokens_seen=reply.tokens_seen))
     if isinstance(reply, ErrorReply):
-        return pb.StreamResponse(request_id=rid, error=error_to_pb(reply.error))
+        return pb.StreamResponse(request_id=rid, error=error_to_pb(reply.error, reply.unprocessed_tokens))
     raise TypeError(f"not a reply: {reply!r}")
 
 

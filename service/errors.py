@@ -23,21 +23,38 @@ class Busy(RequestError):
         super().__init__(grpc.StatusCode.RESOURCE_EXHAUSTED, message, field)
 
 
+SHOWN_ID_CHARS = 64
+
+
+def shown_id(identifier: str) -> str:
+    """An id as error messages quote it: repr'd, cut to SHOWN_ID_CHARS characters with an ellipsis."""
+    if len(identifier) <= SHOWN_ID_CHARS:
+        return repr(identifier)
+    return repr(identifier[:SHOWN_ID_CHARS]) + "..."
+
+
 def invalid(field: str, message: str) -> RequestError:
     """An INVALID_ARGUMENT refusal of `field`."""
     return RequestError(grpc.StatusCode.INVALID_ARGUMENT, message, field)
 
 
+# Disk full or over quota, and a state directory the server may not write to: resources the server ran
+# out of, not server bugs (the .proto documents both as RESOURCE_EXHAUSTED).
+STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS)
+
+
 def is_exhaustion(exc: BaseException) -> bool:
-    """Out of memory (host or device; torch.cuda.OutOfMemoryError is torch.OutOfMemoryError) or disk full."""
+    """Out of memory (host or device; torch.cuda.OutOfMemoryError is torch.OutOfMemoryError), disk full or
+    a state directory that cannot be written."""
     if isinstance(exc, MemoryError | torch.OutOfMemoryError):
         return True
-    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    return isinstance(exc, OSError) and exc.errno in STORAGE_ERRNOS
 
 
 def server_failure(exc: BaseException, what: str, field: str = "") -> RequestError:
-    """An unexpected failure as a RequestError: RESOURCE_EXHAUSTED when memory or disk ran out, INTERNAL
-    otherwise (never UNKNOWN); a RequestError passes through unchanged."""
+    """An unexpected failure as a RequestError: RESOURCE_EXHAUSTED when memory or disk ran out or the state
+    directory is not writable, INTERNAL otherwise (never UNKNOWN); a RequestError passes through
+    unchanged."""
     if isinstance(exc, RequestError):
         return exc
     code = grpc.StatusCode.RESOURCE_EXHAUSTED if is_exhaustion(exc) else grpc.StatusCode.INTERNAL

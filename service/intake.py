@@ -1,13 +1,21 @@
 """A session's decoded requests turned into the work its scheduler consumes: text tokenized with the
-session's text input, token ids checked against the vocabulary, Generate requests numbered."""
+session's text input, token ids checked against the vocabulary, Generate requests numbered.
+
+An append is worked through in slices of at most INPUT_SLICE characters or ids, each handed on (and so
+counted against the session's input budget) before the next is tokenized, with the event loop free
+between slices: a message of any size costs other sessions and health checks one slice of latency, and
+the server holds at most the budget of its ids.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator, Sequence
 
 import grpc
 
+from sinkstream.service.backpressure import INPUT_SLICE
 from sinkstream.service.errors import RequestError, invalid
 from sinkstream.service.requests import (
     AppendText,
@@ -22,8 +30,6 @@ from sinkstream.service.session import Session
 from sinkstream.service.text_input import TextInput
 from sinkstream.service.work import AppendWork, CheckpointWork, CloseWork, GenerateWork, Work
 
-BIG_TEXT_CHARS = 16384  # tokenize pieces larger than this in a worker thread
-
 
 class Intake:
     """Turns one request of a session's stream into its work items, in order (RequestError if refused)."""
@@ -31,40 +37,53 @@ class Intake:
     def __init__(self, vocab_size: int) -> None:
         self.vocab_size = vocab_size
 
-    async def work(self, session: Session, request: StreamRequest) -> list[Work]:
+    async def work(self, session: Session, request: StreamRequest) -> AsyncIterator[Work]:
+        """The request's work items, made lazily: the caller queues each (waiting for budget room) before
+        the next is made. A RequestError comes before any item (a refused request changes nothing)."""
         if isinstance(request, AppendText):
             text_input = _text_input(session)
-            if len(request.text) > BIG_TEXT_CHARS:
-                ids = await asyncio.to_thread(text_input.push, request.text)
-            else:
-                ids = text_input.push(request.text)
-            if request.flush:
-                ids = ids + text_input.flush()
-            return [AppendWork(request.request_id, ids, request.flush)]
-        if isinstance(request, AppendTokens):
+            text = request.text
+            for start in range(0, len(text), INPUT_SLICE):
+                ids = text_input.push(text[start:start + INPUT_SLICE])
+                if ids:
+                    yield AppendWork(request.request_id, ids, False)
+                await asyncio.sleep(0)  # other sessions, health checks and the scheduler run between slices
+            yield AppendWork(request.request_id, text_input.flush() if request.flush else [], request.flush)
+        elif isinstance(request, AppendTokens):
+            await self._check_ids(request.ids)
             ids = request.ids
-            if ids and max(ids) >= self.vocab_size:
-                raise invalid("append_tokens.ids",
-                              f"token ids must be in 0..{self.vocab_size - 1}, got {max(ids)}")
-            if session.text is not None:
-                ids = session.text.push_ids(ids)
-            return [AppendWork(request.request_id, ids, request.flush)]
-        if isinstance(request, GenerateRequest):
+            for start in range(0, len(ids), INPUT_SLICE) or [0]:
+                piece = list(ids[start:start + INPUT_SLICE])
+                if session.text is not None:
+                    piece = session.text.push_ids(piece)  # held text first; later text at a token boundary
+                last = start + INPUT_SLICE >= len(ids)
+                yield AppendWork(request.request_id, piece, request.flush and last)
+        elif isinstance(request, GenerateRequest):
             work = GenerateWork(request.request_id, request.params, request.time_limit_s, time.perf_counter(),
                                 session.next_generate_seq())
-            head = []
             if session.text is not None and session.text.needs_flush:
-                head = [AppendWork(request.request_id, session.text.flush(), False)]
-            return [*head, work]
-        if isinstance(request, CheckpointRequest):
-            return [CheckpointWork(request.request_id)]
-        if isinstance(request, CloseRequest):
-            return [CloseWork(request.request_id)]
-        if isinstance(request, MisplacedStart):
+                yield AppendWork(request.request_id, session.text.flush(), False)
+            yield work
+        elif isinstance(request, CheckpointRequest):
+            yield CheckpointWork(request.request_id)
+        elif isinstance(request, CloseRequest):
+            yield CloseWork(request.request_id)
+        elif isinstance(request, MisplacedStart):
             raise RequestError(grpc.StatusCode.FAILED_PRECONDITION,
                                f"this stream already has session {session.id!r}; open another stream",
                                request.kind)
-        raise TypeError(f"not a work request: {request!r}")
+        else:
+            raise TypeError(f"not a work request: {request!r}")
+
+    async def _check_ids(self, ids: Sequence[int]) -> None:
+        """INVALID_ARGUMENT unless every id is in the vocabulary (checked in slices, the loop free
+        between them)."""
+        for start in range(0, len(ids), INPUT_SLICE):
+            top = max(ids[start:start + INPUT_SLICE])
+            if top >= self.vocab_size:
+                raise invalid("append_tokens.ids",
+                              f"token ids must be in 0..{self.vocab_size - 1}, got {top}")
+            await asyncio.sleep(0)
 
 
 def _text_input(session: Session) -> TextInput:

@@ -93,10 +93,12 @@ class ClosedReply:
 
 @dataclass(frozen=True)
 class ErrorReply:
-    """A refused request, answered in order; the stream goes on."""
+    """A refused request, answered in order; the stream goes on. `unprocessed_tokens`: input tokens of the
+    request (an append) not processed when the server had to stop (kept with the session for a resume)."""
 
     request_id: str
     error: RequestError
+    unprocessed_tokens: int = 0
 
 
 @dataclass

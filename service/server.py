@@ -17,17 +17,19 @@ from grpc_reflection.v1alpha import reflection
 from sinkstream.core.config import StreamConfig
 from sinkstream.core.model_loading import LoadedModel
 from sinkstream.service.engine_pool import EnginePool
+from sinkstream.service.errors import RequestError
 from sinkstream.service.metrics import ServerMetrics
 from sinkstream.service.options import Limits
 from sinkstream.service.scheduler import Scheduler
 from sinkstream.service.servicer import SinkStreamServicer
-from sinkstream.service.session_manager import SessionManager
+from sinkstream.service.session_manager import SessionManager, ShutdownReport
 from sinkstream.service.session_store import SessionStore
 from sinkstream.service.wire import add_servicer
 from sinkstream.v1 import sinkstream_pb2 as pb
 from sinkstream.v1 import sinkstream_pb2_grpc as pb_grpc
 
 log = logging.getLogger("sinkstream.server")
+END_STREAMS_S = 2.0  # after the grace: time for the streams ended by the server to send their last answers
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["SinkStream"].full_name
 
 
@@ -86,7 +88,7 @@ class SinkStreamServer:
             max_new_tokens=config.max_new_tokens, max_stop_sequences=config.max_stop_sequences,
             max_message_bytes=config.max_message_bytes, max_cache_shapes=config.max_cache_shapes,
             session_ttl_s=config.session_ttl_s)
-        config.defaults.validate(model_config.max_position_embeddings)
+        config.defaults.validate(model_config.max_position_embeddings, chunk_within_window=True)
         pool = EnginePool(loaded.model, loaded.tokenizer, config.max_resident, config.max_cache_shapes,
                           self.metrics)
         store = SessionStore(Path(config.state_dir)) if config.state_dir is not None else None
@@ -125,18 +127,31 @@ class SinkStreamServer:
     def metrics_port(self) -> int | None:
         return self._metrics_http.server_port if self._metrics_http is not None else None
 
-    async def stop(self, grace: float | None = None) -> None:
-        """Graceful shutdown: report NOT_SERVING, refuse new calls, give open streams `grace` seconds,
-        then persist every session to the state directory."""
+    async def stop(self, grace: float | None = None) -> ShutdownReport:
+        """Graceful shutdown: report NOT_SERVING, refuse new calls, give open streams `grace` seconds, end
+        the streams still open with UNAVAILABLE (each request they will get no answer to is answered with
+        an error first), then persist every session to the state directory, each on its own. Returns
+        which sessions were saved and which failed to."""
         grace = self.config.grace_s if grace is None else grace
         await self.health.enter_graceful_shutdown()
-        await self.server.stop(grace)
+        # grpc cancels the calls still open after its grace; ours ends them first, with their answers
+        stopping = asyncio.create_task(self.server.stop(grace + END_STREAMS_S))
+        await asyncio.wait([stopping], timeout=grace)
         await self.scheduler.stop()
-        persisted = await self.manager.persist_all()
+        self.manager.end_streams(RequestError(
+            grpc.StatusCode.UNAVAILABLE, "the server is shutting down; this request was not processed (its "
+            "input is kept with the session: resume it on a server with the same state directory)"))
+        await stopping
+        report = await self.manager.persist_all()
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
             self._metrics_http.server_close()
-        log.info("stopped", extra={"persisted_sessions": persisted})
+        if report.all_saved:
+            log.info("stopped", extra={"persisted_sessions": len(report.saved)})
+        else:
+            log.error("stopped; some sessions could not be persisted",
+                      extra={"persisted_sessions": len(report.saved), "failed_sessions": report.failed})
+        return report
 
 
 class ServerThread:
@@ -177,14 +192,18 @@ class ServerThread:
         """Run a coroutine on the server's loop and wait for its result."""
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
 
-    def stop(self, grace: float = 0.5) -> None:
+    def stop(self, grace: float = 0.5) -> ShutdownReport | None:
+        """Stop the server (see SinkStreamServer.stop); None if it was not running."""
+        report = None
         if self.server is not None and self._loop.is_running():
-            self.call(self.server.stop(grace))
+            report = self.call(self.server.stop(grace))
             self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(10)
+        return report
 
 
-async def serve_until_signal(config: ServerConfig, loaded: LoadedModel) -> None:
+async def serve_until_signal(config: ServerConfig, loaded: LoadedModel) -> ShutdownReport:
+    """Serve until SIGTERM / SIGINT, then stop gracefully; returns what persisting the sessions did."""
     server = await SinkStreamServer.start(config, loaded)
     # Machine-readable line for supervisors and tests that pass --port 0.
     print(f"sinkstream: listening on {config.host}:{server.port}"
@@ -196,4 +215,4 @@ async def serve_until_signal(config: ServerConfig, loaded: LoadedModel) -> None:
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     log.info("shutting down", extra={"grace_s": config.grace_s})
-    await server.stop()
+    return await server.stop()

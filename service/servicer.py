@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 
@@ -103,13 +104,15 @@ class SinkStreamServicer(pb_grpc.SinkStreamServicer):
                         session.cancel_generations()
                         self.scheduler.wake()
                         continue
-                    work = await self.intake.work(session, request)
+                    # made lazily: a big append is tokenized slice by slice as budget room appears
+                    async with contextlib.aclosing(self.intake.work(session, request)) as items:
+                        async for item in items:
+                            await session.queue(item)  # backpressure: waits while the session holds enough
+                            self.scheduler.wake()
                 except RequestError as exc:
                     self.metrics.errors.labels(exc.code.name).inc()
                     rid = "" if exc.field == "request_id" else message.request_id  # not echoed when too long
-                    work = [ErrorWork(rid, exc)]
-                for item in work:
-                    await session.queue(item)  # backpressure: waits while the session holds enough
+                    await session.queue(ErrorWork(rid, exc))
                     self.scheduler.wake()
                 if kind == "close":
                     return
@@ -126,8 +129,7 @@ class SinkStreamServicer(pb_grpc.SinkStreamServicer):
     async def Tokenize(self, request: pb.TokenizeRequest, context) -> pb.TokenizeResponse:  # noqa: N802
         if self.tokenizer is None:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "the model has no tokenizer")
-        ids, pieces = await asyncio.to_thread(tokenize, self.tokenizer, request.text, request.add_bos,
-                                              request.return_pieces)
+        ids, pieces = await tokenize(self.tokenizer, request.text, request.add_bos, request.return_pieces)
         return convert.tokenize_to_pb(ids, pieces)
 
     async def ModelInfo(self, request: pb.ModelInfoRequest, context) -> pb.ModelInfoResponse:  # noqa: N802
@@ -137,7 +139,8 @@ class SinkStreamServicer(pb_grpc.SinkStreamServicer):
 
     async def GetSession(self, request: pb.GetSessionRequest, context) -> pb.SessionInfo:  # noqa: N802
         try:
-            return convert.session_info_to_pb(self.manager.get(request.session_id))
+            session_id = convert.check_session_id(request.session_id, "session_id")
+            return convert.session_info_to_pb(self.manager.get(session_id))
         except RequestError as exc:
             await self._abort(context, exc)
 
@@ -146,6 +149,7 @@ class SinkStreamServicer(pb_grpc.SinkStreamServicer):
 
     async def DeleteSession(self, request: pb.DeleteSessionRequest, context) -> pb.DeleteSessionResponse:  # noqa: N802
         try:
-            return convert.delete_session_to_pb(await self.manager.delete(request.session_id))
+            session_id = convert.check_session_id(request.session_id, "session_id")
+            return convert.delete_session_to_pb(await self.manager.delete(session_id))
         except RequestError as exc:
             await self._abort(context, exc)

@@ -7,6 +7,7 @@ of a session's state goes through a method here; the manager, the scheduler and 
 
 from __future__ import annotations
 
+import re
 import time
 from collections import deque
 from dataclasses import asdict, dataclass, field
@@ -20,7 +21,16 @@ from sinkstream.service.errors import RequestError
 from sinkstream.service.options import AnalysisOptions
 from sinkstream.service.replies import GenerationReply, Reply, StreamEnd
 from sinkstream.service.text_input import TextInput
-from sinkstream.service.work import AppendWork, GenerateWork, Work
+from sinkstream.service.work import AppendWork, DetachWork, ErrorWork, GenerateWork, Work
+
+# Session ids are also file names in the state directory: no ".", "..", nor a leading "-" that tools would
+# read as an option.
+SESSION_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
+
+
+def is_valid_session_id(session_id: str) -> bool:
+    """Whether `session_id` is a valid session id (1-128 of [A-Za-z0-9._-], not starting with . or -)."""
+    return SESSION_ID.fullmatch(session_id) is not None
 
 
 @dataclass
@@ -80,6 +90,7 @@ class Session:
         self.in_step = False
         self.closed = False
         self.retry_at = 0.0  # time.monotonic() before which the scheduler skips a session that failed
+        self.input_unsaved = False  # a persisted session's pending input grew since its snapshot
         # Counters of a persisted session (a resident one reads them from its engine row).
         self.saved_stats: dict[str, Any] = {"tokens_seen": 0, "mean_nll": 0.0, "scored": 0}
 
@@ -105,6 +116,10 @@ class Session:
         return self.outbox is not None
 
     def has_work(self) -> bool:
+        """Whether the scheduler has something to do for this session. Without an attached call, only a
+        generation to end: input kept for a resume waits for it (a client that left costs no compute)."""
+        if self.outbox is None:
+            return self.generation is not None
         return bool(len(self.pending) >= self.config.chunk or self.flush_request is not None
                     or self.current is not None or self.generation is not None or not self.inbox.empty())
 
@@ -146,14 +161,13 @@ class Session:
         return self.outbox
 
     def detach(self, outbox: Outbox) -> bool:
-        """The call owning `outbox` ended: drop its unstarted requests and cancel its generation; tokens
-        already accepted stay. False if another call owns the session by now."""
+        """The call owning `outbox` ended: its queued input joins the pending input, kept unprocessed for a
+        resume (at most the input budget); its other unstarted requests are dropped and its generation
+        cancelled. False if another call owns the session by now."""
         if self.outbox is not outbox:
             return False
         self.outbox = None
-        self.drop_queued()
-        if isinstance(self.current, GenerateWork):
-            self.current = None
+        self.keep_queued_input()
         self.cancel_upto = self.generate_seq
         self.touch()
         return True
@@ -195,6 +209,40 @@ class Session:
     def drop_queued(self) -> None:
         """Drop the requests not started yet."""
         self.inbox.drop_all()
+
+    def keep_queued_input(self) -> list[tuple[str, RequestError | None]]:
+        """The call is ending: its queued appends join the pending input (kept for a resume, within the
+        input budget, which counted them); its other unstarted requests and a flush to acknowledge are
+        dropped. Returns (request id, its own refusal if it was one) of each dropped request, oldest first."""
+        dropped: list[tuple[str, RequestError | None]] = []
+        if self.flush_request is not None:
+            dropped.append((self.flush_request, None))
+        if isinstance(self.current, GenerateWork):
+            dropped.append((self.current.request_id, None))
+            self.current = None
+        for item in self.inbox.drop_all():
+            if isinstance(item, AppendWork):
+                self.add_input(item)
+                self.input_unsaved |= not self.resident and bool(item.ids)
+                if item.flush:
+                    dropped.append((item.request_id, None))
+            elif isinstance(item, ErrorWork):
+                dropped.append((item.request_id, item.error))
+            elif not isinstance(item, DetachWork):
+                dropped.append((item.request_id, None))
+        self.flush_request = None
+        return dropped
+
+    def unprocessed_input(self) -> list[tuple[str, int]]:
+        """(request id, input tokens not processed yet) of each append with pending input, oldest first
+        (the slices of one append counted together)."""
+        left: list[tuple[str, int]] = []
+        for n, request_id in self.pending_owners:
+            if left and left[-1][0] == request_id:
+                left[-1] = (request_id, left[-1][1] + n)
+            elif n:
+                left.append((request_id, n))
+        return left
 
     def add_input(self, work: AppendWork) -> None:
         """Ids of an append join the pending input; a flush is acknowledged once they ran."""
@@ -270,6 +318,7 @@ class Session:
         st = self.engine.stats(self.row)
         self.saved_stats = {"tokens_seen": st.tokens_seen, "mean_nll": st.mean_nll,
                             "scored": st.scored_tokens}
+        self.input_unsaved = False
         self.release_row()
 
     def end(self) -> None:

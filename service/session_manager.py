@@ -16,16 +16,17 @@ import logging
 import secrets
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import grpc
 
 from sinkstream.core.config import StreamConfig
 from sinkstream.service.backpressure import Outbox
 from sinkstream.service.engine_pool import EnginePool, Residency
-from sinkstream.service.errors import Busy, RequestError
+from sinkstream.service.errors import Busy, RequestError, shown_id
 from sinkstream.service.metrics import ServerMetrics
 from sinkstream.service.options import AnalysisOptions
-from sinkstream.service.replies import StreamEnd
+from sinkstream.service.replies import ErrorReply, StreamEnd
 from sinkstream.service.session import Session
 from sinkstream.service.session_store import SessionStore, session_from_meta
 from sinkstream.service.text_input import TextInput
@@ -65,11 +66,12 @@ class SessionManager:
     def get(self, session_id: str) -> Session:
         session = self.sessions.get(session_id)
         if session is None and session_id in self.damaged:
-            raise RequestError(grpc.StatusCode.DATA_LOSS, f"session {session_id!r} is lost: its persisted "
+            raise RequestError(grpc.StatusCode.DATA_LOSS, f"session {shown_id(session_id)} is lost: its persisted "
                                f"state is damaged ({self.damaged[session_id]}); delete it", "session_id")
         if session is None:
             why = "was closed" if session_id in self.recently_closed else "is unknown or expired"
-            raise RequestError(grpc.StatusCode.NOT_FOUND, f"session {session_id!r} {why}", "session_id")
+            raise RequestError(grpc.StatusCode.NOT_FOUND, f"session {shown_id(session_id)} {why}",
+                               "session_id")
         return session
 
     def all(self) -> list[Session]:
@@ -89,7 +91,7 @@ class SessionManager:
         session_id = session_id or secrets.token_hex(8)
         async with self.lock:
             if session_id in self.sessions or session_id in self.damaged:
-                raise RequestError(grpc.StatusCode.ALREADY_EXISTS, f"session {session_id!r} exists",
+                raise RequestError(grpc.StatusCode.ALREADY_EXISTS, f"session {shown_id(session_id)} exists",
                                    "open.session_id")
             if len(self.sessions) >= self.max_sessions:
                 self._expire(time.time())
@@ -110,7 +112,7 @@ class SessionManager:
             session = self.get(session_id)
             if session.attached:
                 raise RequestError(grpc.StatusCode.ABORTED,
-                                   f"session {session_id!r} is attached to another stream",
+                                   f"session {shown_id(session_id)} is attached to another stream",
                                    "resume.session_id")
             if session.generation is not None:  # cancelled by the previous call's end
                 session.finish_generation("CANCELLED")
@@ -206,7 +208,7 @@ class SessionManager:
             session = self.get(session_id)
             if session.attached:
                 raise RequestError(grpc.StatusCode.FAILED_PRECONDITION,
-                                   f"session {session_id!r} is attached to a stream; close it there",
+                                   f"session {shown_id(session_id)} is attached to a stream; close it there",
                                    "session_id")
             tokens = session.tokens_seen()
             self._forget(session)
@@ -232,14 +234,57 @@ class SessionManager:
                 if session.resident and session.idle() and now - session.last_used > self.idle_evict_s:
                     await self.residency.evict(session)
 
-    async def persist_all(self) -> int:
-        """At shutdown: persist every resident session (when a state directory is set)."""
+    def end_streams(self, error: RequestError) -> None:
+        """At shutdown, once the scheduler stopped: end every attached call with `error`, first answering
+        each request it will not get an answer to with an error reply carrying its request id (and, for an
+        append, its input tokens not processed; that input is kept with the session for a resume)."""
+        for session in self.sessions.values():
+            if not session.attached:
+                continue
+            dropped = session.keep_queued_input()
+            if session.generation is not None:
+                session.finish_generation("CANCELLED")
+            unprocessed = session.unprocessed_input()
+            for request_id, tokens in unprocessed:
+                session.emit(ErrorReply(request_id, error, unprocessed_tokens=tokens))
+            answered = {request_id for request_id, _ in unprocessed}
+            for request_id, own_error in dropped:
+                if request_id not in answered:  # e.g. the flush of an append reported just above
+                    session.emit(ErrorReply(request_id, own_error or error))
+            session.emit(StreamEnd(error))
+
+    async def persist_all(self) -> ShutdownReport:
+        """At shutdown: persist every resident session, and the session state of persisted ones whose
+        pending input grew (when a state directory is set), each on its own: a failed save is logged and
+        reported, and the others are still saved."""
+        report = ShutdownReport()
         if self.store is None:
-            return 0
+            return report
         async with self.lock:
-            resident = [s for s in self.sessions.values() if s.resident]
-            for session in resident:
+            for session in [s for s in self.sessions.values() if s.resident or s.input_unsaved]:
                 if session.generation is not None:
                     session.finish_generation("CANCELLED")
-                await self.residency.evict(session)
-            return len(resident)
+                try:
+                    if session.resident:
+                        await self.residency.evict(session)
+                    else:  # input kept at detach while it waited for a row: its snapshot must hold it
+                        await asyncio.to_thread(self.store.update_session_meta, session)
+                except Exception as exc:  # disk full, unwritable, too large: the next session is still saved
+                    why = f"{type(exc).__name__}: {exc}"
+                    log.error("could not persist session at shutdown: %s", why, extra={"session": session.id})
+                    report.failed[session.id] = why
+                else:
+                    report.saved.append(session.id)
+            return report
+
+
+@dataclass
+class ShutdownReport:
+    """What persisting the sessions at shutdown did: ids saved, and why each failed save failed."""
+
+    saved: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def all_saved(self) -> bool:
+        return not self.failed

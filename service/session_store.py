@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -12,11 +13,25 @@ from safetensors import safe_open
 
 from sinkstream.core.config import StreamConfig, TierSpec
 from sinkstream.core.snapshot import SnapshotError, load_snapshot, save_snapshot
+from sinkstream.service.errors import shown_id
 from sinkstream.service.options import AnalysisOptions
-from sinkstream.service.session import Session
+from sinkstream.service.session import Session, is_valid_session_id
 from sinkstream.service.text_input import TextInput
 
 log = logging.getLogger("sinkstream.sessions")
+
+
+def prepare_state_dir(root: Path) -> None:
+    """Create the state directory if needed and check that files can be written in it (OSError with a
+    one-line message if not)."""
+    probe = root / f".sinkstream-write-check-{os.getpid()}"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise OSError(exc.errno, f"state directory {str(root)!r} is not writable: "
+                                 f"{exc.strerror or exc}") from exc
 
 
 class SessionStore:
@@ -24,9 +39,13 @@ class SessionStore:
 
     def __init__(self, root: Path) -> None:
         self.root = root
-        root.mkdir(parents=True, exist_ok=True)
+        prepare_state_dir(root)
 
     def path(self, session_id: str) -> Path:
+        """The snapshot file of a session (ValueError for an id that is not a valid session id: paths are
+        never built from unchecked ids)."""
+        if not is_valid_session_id(session_id):
+            raise ValueError(f"not a valid session id: {shown_id(session_id)}")
         return self.root / f"{session_id}.safetensors"
 
     def save(self, session_id: str, tensors: dict, meta: dict) -> int:
@@ -43,6 +62,14 @@ class SessionStore:
         except Exception as exc:  # e.g. safetensors' own error for a damaged header
             raise SnapshotError(f"cannot read snapshot of {session_id}: {exc}") from exc
 
+    def update_session_meta(self, session: Session) -> int:
+        """Rewrite a persisted session's snapshot with its current session state (e.g. pending input
+        added while it was not resident); returns its size in bytes."""
+        tensors, meta = self.load(session.id)
+        size = self.save(session.id, tensors, snapshot_meta(session, meta))
+        session.input_unsaved = False
+        return size
+
     def delete(self, session_id: str) -> None:
         self.path(session_id).unlink(missing_ok=True)
 
@@ -53,10 +80,17 @@ class SessionStore:
         for path in sorted(self.root.glob("*.safetensors")):
             try:
                 with safe_open(str(path), framework="pt") as f:
-                    metas.append(json.loads((f.metadata() or {})["sinkstream"]))
+                    meta = json.loads((f.metadata() or {})["sinkstream"])
+                session_id = meta["session"]["id"]
             except Exception as exc:
                 log.warning("unreadable snapshot", extra={"path": str(path), "error": str(exc)})
-                damaged[path.stem] = f"cannot read snapshot {path.name}: {type(exc).__name__}: {exc}"
+                if is_valid_session_id(path.stem):
+                    damaged[path.stem] = f"cannot read snapshot {path.name}: {type(exc).__name__}: {exc}"
+                continue
+            if session_id != path.stem or not is_valid_session_id(session_id):
+                log.warning("skipping snapshot of another file name", extra={"path": str(path)})
+                continue
+            metas.append(meta)
         return metas, damaged
 
 

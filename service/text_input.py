@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from sinkstream.core.text import IncrementalEncoder
+from sinkstream.service.backpressure import INPUT_SLICE
 
 
 class TextInput:
@@ -46,11 +48,17 @@ class TextInput:
         return self.encoder.state()
 
 
-def tokenize(tokenizer, text: str, add_bos: bool, return_pieces: bool) -> tuple[list[int], list[str] | None]:
+async def tokenize(tokenizer, text: str, add_bos: bool,
+                   return_pieces: bool) -> tuple[list[int], list[str] | None]:
     """Ids of a whole text, as a session would feed them (BOS only if `add_bos`), and their token pieces
-    when asked for."""
+    when asked for. Tokenized in slices of INPUT_SLICE characters with the event loop free between them,
+    so a big text never stalls other calls."""
     text_input = TextInput(tokenizer)
-    ids = text_input.push(text) + text_input.flush()
+    ids = []
+    for start in range(0, len(text), INPUT_SLICE):
+        ids += text_input.push(text[start:start + INPUT_SLICE])
+        await asyncio.sleep(0)
+    ids += text_input.flush()
     bos = tokenizer.bos_token_id
     if not add_bos and ids and bos is not None and ids[0] == bos:
         ids = ids[1:]

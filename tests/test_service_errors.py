@@ -200,7 +200,7 @@ def test_default_max_new_tokens_respects_server_limit(model_dir):
 
 @pytest.mark.parametrize(("error", "code"), [
     (OSError(errno.ENOSPC, "No space left on device"), grpc.StatusCode.RESOURCE_EXHAUSTED),
-    (PermissionError(errno.EACCES, "Permission denied"), grpc.StatusCode.INTERNAL),
+    (PermissionError(errno.EACCES, "Permission denied"), grpc.StatusCode.RESOURCE_EXHAUSTED),
 ])
 def test_checkpoint_write_failure_is_reported_and_stream_survives(client, server, bystander, monkeypatch,
                                                                   error, code):

@@ -16,6 +16,7 @@ from sinkstream.core.offload.config import offload_from_args
 from sinkstream.service import logs
 from sinkstream.service.allocator import keep_freed_memory
 from sinkstream.service.server import ServerConfig, serve_until_signal
+from sinkstream.service.session_store import prepare_state_dir
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -77,7 +78,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
 
 
 def serve_main(argv: list[str] | None = None) -> int:
-    """Run `sinkstream serve` with `argv` until SIGTERM / SIGINT; returns the exit status."""
+    """Run `sinkstream serve` with `argv` until SIGTERM / SIGINT; returns the exit status: 0, 1 when a
+    session could not be persisted at shutdown, 2 when the server could not start."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if problem := check_offload_options(args):
@@ -88,9 +90,13 @@ def serve_main(argv: list[str] | None = None) -> int:
         if args.threads:
             torch.set_num_threads(args.threads)
         keep_freed_memory()  # passes reuse their temporaries instead of page-faulting them in each time
+        if config.state_dir is not None:
+            prepare_state_dir(config.state_dir)  # refused now, not once per second while serving
         loaded = load_model(args.model, offload=offload_from_args(args))
-        asyncio.run(serve_until_signal(config, loaded))
+        report = asyncio.run(serve_until_signal(config, loaded))
     except (ConfigError, ValueError, OSError) as exc:
         print(f"sinkstream serve: error: {exc}", flush=True)
         return 2
-    return 0
+    for session_id, why in report.failed.items():
+        print(f"sinkstream serve: error: session {session_id} was not persisted: {why}", flush=True)
+    return 0 if report.all_saved else 1

@@ -335,14 +335,16 @@ class Closed(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., tokens_seen: _Optional[int] = ...) -> None: ...
 
 class Error(_message.Message):
-    __slots__ = ("code", "field", "message")
+    __slots__ = ("code", "field", "message", "unprocessed_tokens")
     CODE_FIELD_NUMBER: _ClassVar[int]
     FIELD_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    UNPROCESSED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     code: ErrorCode
     field: str
     message: str
-    def __init__(self, code: _Optional[_Union[ErrorCode, str]] = ..., field: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
+    unprocessed_tokens: int
+    def __init__(self, code: _Optional[_Union[ErrorCode, str]] = ..., field: _Optional[str] = ..., message: _Optional[str] = ..., unprocessed_tokens: _Optional[int] = ...) -> None: ...
 
 class TokenizeRequest(_message.Message):
     __slots__ = ("text", "add_bos", "return_pieces")

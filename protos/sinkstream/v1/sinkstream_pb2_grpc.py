@@ -81,6 +81,14 @@ class SinkStreamServicer:
         tokens the client never received (the one in flight and any not yet sent); `SessionOpened.tokens_seen`
         on resume gives the stream's exact length. `CancelGeneration` has no such gap: every generated token
         in the stream is sent before the generation's CANCELLED result.
+        Input the server admitted but had not processed when the call ended (at most the session's input
+        budget; see AppendText) is kept with the session, unprocessed: a session without a stream uses no
+        compute. It is processed first when the session is resumed, and its chunk results arrive on the
+        resuming stream. GetSession shows it as `pending_tokens`. Other requests not started are dropped.
+        At shutdown the server gives open streams a grace period, then answers every request it has read
+        but will not process with an `error` (UNAVAILABLE, with `unprocessed_tokens` for appends, whose
+        input is kept with the persisted session) and ends the stream with UNAVAILABLE. Requests it had not
+        read yet (the stream waiting for input budget) get no answer: they were not processed.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

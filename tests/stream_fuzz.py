@@ -21,6 +21,7 @@ Inputs that trigger bugs already reported in issue 12 are behind KNOWN_BUGS swit
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import os
 import struct
@@ -40,6 +41,7 @@ from sinkstream.v1 import sinkstream_pb2_grpc as pb_grpc
 STREAM_METHOD = "/sinkstream.v1.SinkStream/Stream"
 CALL_DEADLINE_S = 30.0  # a call still open after this is a hang (an example needs well under a second)
 VOCAB_SIZE = 512  # stories260K
+MAX_REQUEST_ID_BYTES = 256  # the server's limit (service/convert.py)
 SERVER_MAX_NEW_TOKENS = 32  # the fuzz server's limit: keeps every generation short
 
 # Findings of issue 12 whose inputs would fail an invariant until their fix lands: name -> finding.
@@ -48,6 +50,9 @@ KNOWN_BUGS: dict[str, str] = {
                         "a huge repetition penalty) make the sampler fail inside the shared batched pass",
     "unholdable_tiers": "issue 12 #6: tiers a tier cannot hold (tier 1 with fewer slots than its ratio - 1, "
                         "e.g. a ratio of 2^32-1) end the call INTERNAL, not INVALID_ARGUMENT",
+    "rejected_close": "fuzz finding: a `close` refused by validation (request_id over 256 bytes) stops the "
+                      "server reading the stream without closing or detaching: the call hangs to its "
+                      "deadline",
 }
 
 
@@ -59,7 +64,8 @@ def enabled_known_bugs() -> frozenset[str]:
     names = frozenset(n.strip() for n in value.split(",") if n.strip())
     unknown = names - KNOWN_BUGS.keys()
     if unknown:
-        raise ValueError(f"unknown SINKSTREAM_FUZZ_KNOWN_BUGS names {sorted(unknown)}; known: {sorted(KNOWN_BUGS)}")
+        raise ValueError(f"unknown SINKSTREAM_FUZZ_KNOWN_BUGS names {sorted(unknown)}; "
+                         f"known: {sorted(KNOWN_BUGS)}")
     return names
 
 
@@ -126,7 +132,8 @@ request_ids = st.one_of(
     st.text(alphabet="x", min_size=250, max_size=1000),  # around and past the server's 256-byte limit
 )
 session_ids = st.one_of(
-    st.just(""), st.sampled_from(ID_POOL), st.sampled_from((".", "..", "-rf", "a/b", "../x", "é", " ", "\x00")),
+    st.just(""), st.sampled_from(ID_POOL),
+    st.sampled_from((".", "..", "-rf", "a/b", "../x", "é", " ", "\x00")),
     st.text(alphabet="Zz9._-", min_size=1, max_size=140), st.text(max_size=10),
 )
 
@@ -238,6 +245,8 @@ def later_request(draw, known_bugs: frozenset[str]) -> pb.StreamRequest | bytes:
         return _message(rid, append_tokens=pb.AppendTokens(ids=ids, flush=draw(st.booleans())))
     if kind == "generate":
         return _message(rid, generate=draw(generate_requests(known_bugs)))
+    if kind == "close" and "rejected_close" not in known_bugs and len(rid.encode()) > MAX_REQUEST_ID_BYTES:
+        rid = rid[:8]
     if kind in ("cancel", "checkpoint", "close"):
         cls = {"cancel": pb.CancelGeneration, "checkpoint": pb.Checkpoint, "close": pb.Close}[kind]
         return _message(rid, **{kind: cls()})
@@ -319,7 +328,8 @@ def _serialize(request: pb.StreamRequest | bytes) -> bytes:
     return request if isinstance(request, bytes) else request.SerializeToString()
 
 
-def run_call(channel: grpc.Channel, script: CallScript, outcome: Outcome) -> None:
+def run_call(channel: grpc.Channel, script: CallScript, outcome: Outcome,
+             deadline_s: float = CALL_DEADLINE_S) -> None:
     """Make one Stream call and check every response and its final status.
 
     Synchronous on purpose: when the server ends a call while a grpc.aio client is still writing
@@ -331,7 +341,7 @@ def run_call(channel: grpc.Channel, script: CallScript, outcome: Outcome) -> Non
     else:
         method = pb_grpc.SinkStreamStub(channel).Stream
     sent_ids = {r.request_id for r in script.requests if not isinstance(r, bytes)} | {""}
-    call = method(iter(script.requests), timeout=CALL_DEADLINE_S)
+    call = method(iter(script.requests), timeout=deadline_s)
     received = 0
     try:
         for response in call:
@@ -438,8 +448,10 @@ def canary_requests() -> list[pb.StreamRequest]:
 async def run_canary(channel: grpc.aio.Channel, shape: Shape) -> CanaryResult:
     """Open a session of `shape` with logprobs and token ids, append the canary document in fixed pieces,
     generate greedily, close; AssertionError on any error or unexpected status."""
-    opening = _message("canary-open", open=pb.OpenSession(settings=shape.settings(logprobs=True, token_ids=True)))
-    call = pb_grpc.SinkStreamStub(channel).Stream(iter([opening, *canary_requests()]), timeout=CALL_DEADLINE_S)
+    opening = _message("canary-open",
+                       open=pb.OpenSession(settings=shape.settings(logprobs=True, token_ids=True)))
+    call = pb_grpc.SinkStreamStub(channel).Stream(iter([opening, *canary_requests()]),
+                                                  timeout=CALL_DEADLINE_S)
     ids: list[int] = []
     logprobs: list[float] = []
     gen_ids: list[int] = []
@@ -481,7 +493,8 @@ def canary_differences(alone: CanaryResult, got: CanaryResult, *, logprob_atol: 
             same = float_bits(want) == float_bits(have)
         else:
             same = len(want) == len(have) and all(
-                (math.isnan(a) and math.isnan(b)) or abs(a - b) <= logprob_atol for a, b in zip(want, have))
+                (math.isnan(a) and math.isnan(b)) or abs(a - b) <= logprob_atol
+                for a, b in zip(want, have, strict=True))
         if not same:
             problems.append(f"{name} differ (atol {logprob_atol})")
     return problems
@@ -519,7 +532,25 @@ async def run_example(address: str, clients: Sequence[Sequence[CallScript]],
         if health != "SERVING":
             outcome.violations.append(f"health check after the example: {health}")
         await delete_fuzz_sessions(channel)
+    if outcome.violations and os.environ.get("SINKSTREAM_FUZZ_DUMP"):
+        dump_example(os.environ["SINKSTREAM_FUZZ_DUMP"], clients)
     if outcome.violations:
         outcome.violations.append("example:\n" + "\n".join(
             f"client {i}:\n" + "\n".join(c.describe() for c in calls) for i, calls in enumerate(clients)))
     return outcome
+
+
+def dump_example(path: str, clients: Sequence[Sequence[CallScript]]) -> None:
+    """Write an example as JSON (each request as hex of its bytes) for replay_example."""
+    data = [[{"cancel_after": c.cancel_after, "requests": [_serialize(r).hex() for r in c.requests]}
+             for c in calls] for calls in clients]
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(data, f)
+
+
+def load_example(path: str) -> list[list[CallScript]]:
+    """An example written by dump_example (every request as bytes, sent as they are)."""
+    with open(path, encoding="utf-8") as f:
+        data = json.load(f)
+    return [[CallScript([bytes.fromhex(r) for r in c["requests"]], c["cancel_after"]) for c in calls]
+            for calls in data]

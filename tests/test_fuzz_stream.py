@@ -20,9 +20,11 @@ from stream_fuzz import (
     KNOWN_BUGS,
     SERVER_MAX_NEW_TOKENS,
     CallScript,
+    Outcome,
     alone_canaries,
     client_scripts,
     enabled_known_bugs,
+    run_call,
     run_example,
 )
 
@@ -70,6 +72,18 @@ def test_known_bug_subnormal_temperature_fails_batch_mates(server, alone):
         pb.StreamRequest(request_id="g", generate=pb.Generate(temperature=1e-45, max_new_tokens=8)),
     ])
     outcome = asyncio.run(run_example(server.address, [[script]], alone))
+    assert not outcome.violations, "\n".join(outcome.violations)
+
+
+@pytest.mark.xfail(strict=True, reason=KNOWN_BUGS["rejected_close"])
+def test_known_bug_rejected_close_hangs_the_call(server):
+    """open, then close with a 300-byte request id: the close is refused (in-stream INVALID_ARGUMENT) and
+    the server stops reading, so the call neither closes nor detaches and runs into its deadline."""
+    script = CallScript([_open(BATCH_MATE_SHAPE.settings()),
+                         pb.StreamRequest(request_id="x" * 300, close=pb.Close())])
+    outcome = Outcome()
+    with grpc.insecure_channel(server.address) as channel:
+        run_call(channel, script, outcome, deadline_s=5.0)
     assert not outcome.violations, "\n".join(outcome.violations)
 
 

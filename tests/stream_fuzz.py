@@ -30,6 +30,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import strategies as st
 
@@ -324,6 +325,16 @@ class Outcome:
         self.violations += other.violations
 
 
+def _request_id(request: pb.StreamRequest | bytes) -> str:
+    """The request id the server sees in a request ("" for undecodable bytes)."""
+    if not isinstance(request, bytes):
+        return request.request_id
+    try:
+        return pb.StreamRequest.FromString(request).request_id
+    except DecodeError:
+        return ""
+
+
 def _serialize(request: pb.StreamRequest | bytes) -> bytes:
     return request if isinstance(request, bytes) else request.SerializeToString()
 
@@ -340,7 +351,7 @@ def run_call(channel: grpc.Channel, script: CallScript, outcome: Outcome,
                                        response_deserializer=pb.StreamResponse.FromString)
     else:
         method = pb_grpc.SinkStreamStub(channel).Stream
-    sent_ids = {r.request_id for r in script.requests if not isinstance(r, bytes)} | {""}
+    sent_ids = {_request_id(r) for r in script.requests} | {""}
     call = method(iter(script.requests), timeout=deadline_s)
     received = 0
     try:

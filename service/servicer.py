@@ -114,6 +114,7 @@ class SinkStreamServicer(pb_grpc.SinkStreamServicer):
                     rid = "" if exc.field == "request_id" else message.request_id  # not echoed when too long
                     await session.queue(ErrorWork(rid, exc))
                     self.scheduler.wake()
+                    continue  # a refused request (a close included) changes nothing: keep reading
                 if kind == "close":
                     return
             await session.queue(DetachWork())

@@ -66,8 +66,9 @@ class SessionManager:
     def get(self, session_id: str) -> Session:
         session = self.sessions.get(session_id)
         if session is None and session_id in self.damaged:
-            raise RequestError(grpc.StatusCode.DATA_LOSS, f"session {shown_id(session_id)} is lost: its persisted "
-                               f"state is damaged ({self.damaged[session_id]}); delete it", "session_id")
+            raise RequestError(grpc.StatusCode.DATA_LOSS,
+                               f"session {shown_id(session_id)} is lost: its persisted state is damaged "
+                               f"({self.damaged[session_id]}); delete it", "session_id")
         if session is None:
             why = "was closed" if session_id in self.recently_closed else "is unknown or expired"
             raise RequestError(grpc.StatusCode.NOT_FOUND, f"session {shown_id(session_id)} {why}",

@@ -34,8 +34,6 @@ from google.protobuf.message import DecodeError
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import strategies as st
 
-from sinkstream.core.config import MERGE_POLICIES, ConfigError, StreamConfig, TierSpec
-from sinkstream.core.tiers import validate_tiers
 from sinkstream.v1 import sinkstream_pb2 as pb
 from sinkstream.v1 import sinkstream_pb2_grpc as pb_grpc
 
@@ -46,15 +44,10 @@ MAX_REQUEST_ID_BYTES = 256  # the server's limit (service/convert.py)
 SERVER_MAX_NEW_TOKENS = 32  # the fuzz server's limit: keeps every generation short
 
 # Findings of issue 12 whose inputs would fail an invariant until their fix lands: name -> finding.
-KNOWN_BUGS: dict[str, str] = {
-    "extreme_sampling": "issue 12 #1: sampling parameters that pass validation (a tiny positive temperature, "
-                        "a huge repetition penalty) make the sampler fail inside the shared batched pass",
-    "unholdable_tiers": "issue 12 #6: tiers a tier cannot hold (tier 1 with fewer slots than its ratio - 1, "
-                        "e.g. a ratio of 2^32-1) end the call INTERNAL, not INVALID_ARGUMENT",
-    "rejected_close": "fuzz finding: a `close` refused by validation (request_id over 256 bytes) stops the "
-                      "server reading the stream without closing or detaching: the call hangs to its "
-                      "deadline",
-}
+# Inputs that trigger a bug not fixed yet go here (name -> finding), generated only when switched on. The
+# three the first runs found (extreme sampling parameters, unholdable tiers, a refused close) are fixed and
+# generated always; tests/test_fuzz_stream.py keeps their minimal reproductions as regression tests.
+KNOWN_BUGS: dict[str, str] = {}
 
 
 def enabled_known_bugs() -> frozenset[str]:
@@ -161,40 +154,21 @@ def session_settings(draw, known_bugs: frozenset[str]) -> pb.SessionSettings:
             settings.tiers.add(slots=draw(st.one_of(u32, st.integers(0, 16))),
                                ratio=draw(st.one_of(u32, st.integers(0, 8))))
         settings.merge_policy = draw(st.sampled_from(("", "mean", "attention", "heavy-hitters", "max", "é")))
-        if "unholdable_tiers" not in known_bugs and not _tiers_holdable(settings):
-            del settings.tiers[:]
     if (settings.sink_tokens, settings.window, settings.chunk) == (
             PRIVATE_SHAPE.sink_tokens, PRIVATE_SHAPE.window, PRIVATE_SHAPE.chunk) and not settings.tiers:
         settings.window += 1  # keep the private canary's shape to itself
     return settings
 
 
-def _tiers_holdable(settings: pb.SessionSettings) -> bool:
-    """False for tiers the core's tier check refuses (the server reports those INTERNAL: a known bug)."""
-    config = StreamConfig(tiers=tuple(TierSpec(t.slots, t.ratio) for t in settings.tiers),
-                          merge_policy=settings.merge_policy or "mean")
-    if not config.tiers or any(t.slots <= 0 or t.ratio < 2 for t in config.tiers) \
-            or config.merge_policy not in MERGE_POLICIES:
-        return True  # refused earlier, with INVALID_ARGUMENT
-    try:
-        validate_tiers(config)
-    except ConfigError:
-        return False
-    return True
-
-
 @st.composite
 def generate_requests(draw, known_bugs: frozenset[str]) -> pb.Generate:
     sane_temperature = st.one_of(st.just(0.0), st.floats(0.25, 2.0, width=32))
-    extreme = "extreme_sampling" in known_bugs
     g = pb.Generate(
-        temperature=draw(st.one_of(sane_temperature, any_float if extreme else st.sampled_from(
-            (math.nan, math.inf, -math.inf, -1.0, -0.0, 3.4e38)))),
+        temperature=draw(st.one_of(sane_temperature, any_float)),
         top_k=draw(st.one_of(st.integers(0, 20), u32)),
         top_p=draw(st.one_of(st.just(0.0), st.floats(0.125, 1.0, width=32), st.sampled_from(
             (1.5, -0.5, math.nan, math.inf)))),
-        repetition_penalty=draw(st.one_of(st.just(0.0), st.floats(0.5, 2.0, width=32), any_float if extreme
-                                          else st.sampled_from((-1.0, math.nan, math.inf, -math.inf)))),
+        repetition_penalty=draw(st.one_of(st.just(0.0), st.floats(0.5, 2.0, width=32), any_float)),
         max_new_tokens=draw(st.one_of(st.integers(0, 8), st.sampled_from(
             (SERVER_MAX_NEW_TOKENS + 1, 2**32 - 1)))),
         stop_sequences=draw(st.lists(st.one_of(st.just(""), st.text(max_size=4), st.sampled_from(
@@ -246,8 +220,6 @@ def later_request(draw, known_bugs: frozenset[str]) -> pb.StreamRequest | bytes:
         return _message(rid, append_tokens=pb.AppendTokens(ids=ids, flush=draw(st.booleans())))
     if kind == "generate":
         return _message(rid, generate=draw(generate_requests(known_bugs)))
-    if kind == "close" and "rejected_close" not in known_bugs and len(rid.encode()) > MAX_REQUEST_ID_BYTES:
-        rid = rid[:8]
     if kind in ("cancel", "checkpoint", "close"):
         cls = {"cancel": pb.CancelGeneration, "checkpoint": pb.Checkpoint, "close": pb.Close}[kind]
         return _message(rid, **{kind: cls()})

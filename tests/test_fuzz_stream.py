@@ -17,7 +17,6 @@ from hypothesis import strategies as st
 from service_support import start_server
 from stream_fuzz import (
     BATCH_MATE_SHAPE,
-    KNOWN_BUGS,
     SERVER_MAX_NEW_TOKENS,
     CallScript,
     Outcome,
@@ -62,10 +61,9 @@ def _open(shape_settings: pb.SessionSettings) -> pb.StreamRequest:
     return pb.StreamRequest(request_id="open", open=pb.OpenSession(settings=shape_settings))
 
 
-@pytest.mark.xfail(strict=True, reason=KNOWN_BUGS["extreme_sampling"])
-def test_known_bug_subnormal_temperature_fails_batch_mates(server, alone):
-    """temperature = 1e-45 passes validation; the sampler then divides to inf and multinomial fails the
-    whole batched pass: the batch-mate canary's input is dropped with INTERNAL."""
+def test_subnormal_temperature_never_touches_batch_mates(server, alone):
+    """Fuzz finding (issue 12 #1): temperature = 1e-45 passed validation, the sampler divided to inf and
+    multinomial failed the whole batched pass, dropping the batch-mate canary's input with INTERNAL."""
     script = CallScript([
         _open(BATCH_MATE_SHAPE.settings()),
         pb.StreamRequest(request_id="a", append_text=pb.AppendText(text="Once upon a time")),
@@ -75,10 +73,9 @@ def test_known_bug_subnormal_temperature_fails_batch_mates(server, alone):
     assert not outcome.violations, "\n".join(outcome.violations)
 
 
-@pytest.mark.xfail(strict=True, reason=KNOWN_BUGS["rejected_close"])
-def test_known_bug_rejected_close_hangs_the_call(server):
-    """open, then close with a 300-byte request id: the close is refused (in-stream INVALID_ARGUMENT) and
-    the server stops reading, so the call neither closes nor detaches and runs into its deadline."""
+def test_a_refused_close_leaves_the_stream_usable(server):
+    """Fuzz finding: open, then close with a 300-byte request id. The close is refused (in-stream
+    INVALID_ARGUMENT); the server used to stop reading, so the call hung to its deadline, attached."""
     script = CallScript([_open(BATCH_MATE_SHAPE.settings()),
                          pb.StreamRequest(request_id="x" * 300, close=pb.Close())])
     outcome = Outcome()
@@ -87,15 +84,18 @@ def test_known_bug_rejected_close_hangs_the_call(server):
     assert not outcome.violations, "\n".join(outcome.violations)
 
 
-@pytest.mark.xfail(strict=True, reason=KNOWN_BUGS["unholdable_tiers"])
 @pytest.mark.parametrize("tier", [pb.TierSpec(slots=2, ratio=2**32 - 1), pb.TierSpec(slots=2, ratio=8)])
-def test_known_bug_unholdable_tiers_are_internal(server, tier):
-    """Tiers the core's tier check refuses pass the service's validation and fail at row creation."""
+def test_unholdable_tiers_are_invalid_argument(server, tier):
+    """Fuzz finding (issue 12 #6): tiers the core's tier check refuses used to pass the service's
+    validation and end the call INTERNAL at row creation."""
     async def status() -> grpc.StatusCode:
         async with grpc.aio.insecure_channel(server.address) as channel:
             call = pb_grpc_stub(channel).Stream(iter([_open(pb.SessionSettings(tiers=[tier]))]), timeout=30)
-            async for _ in call:
-                pass
+            try:
+                async for _ in call:
+                    pass
+            except grpc.aio.AioRpcError as exc:
+                return exc.code()
             return await call.code()
 
     assert asyncio.run(status()) == grpc.StatusCode.INVALID_ARGUMENT

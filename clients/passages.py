@@ -93,6 +93,10 @@ class PassageFinder:
         elif window[:2] > heap[0][:2]:
             heapq.heapreplace(heap, window)
 
+    def retained(self) -> int:
+        """Items held (window values, ids, scored windows): at most 2*span + keep, whatever the length."""
+        return len(self._nll) + len(self._ids) + len(self._best)
+
     def passages(self) -> tuple[list[Passage], list[tuple[int, ...]]]:
         """Up to `count` non-overlapping windows, best first, and each one's first ids (its needle, empty
         when no ids were given). The last window ends at the last token; a stream shorter than `span`

@@ -135,8 +135,8 @@ def test_negative_cache_sizes_are_refused_by_the_parser(where, document, tmp_pat
     # Before: the client library failed to put -5 in the unsigned wire field, with a traceback.
     proc = run_cli("analyze", str(document), *where, "--window", "-5", tmp_path=tmp_path)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert proc.stderr.strip().splitlines()[-1] == ("sinkstream analyze: error: argument --window: expected a "
-                                                    "whole number >= 0, got -5")
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last == "sinkstream analyze: error: argument --window: expected a whole number >= 0, got -5"
 
 
 # ---------------------------------------------------------------------------------------- failed generation

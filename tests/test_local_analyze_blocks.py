@@ -1,5 +1,5 @@
 """In-process `sinkstream analyze` reads files in blocks; block cuts must be invisible to tokenization.
-The per-token results are read from the streamed --tokens-jsonl file (the summary keeps no per-token arrays)."""
+Per-token results are read from the streamed --tokens-jsonl file (the summary keeps no per-token arrays)."""
 
 from __future__ import annotations
 

@@ -1,21 +1,21 @@
-"""Summary of a document analysis (tokens, NLL, perplexity, speed, most surprising passages, per-chunk rows),
-shared by in-process and gRPC runs.
+"""Summary of a document analysis (tokens, NLL, perplexity, speed, most surprising passages, surprisal
+bins for the plot), shared by in-process and gRPC runs, in memory independent of the document's length:
+running sums, a bounded passage finder and bounded bins. Per-chunk rows are returned to the caller (the CLI
+streams them to its files), not kept.
 
 Pure Python: a client install (no torch) builds the same summary from the server's per-chunk results.
 """
 
 from __future__ import annotations
 
-import csv
-import json
 import math
 import time
-from array import array
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sinkstream.clients.passages import Passage, Tokenize, find_passages, locate
+from sinkstream.clients.passages import Passage, PassageFinder, Tokenize, locate_needles
+from sinkstream.clients.surprisal_bins import SurprisalBins
 
 
 @dataclass
@@ -35,51 +35,55 @@ class ChunkRow:
 CSV_FIELDS = [f.name for f in ChunkRow.__dataclass_fields__.values()]
 
 
-def _none_if_nan(x: float) -> float | None:
+def none_if_nan(x: float) -> float | None:
+    """JSON has no NaN: None instead."""
     return None if math.isnan(x) else x
 
 
 @dataclass
 class AnalysisSummary:
     """Accumulates per-chunk results; `add_chunk` takes the chunk's per-token log-probs (NaN = unscored).
-    Per-token NLL (and ids, when given) are kept in compact arrays (8 + 4 bytes per token)."""
+    Keeps running sums, the `passage_count` best `passage_tokens`-token windows (PassageFinder) and the plot's
+    bins (SurprisalBins): nothing that grows with the document."""
 
     source: str
     mode: str
     settings: dict[str, Any] = field(default_factory=dict)
+    passage_count: int = 5
+    passage_tokens: int = 32
     tokens: int = 0
     chunks: int = 0
     nll_sum: float = 0.0
     scored: int = 0
-    token_nll: array = field(default_factory=lambda: array("d"))
-    token_ids: array = field(default_factory=lambda: array("I"))
-    rows: list[ChunkRow] = field(default_factory=list)
     passages: list[Passage] = field(default_factory=list)
     started: float = field(default_factory=time.perf_counter)
     seconds: float = 0.0
     peak_rss_mib: float | None = None
     cache_bytes: int | None = None
+    bins: SurprisalBins = field(default_factory=SurprisalBins, repr=False)
+    finder: PassageFinder = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.finder = PassageFinder(self.passage_count, self.passage_tokens)
 
     def add_chunk(self, logprobs: list[float], token_ids: list[int] | None = None,
                   cache_used: int | None = None) -> ChunkRow:
-        """Record one chunk. logprobs: [num_tokens]; token_ids: [num_tokens] (needed to locate passages)."""
+        """Record one chunk. logprobs: [num_tokens]; token_ids: [num_tokens] (needed to locate passages).
+        Returns the chunk's row (not kept)."""
         first = self.tokens
         nll = [-lp for lp in logprobs]
         scored = [x for x in nll if not math.isnan(x)]
-        self.token_nll.extend(nll)
-        if token_ids is not None:
-            self.token_ids.extend(token_ids)
+        self.finder.add(nll, token_ids)
+        self.bins.add(nll)
         self.nll_sum += sum(scored)
         self.scored += len(scored)
         self.chunks += 1
         self.tokens += len(nll)
         self.seconds = time.perf_counter() - self.started
-        row = ChunkRow(index=self.chunks - 1, first_token=first, num_tokens=len(nll),
-                       mean_nll=sum(scored) / len(scored) if scored else None,
-                       max_nll=max(scored) if scored else None, tokens_seen=self.tokens,
-                       running_perplexity=_none_if_nan(self.perplexity), cache_used=cache_used)
-        self.rows.append(row)
-        return row
+        return ChunkRow(index=self.chunks - 1, first_token=first, num_tokens=len(nll),
+                        mean_nll=sum(scored) / len(scored) if scored else None,
+                        max_nll=max(scored) if scored else None, tokens_seen=self.tokens,
+                        running_perplexity=none_if_nan(self.perplexity), cache_used=cache_used)
 
     @property
     def mean_nll(self) -> float:
@@ -93,39 +97,24 @@ class AnalysisSummary:
     def tokens_per_second(self) -> float:
         return self.tokens / self.seconds if self.seconds > 0 else math.nan
 
-    def find_passages(self, path: str | Path | None = None, tokenize: Tokenize | None = None,
-                      count: int = 5, span: int = 32) -> list[Passage]:
-        """The `count` most surprising `span`-token passages; located in the file at `path` when the
-        token ids were recorded and a tokenizer (text -> ids, no BOS) is given."""
-        self.passages = find_passages(self.token_nll, count, span)
-        if path is not None and tokenize is not None and len(self.token_ids) == self.tokens:
-            locate(self.passages, path, self.token_ids, tokenize)
+    def find_passages(self, path: str | Path | None = None,
+                      tokenize: Tokenize | None = None) -> list[Passage]:
+        """The `passage_count` most surprising `passage_tokens`-token passages; located in the file at `path`
+        when token ids were given with every chunk and a tokenizer (text -> ids, no BOS) is given."""
+        self.passages, needles = self.finder.passages()
+        if path is not None and tokenize is not None:
+            locate_needles(self.passages, needles, self.tokens, path, tokenize)
         return self.passages
 
-    def to_dict(self, with_tokens: bool = False) -> dict[str, Any]:
-        out: dict[str, Any] = {
+    def to_dict(self) -> dict[str, Any]:
+        """The summary and passages (per-chunk and per-token results are streamed by the caller)."""
+        return {
             "source": self.source, "mode": self.mode, "settings": self.settings, "tokens": self.tokens,
-            "chunks": self.chunks, "scored_tokens": self.scored, "mean_nll": _none_if_nan(self.mean_nll),
-            "perplexity": _none_if_nan(self.perplexity), "seconds": self.seconds,
-            "tokens_per_second": _none_if_nan(self.tokens_per_second), "peak_rss_mib": self.peak_rss_mib,
+            "chunks": self.chunks, "scored_tokens": self.scored, "mean_nll": none_if_nan(self.mean_nll),
+            "perplexity": none_if_nan(self.perplexity), "seconds": self.seconds,
+            "tokens_per_second": none_if_nan(self.tokens_per_second), "peak_rss_mib": self.peak_rss_mib,
             "cache_bytes": self.cache_bytes, "passages": [p.to_dict() for p in self.passages],
         }
-        if with_tokens:
-            out["chunk_results"] = [asdict(r) for r in self.rows]
-            out["token_nll"] = [_none_if_nan(x) for x in self.token_nll]
-        return out
-
-    def write_json(self, path: str | Path) -> None:
-        """Summary, passages, one object per chunk (`chunk_results`) and per-token NLL (`token_nll`)."""
-        Path(path).write_text(json.dumps(self.to_dict(with_tokens=True)) + "\n")
-
-    def write_csv(self, path: str | Path) -> None:
-        """One row per chunk (columns CSV_FIELDS; empty cells for unknown values)."""
-        with Path(path).open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
-            writer.writeheader()
-            for row in self.rows:
-                writer.writerow({k: "" if v is None else v for k, v in asdict(row).items()})
 
     def format(self) -> str:
         rows = [

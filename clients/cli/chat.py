@@ -25,8 +25,8 @@ from pathlib import Path
 import grpc
 
 from sinkstream.clients.cli.conversation import Conversation
+from sinkstream.clients.cli.errors import RUN_FAILURE, USAGE, CliError, report, server_error
 from sinkstream.clients.cli.options import add_cache_shape_options, add_offload_options, add_server_option
-from sinkstream.clients.cli.remote_runner import unreachable_hint
 from sinkstream.clients.client import SinkStreamClient
 from sinkstream.clients.results import SinkStreamError
 
@@ -93,37 +93,40 @@ def local_server(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    """The REPL; returns the exit status."""
+    """The REPL; returns the exit status (1 if a reply failed or the server did, 2 for a usage error)."""
+    try:
+        return _run(args)
+    except CliError as exc:
+        return report(exc, exc.code)
+
+
+def _run(args: argparse.Namespace) -> int:
     if args.model:
         try:
-            import sinkstream.service.server  # noqa: F401  (the server extra: torch, transformers)
+            from sinkstream.clients.cli import local_runner  # the server extra: torch, transformers
         except ImportError as exc:
-            print(f"sinkstream chat: error: --model needs the server extra (pip install "
-                  f"'sinkstream[server]'): {exc}", file=sys.stderr)
-            return 2
-        from sinkstream.core.offload.prefetch import OffloadError
-
+            raise CliError(f"--model needs the server extra (pip install 'sinkstream[server]'): {exc}",
+                           USAGE) from None
         key = f"local:{Path(args.model).resolve() if Path(args.model).exists() else args.model}"
         try:
             with local_server(args) as address:
                 return converse(args, address, key, f"sinkstream chat --model {args.model}")
-        except (OSError, ValueError, OffloadError) as exc:  # model not found / not supported / bad shard
-            print(f"sinkstream chat: error: {exc}", file=sys.stderr)
-            return 2
+        except (*local_runner.USAGE_ERRORS, OSError, ValueError) as exc:  # not found / not supported
+            raise CliError(str(exc), USAGE) from None
+        except local_runner.RUN_ERRORS as exc:
+            raise CliError(str(exc), RUN_FAILURE) from None
     if args.offload != "none":
-        print(f"sinkstream chat: error: --offload {args.offload} runs the model in this process: give "
-              "--model PATH, or start the server with `sinkstream serve --offload ...`", file=sys.stderr)
-        return 2
+        raise CliError(f"--offload {args.offload} runs the model in this process: give --model PATH, or "
+                       "start the server with `sinkstream serve --offload ...`", USAGE)
     if not args.server:
-        print("sinkstream chat: error: give --server HOST:PORT (or set SINKSTREAM_SERVER; start a server "
-              "with `sinkstream serve --model PATH`), or --model PATH to run the model in-process",
-              file=sys.stderr)
-        return 2
+        raise CliError("give --server HOST:PORT (or set SINKSTREAM_SERVER; start a server with "
+                       "`sinkstream serve --model PATH`), or --model PATH to run the model in-process", USAGE)
     return converse(args, args.server, args.server, f"sinkstream chat --server {args.server}")
 
 
 def converse(args: argparse.Namespace, address: str, key: str, again: str) -> int:
-    """The REPL against the server at `address`; returns the exit status."""
+    """The REPL against the server at `address`; returns the exit status (1 if a reply failed: the
+    conversation goes on, but a script reading the exit code learns of it)."""
     interactive = sys.stdin.isatty()
     if interactive:
         with contextlib.suppress(ImportError):  # line editing and history for input(), where available
@@ -159,6 +162,6 @@ def converse(args: argparse.Namespace, address: str, key: str, again: str) -> in
                 chat.reply(message)
             chat.quit()
     except SinkStreamError as exc:
-        print(f"\nsinkstream chat: error: {exc}{unreachable_hint(exc, address)}", file=sys.stderr)
-        return 2
-    return 0
+        print(flush=True)  # end a partly printed line, so the error stands on its own
+        raise server_error(exc, address) from None
+    return RUN_FAILURE if chat.failed_replies else 0

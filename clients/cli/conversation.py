@@ -6,12 +6,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import signal
-import sys
 import threading
 
 import grpc
 
 from sinkstream.clients.cli.chat_memory import load_state, remember
+from sinkstream.clients.cli.errors import RUN_FAILURE, report
 from sinkstream.clients.client import Session, SinkStreamClient
 from sinkstream.clients.results import GenerateParams, SessionSettings, SinkStreamError
 
@@ -29,6 +29,7 @@ class Conversation:
         self.session: Session | None = None
         self.open_turn = False  # the stream already ends with "\n<user prefix>"
         self.fresh = True  # nothing said yet in this session
+        self.failed_replies = 0
 
     def start(self) -> None:
         remembered = load_state()["sessions"].get(self.key, {})
@@ -80,7 +81,8 @@ class Conversation:
         result = self.session.last_generation
         print(" [cancelled]" if result.stop_reason == "CANCELLED" else "", flush=True)
         if result.stop_reason == "ERROR":
-            print(f"(the server failed: {result.error_message})", file=sys.stderr)
+            self.failed_replies += 1
+            report(f"reply failed: {result.error_message}", RUN_FAILURE)
         self.open_turn = result.stop_reason == "STOP_SEQUENCE"
         self._remember()
 

@@ -4,6 +4,7 @@ Imports torch (the server extra); the command line imports this module only when
 from __future__ import annotations
 
 import argparse
+import re
 import resource
 import sys
 from collections.abc import Iterator
@@ -13,6 +14,10 @@ import torch
 from tqdm import tqdm
 
 from sinkstream.clients.analysis import AnalysisSummary
+from sinkstream.clients.cli.analysis_files import ChunkSink
+from sinkstream.clients.cli.errors import warn
+from sinkstream.clients.cli.output import new_summary
+from sinkstream.clients.cli.text_file import TextBlocks
 from sinkstream.core.config import ConfigError, StreamConfig
 from sinkstream.core.dense import DenseInference
 from sinkstream.core.generation import generate
@@ -26,11 +31,17 @@ from sinkstream.core.streaming import StreamingInference
 from sinkstream.core.text import IncrementalEncoder
 from sinkstream.service.allocator import keep_freed_memory
 
-# Failures of a run, as the command reports them: bad settings or model (exit 2), or a layer that failed to
-# load mid-run (exit 1).
-USAGE_ERRORS = (ConfigError, SamplingError, UnsupportedModelError, CheckpointError)
-RUN_ERRORS = (OffloadError,)
-BLOCK_CHARS = 1 << 16  # characters read from a file at a time (text mode)
+
+class ModelNotFoundError(Exception):
+    """--model names neither an existing folder or file nor a model the hub has."""
+
+
+# Failures of a run, as the command reports them: bad settings or model (exit 2), or a fault mid-run: a
+# layer that failed to load, a computation that failed (torch raises RuntimeError), an I/O error (exit 1).
+USAGE_ERRORS = (ConfigError, SamplingError, UnsupportedModelError, CheckpointError, ModelNotFoundError)
+RUN_ERRORS = (OffloadError, RuntimeError, OSError)
+BLOCK_BYTES = 1 << 16  # bytes read from the file at a time
+HUB_ID = re.compile(r"[A-Za-z0-9](?:[\w.-]*[A-Za-z0-9])?(?:/[A-Za-z0-9](?:[\w.-]*[A-Za-z0-9])?)?")
 
 
 def stream_config(args: argparse.Namespace) -> StreamConfig:
@@ -40,26 +51,29 @@ def stream_config(args: argparse.Namespace) -> StreamConfig:
 
 
 def load(args: argparse.Namespace) -> LoadedModel:
-    """The model of args.model, its decoder layers offloaded as --offload/--resident-layers ask."""
+    """The model of args.model, its decoder layers offloaded as --offload/--resident-layers ask. Raises
+    ModelNotFoundError when args.model is neither a path nor a model the hub has."""
+    name = args.model
+    not_found = f"model not found: {name} (no such folder or file; give a local model folder or a hub id)"
+    local = Path(name).exists()
+    if not local and not HUB_ID.fullmatch(name):
+        raise ModelNotFoundError(not_found)
     keep_freed_memory()  # passes reuse their temporaries instead of page-faulting them in each time
-    return load_model(args.model, offload=offload_from_args(args))
-
-
-def read_blocks(path: Path, progress: tqdm | None) -> Iterator[str]:
-    """A file as text blocks; the incremental encoder makes block cuts invisible to tokenization."""
-    with path.open("r", encoding="utf-8", errors="strict", newline="") as f:
-        while block := f.read(BLOCK_CHARS):
-            if progress is not None:
-                progress.update(len(block.encode("utf-8")))
-            yield block
+    try:
+        return load_model(name, offload=offload_from_args(args))
+    except OSError as exc:  # transformers reports a missing hub repo (or no network) as OSError
+        if local:
+            raise
+        raise ModelNotFoundError(f"{not_found}; the hub says: {str(exc).splitlines()[0]}") from None
 
 
 def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def analyze(args: argparse.Namespace) -> AnalysisSummary:
-    """Stream a text file through the core (or the dense baseline) and summarise it."""
+def analyze(args: argparse.Namespace, sink: ChunkSink) -> AnalysisSummary:
+    """Stream a text file through the core (or the dense baseline) and summarise it; each chunk goes to
+    `sink` as it is computed. Memory does not grow with the file (the dense baseline's cache excepted)."""
     loaded = load(args)
     config = stream_config(args)
     path = Path(args.file)
@@ -77,24 +91,30 @@ def analyze(args: argparse.Namespace) -> AnalysisSummary:
         def append(ids: list[int]) -> Iterator:
             return engine.append(row, ids)
 
-    summary = AnalysisSummary(source=str(path), mode="dense" if args.dense else "streaming",
-                              settings=settings)
+    summary = new_summary(args, "dense" if args.dense else "streaming", settings)
+
+    def record(results: Iterator) -> None:
+        for result in results:
+            logprobs, ids = result.logprobs.tolist(), result.token_ids
+            sink(summary.add_chunk(logprobs, ids), logprobs, ids)
+
     encoder = IncrementalEncoder(loaded.tokenizer)
+    blocks = TextBlocks(path, BLOCK_BYTES)
     with tqdm(total=path.stat().st_size, unit="B", unit_scale=True, disable=args.quiet,
               file=sys.stderr, desc="analyze") as bar:
         pending: list[int] = []
-        for block in read_blocks(path, bar):
+        for block in blocks:
+            bar.update(blocks.bytes_read - bar.n)
             pending += encoder.push(block)
             # Only whole chunks go through now, so chunk boundaries do not depend on the block size.
             whole = len(pending) - len(pending) % config.chunk
-            for result in append(pending[:whole]):
-                summary.add_chunk(result.logprobs.tolist(), result.token_ids)
+            record(append(pending[:whole]))
             pending = pending[whole:]
             bar.set_postfix(tokens=summary.tokens, tok_s=f"{summary.tokens_per_second:,.0f}")
-        for result in append(pending + encoder.flush()):
-            summary.add_chunk(result.logprobs.tolist(), result.token_ids)
-    summary.find_passages(path, lambda text: loaded.tokenizer(text, add_special_tokens=False)["input_ids"],
-                          args.passages, args.passage_tokens)
+        record(append(pending + encoder.flush()))
+    if warning := blocks.warning():
+        warn(warning)
+    summary.find_passages(path, lambda text: loaded.tokenizer(text, add_special_tokens=False)["input_ids"])
     summary.peak_rss_mib = peak_rss_mib()
     summary.cache_bytes = runner.cache_bytes if args.dense else engine.cache_bytes
     return summary

@@ -5,17 +5,26 @@ client-only install can use --server."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from collections.abc import Sequence
 
 from sinkstream.clients.cli import chat
+from sinkstream.clients.cli.analysis_files import AnalysisFiles
+from sinkstream.clients.cli.errors import RUN_FAILURE, USAGE, CliError, report
 from sinkstream.clients.cli.options import (
     add_cache_shape_options,
     add_offload_options,
     add_server_option,
     check_offload_options,
 )
-from sinkstream.clients.cli.output import add_output_options, check_output_options, write_outputs
+from sinkstream.clients.cli.output import (
+    add_output_options,
+    check_files,
+    check_output_options,
+    print_generation,
+    write_outputs,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,43 +65,47 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _need_model(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+def _run_in_process(args: argparse.Namespace, parser: argparse.ArgumentParser,
+                    files: AnalysisFiles | None) -> None:
+    """analyze (its chunks written to `files`) / generate with the core in this process; raises CliError."""
     if not args.model:
         parser.error(f"{args.command}: give --model PATH (in-process) or --server ADDR")
-
-
-def _fail(args: argparse.Namespace, exc: Exception, code: int) -> int:
-    """Report an in-process failure in one line and return the exit code."""
-    if args.command == "generate":
-        print(flush=True)  # end the prompt line already printed, so the error stands on its own line
-    print(f"sinkstream: error: {exc}", file=sys.stderr)
-    return code
-
-
-def _run_in_process(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    """analyze / generate with the core in this process; returns the exit status."""
-    _need_model(args, parser)
     try:
         from sinkstream.clients.cli import local_runner
     except ImportError as exc:
         parser.error(f"in-process mode needs the server extra (pip install 'sinkstream[server]'): {exc}")
     try:
         if args.command == "generate":
-            print(args.prompt, end="", flush=True)
-            for delta in local_runner.generate_text(args):
-                print(delta, end="", flush=True)
-            print()
+            print_generation(args.prompt, local_runner.generate_text(args))
         else:
-            write_outputs(local_runner.analyze(args), args)
+            write_outputs(local_runner.analyze(args, files.add), files, args)
     except local_runner.USAGE_ERRORS as exc:
-        return _fail(args, exc, 2)
-    except local_runner.RUN_ERRORS as exc:  # a layer failed to load mid-run (storage error or timeout)
-        return _fail(args, exc, 1)
+        raise CliError(str(exc), USAGE) from None
+    except local_runner.RUN_ERRORS as exc:
+        what = "generation" if args.command == "generate" else "analysis"
+        raise CliError(f"{what} failed: {exc}", RUN_FAILURE) from None
+
+
+def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """analyze / generate, in-process or against args.server; raises CliError."""
+    if args.command == "analyze":
+        check_files(args)
+    with AnalysisFiles(args) if args.command == "analyze" else contextlib.nullcontext() as files:
+        if args.model or not args.server:
+            _run_in_process(args, parser, files)
+            return 0
+        if args.offload != "none":  # the server's weights are its own: `sinkstream serve --offload`
+            parser.error(f"--offload {args.offload} runs the model in-process: give --model PATH, or start "
+                         "the server with `sinkstream serve --offload ...`")
+        from sinkstream.clients.cli import remote_runner
+
+        remote_runner.run(args, files)
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command of `argv` (default sys.argv[1:]); returns the exit status."""
+    """Run the command of `argv` (default sys.argv[1:]); returns the exit status: 0, 1 for a failed run,
+    2 for a usage error (each failure reported in one line on stderr)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["serve"]:
         from sinkstream.clients.cli.serve import serve_main  # needs the server extra; imports torch
@@ -106,14 +119,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(problem)
     if args.command == "chat":
         return chat.run(args)
-    if args.command in ("generate", "analyze") and (args.model or not args.server):
-        return _run_in_process(args, parser)
-    if args.offload != "none":  # the server's weights are its own: `sinkstream serve --offload`
-        parser.error(f"--offload {args.offload} runs the model in-process: give --model PATH, or start "
-                     "the server with `sinkstream serve --offload ...`")
-    from sinkstream.clients.cli import remote_runner
-
-    return remote_runner.run(args)
+    try:
+        return _run(args, parser)
+    except CliError as exc:
+        return report(exc, exc.code)
 
 
 if __name__ == "__main__":

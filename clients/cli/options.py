@@ -32,6 +32,17 @@ def tier_specs(text: str) -> tuple[TierSpec, ...]:
         raise argparse.ArgumentTypeError(exc.message) from None
 
 
+def count(text: str) -> int:
+    """argparse type of a size that cannot be negative (the wire carries it unsigned)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {value}")
+    return value
+
+
 def add_cache_shape_options(p: argparse.ArgumentParser, title: str = "bounded cache",
                             names: tuple[str, ...] = CACHE_SHAPE_OPTIONS,
                             server_default: bool = False) -> None:
@@ -46,11 +57,11 @@ def add_cache_shape_options(p: argparse.ArgumentParser, title: str = "bounded ca
         return "default: server's" if server_default else f"default {value}"
 
     options = {
-        "sink_tokens": ("--sink-tokens", dict(type=int, default=default(d.sink_tokens),
+        "sink_tokens": ("--sink-tokens", dict(type=count, default=default(d.sink_tokens),
                                               help=f"attention-sink tokens kept ({note(d.sink_tokens)})")),
-        "window": ("--window", dict(type=int, default=default(d.window),
+        "window": ("--window", dict(type=count, default=default(d.window),
                                     help=f"recent tokens kept ({note(d.window)})")),
-        "chunk": ("--chunk", dict(type=int, default=default(d.chunk),
+        "chunk": ("--chunk", dict(type=count, default=default(d.chunk),
                                   help=f"tokens per forward pass ({note(d.chunk)})")),
         "tiers": ("--tiers", dict(type=tier_specs, default=default(""),
                                   help=f"memory tiers, e.g. 32x4,16x4 ({note('none')})")),

@@ -1,5 +1,6 @@
 """`sinkstream analyze --plot out.png`: surprisal along the document, its rolling mean, and the most
-surprising passages shaded. matplotlib (the `plot` extra) is imported only here, on demand, with the
+surprising passages shaded, drawn from the summary's bounded bins (clients/surprisal_bins.py: at most 4000
+bins of a power-of-two width). matplotlib (the `plot` extra) is imported only here, on demand, with the
 non-interactive Agg backend so it works without a display."""
 
 from __future__ import annotations
@@ -7,8 +8,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from sinkstream.clients.analysis import AnalysisSummary
-
-MAX_POINTS = 4000  # the per-token series is averaged into at most this many bins before drawing
 
 
 def plot_surprisal(summary: AnalysisSummary, out: str | Path, width_px: int = 1200, height_px: int = 450,
@@ -21,17 +20,14 @@ def plot_surprisal(summary: AnalysisSummary, out: str | Path, width_px: int = 12
     import matplotlib.pyplot as plt
     import numpy as np
 
-    nll = np.frombuffer(summary.token_nll, dtype=np.float64)
-    n = len(nll)
-    bins = min(n, MAX_POINTS) or 1
-    edges = np.linspace(0, n, bins + 1).astype(np.int64)
-    scored = np.where(np.isnan(nll), 0.0, nll)
-    counts = np.add.reduceat(~np.isnan(nll), edges[:-1]) if n else np.zeros(1)
-    sums = np.add.reduceat(scored, edges[:-1]) if n else np.zeros(1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        binned = sums / counts
+    bins = summary.bins  # at most MAX_BINS bins of a power-of-two width, aggregated as tokens arrived
+    n = bins.tokens
+    edges = np.asarray(bins.bin_edges() if n else [0, 0], dtype=np.float64)
+    counts = np.asarray(bins.counts if n else [0], dtype=np.float64)
+    binned = np.asarray(bins.means() if n else [np.nan], dtype=np.float64)
+    bins_count = len(binned)
     x = (edges[:-1] + edges[1:]) / 2
-    roll_bins = max(1, bins // 50)
+    roll_bins = max(1, bins_count // 50)
     kernel = np.ones(roll_bins) / roll_bins
     # Normalised convolution: bins without scored tokens and the series' ends do not drag the mean down.
     valid = (counts > 0).astype(np.float64)
@@ -40,10 +36,10 @@ def plot_surprisal(summary: AnalysisSummary, out: str | Path, width_px: int = 12
                    / np.convolve(valid, kernel, mode="same"))
 
     fig, ax = plt.subplots(figsize=(width_px / dpi, height_px / dpi), dpi=dpi)
-    label = "surprisal per token" if bins == n else f"surprisal (mean of {n / bins:.0f} tokens)"
+    label = "surprisal per token" if bins.width == 1 else f"surprisal (mean of {bins.width} tokens)"
     ax.plot(x, binned, lw=0.5, alpha=0.45, color="tab:blue", label=label)
     ax.plot(x, rolling, lw=1.8, color="tab:orange",
-            label=f"rolling mean ({max(1, round(roll_bins * n / bins)):,} tokens)")
+            label=f"rolling mean ({roll_bins * bins.width:,} tokens)")
     min_width = n / 250  # keep short passages visible on long documents
     for p in summary.passages:
         middle, half = (p.token_start + p.token_end) / 2, max(p.token_end - p.token_start, min_width) / 2

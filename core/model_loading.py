@@ -1,4 +1,5 @@
-"""Loading a Hugging Face causal LM (local folder or hub id), after checking that the core can stream it."""
+"""Loading a Hugging Face causal LM (local folder, hub id or GGUF file), after checking that the core can
+stream it."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
+from sinkstream.core.gguf_loading import GgufCheckpoint, gguf_checkpoint, is_gguf
 from sinkstream.core.model_support import UnsupportedModelError, check_supported
 from sinkstream.core.offload.config import OffloadConfig
 from sinkstream.core.offload.loading import load_model_offloaded
@@ -17,11 +19,13 @@ from sinkstream.core.offload.loading import load_model_offloaded
 
 @dataclass
 class LoadedModel:
-    """A model ready for StreamingInference, with its tokenizer (None when the folder has none)."""
+    """A model ready for StreamingInference, with its tokenizer (None when the folder has none). `gguf` says
+    which cache entry a GGUF file was loaded from (None for a folder or hub id)."""
 
     model: torch.nn.Module
     tokenizer: Any
     name: str
+    gguf: GgufCheckpoint | None = None
 
 
 def load_model(
@@ -32,14 +36,22 @@ def load_model(
     attn_implementation: str = "sdpa",
     offload: OffloadConfig | None = None,
 ) -> LoadedModel:
-    """Load model + tokenizer from a local folder or a hub id, after checking the config is supported.
+    """Load model + tokenizer from a local folder, a hub id or a `.gguf` file, after checking the config is
+    supported.
 
+    A GGUF file's weights are de-quantised to `dtype` and cached as a safetensors folder (core.gguf_loading),
+    which is then loaded like any local folder; its tokenizer and chat template come from the file.
     `offload` (mode cpu/disk) keeps the decoder layers out of memory and streams them through
     `offload.resident_layers` slots (core.offload.prefetch); it needs a local safetensors folder.
     """
+    hf_logging.disable_progress_bar()  # our own progress output is the one users read
+    name = str(name_or_path)
+    gguf = None
+    if is_gguf(name):
+        gguf = gguf_checkpoint(name, dtype)
+        name_or_path = str(gguf.folder)
     config = AutoConfig.from_pretrained(name_or_path)
     check_supported(config)
-    hf_logging.disable_progress_bar()  # our own progress output is the one users read
     if offload is not None and offload.enabled:
         if not Path(name_or_path).is_dir():
             raise UnsupportedModelError(
@@ -55,4 +67,4 @@ def load_model(
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
     except (OSError, ValueError):
         tokenizer = None
-    return LoadedModel(model=model, tokenizer=tokenizer, name=str(name_or_path))
+    return LoadedModel(model=model, tokenizer=tokenizer, name=name, gguf=gguf)

@@ -26,7 +26,12 @@ import grpc
 
 from sinkstream.clients.cli.conversation import Conversation
 from sinkstream.clients.cli.errors import RUN_FAILURE, USAGE, CliError, report, server_error
-from sinkstream.clients.cli.options import add_cache_shape_options, add_offload_options, add_server_option
+from sinkstream.clients.cli.options import (
+    add_cache_shape_options,
+    add_dtype_option,
+    add_offload_options,
+    add_server_option,
+)
 from sinkstream.clients.client import SinkStreamClient
 from sinkstream.clients.results import SinkStreamError
 
@@ -55,7 +60,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence")
     p.add_argument("--seed", type=int, default=None, help="seed of a new session's sampling")
     add_cache_shape_options(p, names=("window", "sink_tokens"), server_default=True)
-    add_offload_options(p)  # with --model only: the model runs in this process
+    add_dtype_option(p)  # with --model only: the model runs in this process
+    add_offload_options(p)
 
 
 def _read_line(interactive: bool) -> str | None:

@@ -21,6 +21,7 @@ from sinkstream.clients.cli.text_file import TextBlocks
 from sinkstream.core.config import ConfigError, StreamConfig
 from sinkstream.core.dense import DenseInference
 from sinkstream.core.generation import generate
+from sinkstream.core.gguf_loading import GgufFileError, is_gguf
 from sinkstream.core.model_loading import LoadedModel, load_model
 from sinkstream.core.model_support import UnsupportedModelError
 from sinkstream.core.offload.checkpoint import CheckpointError
@@ -38,7 +39,8 @@ class ModelNotFoundError(Exception):
 
 # Failures of a run, as the command reports them: bad settings or model (exit 2), or a fault mid-run: a
 # layer that failed to load, a computation that failed (torch raises RuntimeError), an I/O error (exit 1).
-USAGE_ERRORS = (ConfigError, SamplingError, UnsupportedModelError, CheckpointError, ModelNotFoundError)
+USAGE_ERRORS = (ConfigError, SamplingError, UnsupportedModelError, CheckpointError, ModelNotFoundError,
+                GgufFileError)
 RUN_ERRORS = (OffloadError, RuntimeError, OSError)
 BLOCK_BYTES = 1 << 16  # bytes read from the file at a time
 HUB_ID = re.compile(r"[A-Za-z0-9](?:[\w.-]*[A-Za-z0-9])?(?:/[A-Za-z0-9](?:[\w.-]*[A-Za-z0-9])?)?")
@@ -56,11 +58,11 @@ def load(args: argparse.Namespace) -> LoadedModel:
     name = args.model
     not_found = f"model not found: {name} (no such folder or file; give a local model folder or a hub id)"
     local = Path(name).exists()
-    if not local and not HUB_ID.fullmatch(name):
+    if not local and (is_gguf(name) or not HUB_ID.fullmatch(name)):
         raise ModelNotFoundError(not_found)
     keep_freed_memory()  # passes reuse their temporaries instead of page-faulting them in each time
     try:
-        return load_model(name, offload=offload_from_args(args))
+        return load_model(name, dtype=getattr(torch, args.dtype), offload=offload_from_args(args))
     except OSError as exc:  # transformers reports a missing hub repo (or no network) as OSError
         if local:
             raise

@@ -14,6 +14,7 @@ from sinkstream.clients.cli.analysis_files import AnalysisFiles
 from sinkstream.clients.cli.errors import RUN_FAILURE, USAGE, CliError, report
 from sinkstream.clients.cli.options import (
     add_cache_shape_options,
+    add_dtype_option,
     add_offload_options,
     add_server_option,
     check_offload_options,
@@ -36,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     gen = sub.add_parser("generate", help="continue a prompt (temperature 0 = greedy)")
-    gen.add_argument("--model", help="model folder or hub id (in-process mode)")
+    gen.add_argument("--model", help="model folder, .gguf file or hub id (in-process mode)")
     add_server_option(gen)
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--max-new-tokens", type=int, default=64)
@@ -47,15 +48,17 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--stop", action="append", help="stop sequence (repeatable)")
     add_cache_shape_options(gen)
+    add_dtype_option(gen)
     add_offload_options(gen)
 
     ana = sub.add_parser("analyze", help="stream a text file and summarise per-token NLL / perplexity")
     ana.add_argument("file")
-    ana.add_argument("--model", help="model folder or hub id (in-process mode)")
+    ana.add_argument("--model", help="model folder, .gguf file or hub id (in-process mode)")
     add_server_option(ana)
     ana.add_argument("--dense", action="store_true", help="plain full-cache baseline for comparison")
     add_output_options(ana)
     add_cache_shape_options(ana)
+    add_dtype_option(ana)
     add_offload_options(ana)
 
     chat.add_parser(sub)

@@ -10,17 +10,25 @@ import os
 from sinkstream.core.config import MERGE_POLICIES, ConfigError, StreamConfig, TierSpec  # torch-free
 from sinkstream.core.offload.config import add_offload_options, check_offload_options  # torch-free
 
-__all__ = ["CACHE_SHAPE_OPTIONS", "add_cache_shape_options", "add_offload_options", "add_server_option",
-           "check_offload_options", "tier_specs"]
+__all__ = ["CACHE_SHAPE_OPTIONS", "MODEL_DTYPES", "add_cache_shape_options", "add_dtype_option",
+           "add_offload_options", "add_server_option", "check_offload_options", "tier_specs"]
 
 DEFAULT_SERVER = os.environ.get("SINKSTREAM_SERVER")
 CACHE_SHAPE_OPTIONS = ("sink_tokens", "window", "chunk", "tiers", "merge_policy")
+MODEL_DTYPES = ("float32", "bfloat16")  # names of torch dtypes (this module stays torch-free)
 
 
 def add_server_option(p: argparse.ArgumentParser, help_text: str | None = None) -> None:
     """--server HOST:PORT, defaulting to $SINKSTREAM_SERVER."""
     p.add_argument("--server", default=DEFAULT_SERVER, help=help_text or "host:port of a sinkstream server "
                    "(default $SINKSTREAM_SERVER); --model wins if given")
+
+
+def add_dtype_option(p: argparse.ArgumentParser) -> None:
+    """--dtype: the dtype the model's weights are loaded (a GGUF file's de-quantised) in (--model only)."""
+    p.add_argument("--dtype", choices=MODEL_DTYPES, default=MODEL_DTYPES[0],
+                   help="weights dtype with --model; a .gguf file is de-quantised to it "
+                        f"(default {MODEL_DTYPES[0]})")
 
 
 def tier_specs(text: str) -> tuple[TierSpec, ...]:

@@ -9,7 +9,12 @@ from pathlib import Path
 
 import torch
 
-from sinkstream.clients.cli.options import add_cache_shape_options, add_offload_options, check_offload_options
+from sinkstream.clients.cli.options import (
+    add_cache_shape_options,
+    add_dtype_option,
+    add_offload_options,
+    check_offload_options,
+)
 from sinkstream.core.config import ConfigError, StreamConfig
 from sinkstream.core.model_loading import load_model
 from sinkstream.core.offload.config import offload_from_args
@@ -23,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The options of `sinkstream serve` (defaults: ServerConfig's)."""
     d = ServerConfig(model="")
     p = argparse.ArgumentParser(prog="sinkstream serve", description="Run the sinkstream gRPC server.")
-    p.add_argument("--model", required=True, help="model folder or Hugging Face hub id")
+    p.add_argument("--model", required=True, help="model folder, .gguf file or Hugging Face hub id")
     p.add_argument("--host", default=d.host, help=f"address to listen on (default {d.host})")
     p.add_argument("--port", type=int, default=d.port, help=f"port; 0 picks a free one (default {d.port})")
     p.add_argument("--max-sessions", type=int, default=d.max_sessions,
@@ -55,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grace", type=float, default=d.grace_s, metavar="SECONDS",
                    help="on SIGTERM, time open streams get to finish")
     add_cache_shape_options(p, title="session defaults")
+    add_dtype_option(p)
     add_offload_options(p)
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
     p.add_argument("--log-level", default="info")
@@ -92,7 +98,7 @@ def serve_main(argv: list[str] | None = None) -> int:
         keep_freed_memory()  # passes reuse their temporaries instead of page-faulting them in each time
         if config.state_dir is not None:
             prepare_state_dir(config.state_dir)  # refused now, not once per second while serving
-        loaded = load_model(args.model, offload=offload_from_args(args))
+        loaded = load_model(args.model, dtype=getattr(torch, args.dtype), offload=offload_from_args(args))
         report = asyncio.run(serve_until_signal(config, loaded))
     except (ConfigError, ValueError, OSError) as exc:
         print(f"sinkstream serve: error: {exc}", flush=True)

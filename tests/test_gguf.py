@@ -18,6 +18,8 @@ from conftest import REPO_ROOT
 from test_core_streaming import REFERENCE_CONTINUATION
 from transformers import AutoTokenizer
 
+from sinkstream.clients.client import SinkStreamClient
+from sinkstream.clients.results import GenerateParams
 from sinkstream.core import gguf_loading
 from sinkstream.core.config import StreamConfig
 from sinkstream.core.generation import generate
@@ -31,8 +33,10 @@ from sinkstream.core.gguf_loading import (
     load_gguf_tokenizer,
 )
 from sinkstream.core.model_loading import LoadedModel, load_model
+from sinkstream.core.offload.config import OffloadConfig
 from sinkstream.core.sampling import SamplingParams
 from sinkstream.core.streaming import StreamingInference
+from sinkstream.service.server import ServerConfig, ServerThread
 
 SMOLLM2 = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
@@ -125,6 +129,16 @@ def test_stories_gguf_greedy_reproduces_the_published_continuation(stories_gguf,
     params = SamplingParams(max_new_tokens=57, stop_on_eos=False)
     text = "Once upon a time" + "".join(t.text for t in generate(engine, row, params, loaded.tokenizer))
     assert text == REFERENCE_CONTINUATION
+
+
+def test_stories_gguf_with_offloaded_layers(stories_gguf, model_dir, cache_dir):
+    """--offload reads the decoder layers from the cache entry, as from any local checkpoint folder."""
+    offloaded = load_model(str(stories_gguf), offload=OffloadConfig("disk", 2, 1))
+    dense = load_model(str(model_dir))
+    assert offloaded.gguf.cache_hit is False
+    ids = torch.tensor([[1, 403, 407, 261, 378]])
+    with torch.no_grad():
+        torch.testing.assert_close(offloaded.model(ids).logits, dense.model(ids).logits, rtol=0, atol=1e-5)
 
 
 # ------------------------------------------------------------------ the cache
@@ -284,6 +298,25 @@ def test_smollm2_cli_generate_prints_the_reference(smollm2, shared_dir, smollm2_
     assert proc.stdout == PLAIN_PROMPT + PLAIN_REFERENCE + "\n"
     assert sorted(p.name for p in smollm2_cache.iterdir()) == [f"{SMOLLM2_SHA256}-float32"]
     assert weights.stat().st_ino == before  # the same entry was read, not rebuilt
+
+
+def test_smollm2_references_over_grpc(smollm2, shared_dir):
+    """`serve --model X.gguf` serves what load_model gives: both references over a real gRPC server."""
+    config = ServerConfig(model=str(shared_dir / "models" / SMOLLM2), port=0, grace_s=0.5)
+    server = ServerThread(config, smollm2)
+    try:
+        with SinkStreamClient(server.address, timeout=120) as client:
+            with client.open_session() as session:
+                session.append_tokens(PLAIN_PROMPT_IDS)
+                plain = session.generate(GenerateParams(max_new_tokens=20))
+            with client.open_session() as session:
+                session.append_tokens(chat_prompt_ids(smollm2.tokenizer))
+                chat = session.generate(GenerateParams(max_new_tokens=64))
+    finally:
+        server.stop()
+    assert (plain.text, plain.generated_tokens) == (PLAIN_REFERENCE, 20)
+    assert [t.token_id for t in chat.tokens] == CHAT_REPLY_IDS
+    assert chat.stop_reason == "EOS_TOKEN"
 
 
 # ------------------------------------------------------------------ the command line

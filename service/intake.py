@@ -16,8 +16,10 @@ from collections.abc import AsyncIterator, Sequence
 import grpc
 
 from sinkstream.service.backpressure import INPUT_SLICE
+from sinkstream.service.chat_input import ChatInput
 from sinkstream.service.errors import RequestError, invalid
 from sinkstream.service.requests import (
+    AppendMessage,
     AppendText,
     AppendTokens,
     CheckpointRequest,
@@ -34,8 +36,9 @@ from sinkstream.service.work import AppendWork, CheckpointWork, CloseWork, Gener
 class Intake:
     """Turns one request of a session's stream into its work items, in order (RequestError if refused)."""
 
-    def __init__(self, vocab_size: int) -> None:
+    def __init__(self, vocab_size: int, tokenizer=None) -> None:
         self.vocab_size = vocab_size
+        self.tokenizer = tokenizer
 
     async def work(self, session: Session, request: StreamRequest) -> AsyncIterator[Work]:
         """The request's work items, made lazily: the caller queues each (waiting for budget room) before
@@ -58,9 +61,18 @@ class Intake:
                     piece = session.text.push_ids(piece)  # held text first; later text at a token boundary
                 last = start + INPUT_SLICE >= len(ids)
                 yield AppendWork(request.request_id, piece, request.flush and last)
+        elif isinstance(request, AppendMessage):
+            ids = self.chat(session).append(request.role, request.content)
+            if session.text is not None:
+                ids = session.text.push_ids(ids)  # held text first; later text at a token boundary
+            for start in range(0, len(ids), INPUT_SLICE) or [0]:
+                last = start + INPUT_SLICE >= len(ids)
+                yield AppendWork(request.request_id, ids[start:start + INPUT_SLICE], request.flush and last)
         elif isinstance(request, GenerateRequest):
+            if request.chat_reply:
+                self.chat(session, "generate.chat_reply").check_reply()
             work = GenerateWork(request.request_id, request.params, request.time_limit_s, time.perf_counter(),
-                                session.next_generate_seq())
+                                session.next_generate_seq(), chat_reply=request.chat_reply)
             if session.text is not None and session.text.needs_flush:
                 yield AppendWork(request.request_id, session.text.flush(), False)
             yield work
@@ -74,6 +86,12 @@ class Intake:
                                request.kind)
         else:
             raise TypeError(f"not a work request: {request!r}")
+
+    def chat(self, session: Session, field: str = "append_message") -> ChatInput:
+        """The session's conversation, started on first use (FAILED_PRECONDITION without a template)."""
+        if session.chat is None:
+            session.chat = ChatInput(self.tokenizer, field=field)
+        return session.chat
 
     async def _check_ids(self, ids: Sequence[int]) -> None:
         """INVALID_ARGUMENT unless every id is in the vocabulary (checked in slices, the loop free

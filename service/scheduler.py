@@ -184,6 +184,11 @@ class Scheduler:
             if isinstance(item, AppendWork):
                 s.add_input(item)
             elif isinstance(item, GenerateWork):
+                try:
+                    s.open_chat_reply(item)
+                except RequestError as exc:
+                    s.emit(ErrorReply(item.request_id, exc))
+                    continue
                 if s.pending:
                     s.defer(item)  # run the remaining input first
                 else:
@@ -225,7 +230,8 @@ class Scheduler:
                 grpc.StatusCode.FAILED_PRECONDITION, "the stream is empty: append input before generating",
                 "generate")))
             return
-        gen = Generation(s.engine, s.row, work.params, self.manager.pool.tokenizer)
+        stop_ids = s.chat.end_of_turn if work.chat_reply and s.chat is not None else ()
+        gen = Generation(s.engine, s.row, work.params, self.manager.pool.tokenizer, stop_ids)
         s.start_generation(ActiveGeneration(work, gen, input_tokens=work.input_tokens))
 
     async def _checkpoint(self, s: Session, item: CheckpointWork) -> None:

@@ -27,6 +27,8 @@ class GenerateWork:
     arrived: float
     seq: int
     input_tokens: int = 0  # pending input run for this request before generating
+    chat_reply: bool = False  # the assistant's turn of the session's conversation
+    prompted: bool = False  # its generation prompt has been added to the pending input
 
 
 @dataclass

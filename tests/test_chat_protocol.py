@@ -5,10 +5,15 @@ in the sink region, and snapshots carry both. stories260K with a ChatML-style te
 from __future__ import annotations
 
 import dataclasses
+import os
+import re
+import subprocess
+import sys
 
 import grpc
 import pytest
 import torch
+from conftest import REPO_ROOT
 from service_support import start_server
 from test_chat_template_incremental import CHATML
 
@@ -208,3 +213,47 @@ def test_a_restarted_server_continues_the_conversation_and_its_pinned_sinks(chat
     conversation = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Hi"},
                     {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "Bye"}]
     assert stream_ids(chunks) == template_ids(tok, conversation)
+
+
+def run_chat(args: list[str], lines: list[str], tmp_path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "XDG_CONFIG_HOME": str(tmp_path / "config"),
+           "XDG_STATE_HOME": str(tmp_path / "state")}
+    proc = subprocess.run([sys.executable, "-m", "sinkstream", "chat", *args],
+                          input="".join(f"{x}\n" for x in lines), cwd=REPO_ROOT, env=env,
+                          capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc
+
+
+def test_cli_chat_scripted_over_the_chat_protocol(server, tmp_path):
+    """Each stdin line is one user message; each reply (greedy) is the one the client library gets on the
+    chat protocol with the same system message and settings."""
+    args = ["--server", server.address, "--system", SYSTEM, "--temperature", "0", "--max-new-tokens", "12",
+            "--repetition-penalty", "1", "--window", "128", "--sink-tokens", "4"]
+    proc = run_chat(args, ["Tell me a story.", "And then?"], tmp_path)
+    assert "no chat template" not in proc.stderr
+    replies = re.findall(r"model> (.*)", proc.stdout)
+    settings = SessionSettings(sink_tokens=4, window=128)
+    with (SinkStreamClient(server.address, timeout=60) as client,
+          client.open_session(settings, system_message=SYSTEM) as session):
+        assert session.opened.settings.sink_tokens > 4  # pinned
+        expected = []
+        for message in ["Tell me a story.", "And then?"]:
+            session.send_message("user", message)
+            expected.append(session.generate(chat_reply=True, max_new_tokens=12).text.strip())
+    assert [r.strip() for r in replies] == expected and all(expected)
+    session_id = re.search(r"new session (\S+)", proc.stdout)[1]
+    with SinkStreamClient(server.address, timeout=30) as client:
+        assert client.get_session(session_id).settings.sink_tokens == session.opened.settings.sink_tokens
+
+    unpinned = run_chat([*args, "--new", "--no-pin-system"], ["Hi"], tmp_path)
+    session_id = re.search(r"new session (\S+)", unpinned.stdout)[1]
+    with SinkStreamClient(server.address, timeout=30) as client:
+        assert client.get_session(session_id).settings.sink_tokens == 4
+
+
+def test_cli_chat_without_a_template_keeps_plain_turns_and_says_so_once(model_dir, tmp_path):
+    proc = run_chat(["--model", str(model_dir), "--temperature", "0", "--max-new-tokens", "8"],
+                    ["Hello", "Again"], tmp_path)
+    assert proc.stderr.count("no chat template") == 1
+    assert proc.stdout.count("model> ") == 2

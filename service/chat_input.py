@@ -34,12 +34,6 @@ class ChatInput:
         except ValueError as exc:
             raise invalid(f"{field}.role", str(exc)) from exc
 
-    def check_reply(self) -> None:
-        """FAILED_PRECONDITION "generate.chat_reply" if an assistant turn cannot start now."""
-        if not self.renderer.messages:
-            raise RequestError(grpc.StatusCode.FAILED_PRECONDITION,
-                               "the conversation has no message to reply to", "generate.chat_reply")
-
     def open_reply(self) -> list[int]:
         """Ids of the generation prompt that opens the assistant's turn."""
         try:

@@ -15,9 +15,10 @@ from collections.abc import AsyncIterator, Sequence
 
 import grpc
 
+from sinkstream.core.chat import ROLES
 from sinkstream.service.backpressure import INPUT_SLICE
 from sinkstream.service.chat_input import ChatInput
-from sinkstream.service.errors import RequestError, invalid
+from sinkstream.service.errors import RequestError, invalid, shown_id
 from sinkstream.service.requests import (
     AppendMessage,
     AppendText,
@@ -30,7 +31,7 @@ from sinkstream.service.requests import (
 )
 from sinkstream.service.session import Session
 from sinkstream.service.text_input import TextInput
-from sinkstream.service.work import AppendWork, CheckpointWork, CloseWork, GenerateWork, Work
+from sinkstream.service.work import AppendWork, CheckpointWork, CloseWork, GenerateWork, MessageWork, Work
 
 
 class Intake:
@@ -62,18 +63,25 @@ class Intake:
                 last = start + INPUT_SLICE >= len(ids)
                 yield AppendWork(request.request_id, piece, request.flush and last)
         elif isinstance(request, AppendMessage):
-            ids = self.chat(session).append(request.role, request.content)
-            if session.text is not None:
-                ids = session.text.push_ids(ids)  # held text first; later text at a token boundary
-            for start in range(0, len(ids), INPUT_SLICE) or [0]:
-                last = start + INPUT_SLICE >= len(ids)
-                yield AppendWork(request.request_id, ids[start:start + INPUT_SLICE], request.flush and last)
+            self.chat(session)
+            if request.role not in ROLES:
+                raise invalid("append_message.role",
+                              f"must be one of {', '.join(ROLES)}, got {shown_id(request.role)}")
+            # held text first; the message starts at a token boundary (and no BOS is added after it)
+            head = session.text.push_ids([]) if session.text is not None else []
+            if head:
+                yield AppendWork(request.request_id, head, False)
+            yield MessageWork(request.request_id, request.role, request.content, request.flush)
         elif isinstance(request, GenerateRequest):
             if request.chat_reply:
-                self.chat(session, "generate.chat_reply").check_reply()
+                self.chat(session, "generate.chat_reply")
             work = GenerateWork(request.request_id, request.params, request.time_limit_s, time.perf_counter(),
                                 session.next_generate_seq(), chat_reply=request.chat_reply)
-            if session.text is not None and session.text.needs_flush:
+            if request.chat_reply and session.text is not None:  # the template frames the stream: no BOS
+                head = session.text.push_ids([])
+                if head:
+                    yield AppendWork(request.request_id, head, False)
+            elif session.text is not None and session.text.needs_flush:
                 yield AppendWork(request.request_id, session.text.flush(), False)
             yield work
         elif isinstance(request, CheckpointRequest):

@@ -41,7 +41,15 @@ from sinkstream.service.replies import (
 )
 from sinkstream.service.session import ActiveGeneration, Session
 from sinkstream.service.session_manager import SessionManager
-from sinkstream.service.work import AppendWork, CheckpointWork, CloseWork, DetachWork, ErrorWork, GenerateWork
+from sinkstream.service.work import (
+    AppendWork,
+    CheckpointWork,
+    CloseWork,
+    DetachWork,
+    ErrorWork,
+    GenerateWork,
+    MessageWork,
+)
 
 log = logging.getLogger("sinkstream.scheduler")
 SWEEP_INTERVAL_S = 1.0
@@ -183,6 +191,11 @@ class Scheduler:
             self._progressed = True
             if isinstance(item, AppendWork):
                 s.add_input(item)
+            elif isinstance(item, MessageWork):
+                try:
+                    s.add_input(AppendWork(item.request_id, s.render_message(item), item.flush))
+                except RequestError as exc:
+                    s.emit(ErrorReply(item.request_id, exc))
             elif isinstance(item, GenerateWork):
                 try:
                     s.open_chat_reply(item)

@@ -22,7 +22,7 @@ from sinkstream.service.errors import RequestError
 from sinkstream.service.options import AnalysisOptions
 from sinkstream.service.replies import GenerationReply, Reply, StreamEnd
 from sinkstream.service.text_input import TextInput
-from sinkstream.service.work import AppendWork, DetachWork, ErrorWork, GenerateWork, Work
+from sinkstream.service.work import AppendWork, DetachWork, ErrorWork, GenerateWork, MessageWork, Work
 
 # Session ids are also file names in the state directory: no ".", "..", nor a leading "-" that tools would
 # read as an option.
@@ -210,6 +210,10 @@ class Session:
         if isinstance(work, GenerateWork) and work.chat_reply and work.prompted:
             self.add_input(AppendWork(work.request_id, self.chat.close_reply([], "CANCELLED"), False))
 
+    def render_message(self, work: MessageWork) -> list[int]:
+        """Ids of a chat message, now part of the conversation (RequestError: refused, nothing changed)."""
+        return self.chat.append(work.role, work.content)
+
     def open_chat_reply(self, work: GenerateWork) -> None:
         """Put the generation prompt of a chat reply into the pending input (once)."""
         if work.chat_reply and not work.prompted:
@@ -239,6 +243,15 @@ class Session:
             if isinstance(item, AppendWork):
                 self.add_input(item)
                 self.input_unsaved |= not self.resident and bool(item.ids)
+                if item.flush:
+                    dropped.append((item.request_id, None))
+            elif isinstance(item, MessageWork):  # admitted input too: rendered now, kept for a resume
+                try:
+                    self.add_input(AppendWork(item.request_id, self.render_message(item), False))
+                except RequestError as exc:
+                    dropped.append((item.request_id, exc))
+                    continue
+                self.input_unsaved |= not self.resident
                 if item.flush:
                     dropped.append((item.request_id, None))
             elif isinstance(item, ErrorWork):

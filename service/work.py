@@ -32,6 +32,17 @@ class GenerateWork:
 
 
 @dataclass
+class MessageWork:
+    """A chat message, rendered when the scheduler reaches it: the conversation is rendered in stream
+    order, after the replies requested before it have been generated."""
+
+    request_id: str
+    role: str
+    content: str
+    flush: bool
+
+
+@dataclass
 class CheckpointWork:
     request_id: str
 
@@ -56,5 +67,5 @@ class ErrorWork:
     error: RequestError
 
 
-Work = AppendWork | GenerateWork | CheckpointWork | CloseWork | DetachWork | ErrorWork
+Work = AppendWork | MessageWork | GenerateWork | CheckpointWork | CloseWork | DetachWork | ErrorWork
 

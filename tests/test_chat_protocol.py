@@ -115,6 +115,23 @@ def test_messages_and_replies_are_the_template_applied_to_the_whole_conversation
     assert stream_ids(chunks, [reply, second]) == template_ids(tok, conversation)
 
 
+def test_a_message_sent_during_a_reply_follows_the_reply(server, chat_model):
+    """Requests are rendered in stream order: a message pipelined behind a chat_reply comes after the
+    reply in the conversation, whenever the reader gets to it."""
+    with (SinkStreamClient(server.address, timeout=60) as client,
+          client.open_session(SETTINGS, system_message=SYSTEM) as session):
+        session.send_message("user", "Tell me a story.")
+        tokens = session.generate_stream(chat_reply=True, max_new_tokens=30)
+        next(tokens)  # the Generate request is sent
+        session.send_message("user", "And then?")
+        list(tokens)
+        reply = session.last_generation
+        chunks = session.flush()
+    conversation = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Tell me a story."},
+                    {"role": "assistant", "content": reply.text}, {"role": "user", "content": "And then?"}]
+    assert stream_ids(chunks, [reply]) == template_ids(chat_model.tokenizer, conversation)
+
+
 def test_without_a_template_chat_requests_are_failed_precondition(plain_server):
     with SinkStreamClient(plain_server.address, timeout=30) as client:
         assert not client.model_info().has_chat_template

@@ -10,7 +10,7 @@ template's end of turn. --system gives a new conversation's system message, kept
 conversation (--no-pin-system lets it be evicted like other text).
 
 A model without a template (the small test models) gets plain-text turns instead, and chat says so once
-(change the prefixes with --user / --assistant):
+on stdout (change the prefixes with --user / --assistant):
 
     User: <your message>
     Assistant: <reply, generated until the stop sequence "\\nUser:" or end-of-sequence>

@@ -8,7 +8,6 @@ import argparse
 import contextlib
 import dataclasses
 import signal
-import sys
 import threading
 
 import grpc
@@ -34,8 +33,9 @@ class Conversation:
         if self.templated:
             self.params = dataclasses.replace(self.params, stop_sequences=(), chat_reply=True)
         else:
+            # on stdout with the other session notes: stderr is for errors only
             print("note: the model has no chat template; turns are framed as plain text "
-                  f"({args.user!r} / {args.assistant!r})", file=sys.stderr)
+                  f"({args.user!r} / {args.assistant!r})")
         self.session: Session | None = None
         self.open_turn = False  # the stream already ends with "\n<user prefix>"
         self.fresh = True  # nothing said yet in this session

@@ -101,9 +101,13 @@ class SinkStreamClient:
 
     # ------------------------------------------------------------------ sessions
     def open_session(self, settings: SessionSettings | None = None, *, seed: int | None = None,
-                     session_id: str | None = None, timeout: float | None = None) -> Session:
-        """Start a new session on a new stream (`timeout`: the stream's deadline in seconds)."""
-        return Session.start(self.stub, protocol.open_request(settings, seed, session_id), timeout)
+                     session_id: str | None = None, timeout: float | None = None,
+                     system_message: str | None = None, pin_system: bool | None = None) -> Session:
+        """Start a new session on a new stream (`timeout`: the stream's deadline in seconds);
+        `system_message` starts its conversation, kept in the cache unless `pin_system` is False."""
+        request = protocol.open_request(settings, seed, session_id, system_message=system_message,
+                                        pin_system=pin_system)
+        return Session.start(self.stub, request, timeout)
 
     def resume_session(self, session_id: str, settings: SessionSettings | None = None, *,
                        timeout: float | None = None) -> Session:
@@ -173,6 +177,17 @@ class Session(SessionProtocol):
     def send_tokens(self, ids: Iterable[int], flush: bool = False) -> str:
         """Queue token ids (used as they are, no BOS) without waiting; returns the request id."""
         return self._send(protocol.append_tokens_request(ids, flush))
+
+    def send_message(self, role: str, content: str, flush: bool = False) -> str:
+        """Queue one chat message without waiting; returns the request id."""
+        return self._send(protocol.append_message_request(role, content, flush))
+
+    def append_message(self, role: str, content: str) -> list[ChunkResult]:
+        """Append one chat message (rendered with the model's chat template) and process everything
+        pending; the chunk results since the last call."""
+        self.send_message(role, content, flush=True)
+        self._collect_chunks_until(Flushed)
+        return self._take_chunks()
 
     def append_text(self, text: str) -> list[ChunkResult]:
         """Append text and process everything pending; the chunk results since the last call."""

@@ -94,11 +94,16 @@ def settings_to_pb(s: SessionSettings) -> pb.SessionSettings:
 
 
 def open_request(settings: SessionSettings | None, seed: int | None, session_id: str | None,
-                 request_id: str = "open") -> pb.StreamRequest:
+                 request_id: str = "open", system_message: str | None = None,
+                 pin_system: bool | None = None) -> pb.StreamRequest:
     request = pb.OpenSession(settings=settings_to_pb(settings or SessionSettings()),
                              session_id=session_id or "")
     if seed is not None:
         request.seed = seed
+    if system_message is not None:
+        request.system_message = system_message
+    if pin_system is not None:
+        request.pin_system = pin_system
     return pb.StreamRequest(request_id=request_id, open=request)
 
 
@@ -115,7 +120,7 @@ def generate_request(p: GenerateParams, request_id: str) -> pb.StreamRequest:
     msg = pb.Generate(temperature=p.temperature, top_k=p.top_k, top_p=p.top_p,
                       repetition_penalty=p.repetition_penalty, max_new_tokens=p.max_new_tokens,
                       stop_sequences=list(p.stop_sequences), include_stop_sequence=p.include_stop_sequence,
-                      time_limit_ms=p.time_limit_ms, ignore_eos=p.ignore_eos)
+                      time_limit_ms=p.time_limit_ms, ignore_eos=p.ignore_eos, chat_reply=p.chat_reply)
     if p.seed is not None:
         msg.seed = p.seed
     return pb.StreamRequest(request_id=request_id, generate=msg)
@@ -127,6 +132,10 @@ def append_text_request(text: str, flush: bool) -> pb.StreamRequest:
 
 def append_tokens_request(ids: Iterable[int], flush: bool) -> pb.StreamRequest:
     return pb.StreamRequest(append_tokens=pb.AppendTokens(ids=list(ids), flush=flush))
+
+
+def append_message_request(role: str, content: str, flush: bool) -> pb.StreamRequest:
+    return pb.StreamRequest(append_message=pb.AppendMessage(role=role, content=content, flush=flush))
 
 
 def cancel_request() -> pb.StreamRequest:
@@ -282,7 +291,7 @@ def model_info_from_pb(m: pb.ModelInfoResponse) -> ModelInfo:
         bos_token_id=m.bos_token_id if m.HasField("bos_token_id") else None,
         eos_token_ids=list(m.eos_token_ids), default_settings=settings_from_pb(m.default_settings),
         limits={f.name: getattr(m.limits, f.name) for f in m.limits.DESCRIPTOR.fields},
-        server_version=m.server_version)
+        server_version=m.server_version, has_chat_template=m.has_chat_template)
 
 
 def rpc_error(exc: grpc.RpcError) -> SinkStreamError:

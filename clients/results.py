@@ -52,6 +52,9 @@ class GenerateParams:
     include_stop_sequence: bool = False
     time_limit_ms: int = 0
     ignore_eos: bool = False
+    # the assistant's turn of the session's conversation: generation prompt, stop at end of turn, reply
+    # appended as the assistant message (the model needs a chat template)
+    chat_reply: bool = False
 
 
 @dataclass
@@ -172,3 +175,4 @@ class ModelInfo:
     default_settings: SessionSettings
     limits: dict[str, float]
     server_version: str
+    has_chat_template: bool = False

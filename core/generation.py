@@ -7,7 +7,7 @@ single-stream loop built from it.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from sinkstream.core.sampling import Sampler, SamplingParams
@@ -45,7 +45,9 @@ def eos_token_ids(model_config, tokenizer=None, generation_config=None) -> set[i
 class Generation:
     """State of one generation request on one stream row."""
 
-    def __init__(self, engine: StreamingInference, row: int, params: SamplingParams, tokenizer=None) -> None:
+    def __init__(self, engine: StreamingInference, row: int, params: SamplingParams, tokenizer=None,
+                 stop_ids: Iterable[int] = ()) -> None:
+        """`stop_ids`: more ids that end the generation like EOS (e.g. a chat template's end of turn)."""
         params.validate()
         self.engine, self.row, self.params = engine, row, params
         self.sampler = Sampler(params, engine.generators[row])
@@ -57,7 +59,7 @@ class Generation:
         self.eos: set[int] = set()
         if params.stop_on_eos:
             generation_config = getattr(engine.model, "generation_config", None)
-            self.eos = eos_token_ids(engine.model.config, tokenizer, generation_config)
+            self.eos = eos_token_ids(engine.model.config, tokenizer, generation_config) | set(stop_ids)
         self.generated: list[int] = []
         self.finished = False
 

@@ -29,6 +29,7 @@ from sinkstream.service.replies import (
     TokenReply,
 )
 from sinkstream.service.requests import (
+    AppendMessage,
     AppendText,
     AppendTokens,
     CancelRequest,
@@ -127,7 +128,9 @@ def start_request_from_pb(first: pb.StreamRequest, defaults: StreamConfig, limit
         seed = request.seed if request.HasField("seed") else None
         if seed is not None and seed >= 2**63:
             raise invalid("open.seed", "must be below 2^63")
-        return OpenRequest(first.request_id, session_id, config, analysis, seed)
+        system = request.system_message if request.HasField("system_message") else None
+        pin = request.pin_system if request.HasField("pin_system") else True
+        return OpenRequest(first.request_id, session_id, config, analysis, seed, system, pin)
     if kind == "resume":
         request = first.resume
         check_session_id(request.session_id, "resume.session_id")
@@ -149,10 +152,14 @@ def stream_request_from_pb(request: pb.StreamRequest, limits: Limits) -> StreamR
         return AppendText(rid, request.append_text.text, request.append_text.flush)
     if kind == "append_tokens":
         return AppendTokens(rid, list(request.append_tokens.ids), request.append_tokens.flush)
+    if kind == "append_message":
+        message = request.append_message
+        return AppendMessage(rid, message.role, message.content, message.flush)
     if kind == "generate":
         params = sampling_from_pb(request.generate, limits)
         limit_ms = request.generate.time_limit_ms
-        return GenerateRequest(rid, params, limit_ms / 1000 if limit_ms else None)
+        return GenerateRequest(rid, params, limit_ms / 1000 if limit_ms else None,
+                               chat_reply=request.generate.chat_reply)
     if kind == "checkpoint":
         return CheckpointRequest(rid)
     if kind == "close":
@@ -271,7 +278,8 @@ def model_info_to_pb(facts: ModelFacts) -> pb.ModelInfoResponse:
         max_position_embeddings=facts.max_position_embeddings, hidden_size=facts.hidden_size,
         num_layers=facts.num_layers, eos_token_ids=facts.eos_token_ids,
         default_settings=settings_to_pb(facts.default_settings, AnalysisOptions()),
-        limits=limits_to_pb(facts.limits), server_version=facts.server_version)
+        limits=limits_to_pb(facts.limits), server_version=facts.server_version,
+        has_chat_template=facts.has_chat_template)
     if facts.bos_token_id is not None:
         info.bos_token_id = facts.bos_token_id
     return info

@@ -15,9 +15,12 @@ from collections.abc import AsyncIterator, Sequence
 
 import grpc
 
+from sinkstream.core.chat import ROLES
 from sinkstream.service.backpressure import INPUT_SLICE
-from sinkstream.service.errors import RequestError, invalid
+from sinkstream.service.chat_input import ChatInput
+from sinkstream.service.errors import RequestError, invalid, shown_id
 from sinkstream.service.requests import (
+    AppendMessage,
     AppendText,
     AppendTokens,
     CheckpointRequest,
@@ -28,14 +31,15 @@ from sinkstream.service.requests import (
 )
 from sinkstream.service.session import Session
 from sinkstream.service.text_input import TextInput
-from sinkstream.service.work import AppendWork, CheckpointWork, CloseWork, GenerateWork, Work
+from sinkstream.service.work import AppendWork, CheckpointWork, CloseWork, GenerateWork, MessageWork, Work
 
 
 class Intake:
     """Turns one request of a session's stream into its work items, in order (RequestError if refused)."""
 
-    def __init__(self, vocab_size: int) -> None:
+    def __init__(self, vocab_size: int, tokenizer=None) -> None:
         self.vocab_size = vocab_size
+        self.tokenizer = tokenizer
 
     async def work(self, session: Session, request: StreamRequest) -> AsyncIterator[Work]:
         """The request's work items, made lazily: the caller queues each (waiting for budget room) before
@@ -58,10 +62,26 @@ class Intake:
                     piece = session.text.push_ids(piece)  # held text first; later text at a token boundary
                 last = start + INPUT_SLICE >= len(ids)
                 yield AppendWork(request.request_id, piece, request.flush and last)
+        elif isinstance(request, AppendMessage):
+            self.chat(session)
+            if request.role not in ROLES:
+                raise invalid("append_message.role",
+                              f"must be one of {', '.join(ROLES)}, got {shown_id(request.role)}")
+            # held text first; the message starts at a token boundary (and no BOS is added after it)
+            head = session.text.push_ids([]) if session.text is not None else []
+            if head:
+                yield AppendWork(request.request_id, head, False)
+            yield MessageWork(request.request_id, request.role, request.content, request.flush)
         elif isinstance(request, GenerateRequest):
+            if request.chat_reply:
+                self.chat(session, "generate.chat_reply")
             work = GenerateWork(request.request_id, request.params, request.time_limit_s, time.perf_counter(),
-                                session.next_generate_seq())
-            if session.text is not None and session.text.needs_flush:
+                                session.next_generate_seq(), chat_reply=request.chat_reply)
+            if request.chat_reply and session.text is not None:  # the template frames the stream: no BOS
+                head = session.text.push_ids([])
+                if head:
+                    yield AppendWork(request.request_id, head, False)
+            elif session.text is not None and session.text.needs_flush:
                 yield AppendWork(request.request_id, session.text.flush(), False)
             yield work
         elif isinstance(request, CheckpointRequest):
@@ -74,6 +94,12 @@ class Intake:
                                request.kind)
         else:
             raise TypeError(f"not a work request: {request!r}")
+
+    def chat(self, session: Session, field: str = "append_message") -> ChatInput:
+        """The session's conversation, started on first use (FAILED_PRECONDITION without a template)."""
+        if session.chat is None:
+            session.chat = ChatInput(self.tokenizer, field=field)
+        return session.chat
 
     async def _check_ids(self, ids: Sequence[int]) -> None:
         """INVALID_ARGUMENT unless every id is in the vocabulary (checked in slices, the loop free

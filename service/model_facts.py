@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.metadata
 from dataclasses import dataclass
 
+from sinkstream.core.chat import has_chat_template
 from sinkstream.core.config import StreamConfig
 from sinkstream.core.generation import eos_token_ids
 from sinkstream.service.options import Limits
@@ -23,6 +24,7 @@ class ModelFacts:
     default_settings: StreamConfig
     limits: Limits
     server_version: str
+    has_chat_template: bool = False
 
 
 def server_version() -> str:
@@ -41,4 +43,5 @@ def describe_model(name: str, model, tokenizer, defaults: StreamConfig, limits: 
         max_position_embeddings=cfg.max_position_embeddings, hidden_size=cfg.hidden_size,
         num_layers=cfg.num_hidden_layers, eos_token_ids=sorted(eos),
         bos_token_id=getattr(tokenizer, "bos_token_id", None), default_settings=defaults, limits=limits,
-        server_version=server_version())
+        server_version=server_version(),
+        has_chat_template=tokenizer is not None and has_chat_template(tokenizer))

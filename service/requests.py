@@ -18,6 +18,8 @@ class OpenRequest:
     config: StreamConfig
     analysis: AnalysisOptions
     seed: int | None
+    system_message: str | None = None
+    pin_system: bool = True
 
 
 @dataclass(frozen=True)
@@ -44,10 +46,21 @@ class AppendTokens:
 
 
 @dataclass(frozen=True)
+class AppendMessage:
+    """One chat message, rendered with the model's chat template."""
+
+    request_id: str
+    role: str
+    content: str
+    flush: bool
+
+
+@dataclass(frozen=True)
 class GenerateRequest:
     request_id: str
     params: SamplingParams
     time_limit_s: float | None
+    chat_reply: bool = False
 
 
 @dataclass(frozen=True)
@@ -73,5 +86,5 @@ class MisplacedStart:
 
 
 StartRequest = OpenRequest | ResumeRequest
-StreamRequest = (AppendText | AppendTokens | GenerateRequest | CheckpointRequest | CloseRequest
-                 | CancelRequest | MisplacedStart)
+StreamRequest = (AppendText | AppendTokens | AppendMessage | GenerateRequest | CheckpointRequest
+                 | CloseRequest | CancelRequest | MisplacedStart)

@@ -41,7 +41,15 @@ from sinkstream.service.replies import (
 )
 from sinkstream.service.session import ActiveGeneration, Session
 from sinkstream.service.session_manager import SessionManager
-from sinkstream.service.work import AppendWork, CheckpointWork, CloseWork, DetachWork, ErrorWork, GenerateWork
+from sinkstream.service.work import (
+    AppendWork,
+    CheckpointWork,
+    CloseWork,
+    DetachWork,
+    ErrorWork,
+    GenerateWork,
+    MessageWork,
+)
 
 log = logging.getLogger("sinkstream.scheduler")
 SWEEP_INTERVAL_S = 1.0
@@ -183,7 +191,17 @@ class Scheduler:
             self._progressed = True
             if isinstance(item, AppendWork):
                 s.add_input(item)
+            elif isinstance(item, MessageWork):
+                try:
+                    s.add_input(AppendWork(item.request_id, s.render_message(item), item.flush))
+                except RequestError as exc:
+                    s.emit(ErrorReply(item.request_id, exc))
             elif isinstance(item, GenerateWork):
+                try:
+                    s.open_chat_reply(item)
+                except RequestError as exc:
+                    s.emit(ErrorReply(item.request_id, exc))
+                    continue
                 if s.pending:
                     s.defer(item)  # run the remaining input first
                 else:
@@ -225,7 +243,8 @@ class Scheduler:
                 grpc.StatusCode.FAILED_PRECONDITION, "the stream is empty: append input before generating",
                 "generate")))
             return
-        gen = Generation(s.engine, s.row, work.params, self.manager.pool.tokenizer)
+        stop_ids = s.chat.end_of_turn if work.chat_reply and s.chat is not None else ()
+        gen = Generation(s.engine, s.row, work.params, self.manager.pool.tokenizer, stop_ids)
         s.start_generation(ActiveGeneration(work, gen, input_tokens=work.input_tokens))
 
     async def _checkpoint(self, s: Session, item: CheckpointWork) -> None:

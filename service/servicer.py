@@ -12,6 +12,7 @@ import grpc
 from sinkstream.core.config import StreamConfig
 from sinkstream.service import convert
 from sinkstream.service.backpressure import Outbox
+from sinkstream.service.chat_input import ChatInput, pinned_config
 from sinkstream.service.errors import RequestError, invalid, server_failure
 from sinkstream.service.intake import Intake
 from sinkstream.service.metrics import ServerMetrics
@@ -37,7 +38,7 @@ class SinkStreamServicer(pb_grpc.SinkStreamServicer):
         self.manager, self.scheduler, self.metrics = manager, scheduler, metrics
         self.limits, self.defaults, self.model_name = limits, defaults, model_name
         self.tokenizer = manager.pool.tokenizer
-        self.intake = Intake(manager.pool.vocab_size)
+        self.intake = Intake(manager.pool.vocab_size, manager.pool.tokenizer)
 
     # ------------------------------------------------------------------ Stream
     async def Stream(self, request_iterator: AsyncIterator[pb.StreamRequest],  # noqa: N802 (gRPC name)
@@ -81,12 +82,24 @@ class SinkStreamServicer(pb_grpc.SinkStreamServicer):
         self.metrics.requests.labels(convert.request_kind(first)).inc()
         request = convert.start_request_from_pb(first, self.defaults, self.limits)
         if isinstance(request, OpenRequest):
-            session = await self.manager.open(request.session_id, request.config, request.analysis,
-                                              request.seed)
+            chat, first_ids, config = self._system_message(request)
+            session = await self.manager.open(request.session_id, config, request.analysis, request.seed,
+                                              chat=chat, first_ids=first_ids, request_id=request.request_id)
         else:
             session = await self.manager.resume(request.session_id, request.analysis)
         resumed = not isinstance(request, OpenRequest)
         return session, convert.session_opened_to_pb(request.request_id, session, resumed)
+
+    def _system_message(self, request: OpenRequest) -> tuple[ChatInput | None, list[int], StreamConfig]:
+        """The conversation an open starts with its system message, that message's ids and the session's
+        config (its sink region enlarged to pin the message unless pin_system is off)."""
+        if request.system_message is None:
+            return None, [], request.config
+        chat = ChatInput(self.manager.pool.tokenizer, field="open.system_message")
+        ids = chat.append("system", request.system_message, field="open.system_message")
+        config = (pinned_config(request.config, len(ids), self.limits.max_positions) if request.pin_system
+                  else request.config)
+        return chat, ids, config
 
     async def _read(self, requests: AsyncIterator[pb.StreamRequest], session: Session,
                     outbox: Outbox) -> None:

@@ -17,11 +17,12 @@ from sinkstream.core.config import StreamConfig
 from sinkstream.core.generation import Generation
 from sinkstream.core.streaming import RowStats, StreamingInference
 from sinkstream.service.backpressure import Inbox, Outbox
+from sinkstream.service.chat_input import ChatInput
 from sinkstream.service.errors import RequestError
 from sinkstream.service.options import AnalysisOptions
 from sinkstream.service.replies import GenerationReply, Reply, StreamEnd
 from sinkstream.service.text_input import TextInput
-from sinkstream.service.work import AppendWork, DetachWork, ErrorWork, GenerateWork, Work
+from sinkstream.service.work import AppendWork, DetachWork, ErrorWork, GenerateWork, MessageWork, Work
 
 # Session ids are also file names in the state directory: no ".", "..", nor a leading "-" that tools would
 # read as an option.
@@ -74,6 +75,7 @@ class Session:
         self.config = config
         self.analysis = analysis
         self.text = text
+        self.chat: ChatInput | None = None  # the session's conversation, from its first chat request
         self.created = created or time.time()
         self.last_used = self.created
         self.engine: StreamingInference | None = None
@@ -201,6 +203,23 @@ class Session:
         self.current = None
         return item
 
+    def drop_current(self) -> None:
+        """Drop the request waiting for pending input; a chat reply whose prompt is in the stream is closed
+        (as an empty assistant message) so the conversation can go on."""
+        work, self.current = self.current, None
+        if isinstance(work, GenerateWork) and work.chat_reply and work.prompted:
+            self.add_input(AppendWork(work.request_id, self.chat.close_reply([], "CANCELLED"), False))
+
+    def render_message(self, work: MessageWork) -> list[int]:
+        """Ids of a chat message, now part of the conversation (RequestError: refused, nothing changed)."""
+        return self.chat.append(work.role, work.content)
+
+    def open_chat_reply(self, work: GenerateWork) -> None:
+        """Put the generation prompt of a chat reply into the pending input (once)."""
+        if work.chat_reply and not work.prompted:
+            work.prompted = True
+            self.add_input(AppendWork(work.request_id, self.chat.open_reply(), False))
+
     def defer(self, work: GenerateWork) -> None:
         """Run the pending input before `work`; it is handled again once that is done."""
         self.current = work
@@ -219,11 +238,20 @@ class Session:
             dropped.append((self.flush_request, None))
         if isinstance(self.current, GenerateWork):
             dropped.append((self.current.request_id, None))
-            self.current = None
+            self.drop_current()
         for item in self.inbox.drop_all():
             if isinstance(item, AppendWork):
                 self.add_input(item)
                 self.input_unsaved |= not self.resident and bool(item.ids)
+                if item.flush:
+                    dropped.append((item.request_id, None))
+            elif isinstance(item, MessageWork):  # admitted input too: rendered now, kept for a resume
+                try:
+                    self.add_input(AppendWork(item.request_id, self.render_message(item), False))
+                except RequestError as exc:
+                    dropped.append((item.request_id, exc))
+                    continue
+                self.input_unsaved |= not self.resident
                 if item.flush:
                     dropped.append((item.request_id, None))
             elif isinstance(item, ErrorWork):
@@ -288,6 +316,10 @@ class Session:
         self.generation = None
         if self.text is not None:
             self.text.push_ids([])  # later text starts at a token boundary after the generated tokens
+        if g.work.chat_reply and self.chat is not None and self.chat.reply_open:
+            # the template's text after the reply (e.g. "\n" after <|im_end|>) runs with the next input
+            tail = self.chat.close_reply(g.gen.generated, reason)
+            self.add_input(AppendWork(g.work.request_id, tail, False))
         self.emit(g.complete(reason, self.tokens_seen(), error))
 
     def fail(self, error: RequestError, retry_at: float) -> None:
@@ -300,7 +332,8 @@ class Session:
                 self.generation = None
         self.emit(StreamEnd(error))
         self.drop_queued()
-        self.current = self.flush_request = None
+        self.drop_current()
+        self.flush_request = None
         self.retry_at = retry_at
 
     # ------------------------------------------------------------------ its row
@@ -331,4 +364,5 @@ class Session:
         """JSON-able session state that the engine snapshot does not hold."""
         return {"id": self.id, "analysis": asdict(self.analysis), "created": self.created,
                 "last_used": self.last_used, "pending": self.pending,
-                "text": self.text.state() if self.text is not None else None}
+                "text": self.text.state() if self.text is not None else None,
+                "chat": self.chat.state() if self.chat is not None else None}

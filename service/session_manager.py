@@ -22,6 +22,7 @@ import grpc
 
 from sinkstream.core.config import StreamConfig
 from sinkstream.service.backpressure import Outbox
+from sinkstream.service.chat_input import ChatInput
 from sinkstream.service.engine_pool import EnginePool, Residency
 from sinkstream.service.errors import Busy, RequestError, shown_id
 from sinkstream.service.metrics import ServerMetrics
@@ -30,6 +31,7 @@ from sinkstream.service.replies import ErrorReply, StreamEnd
 from sinkstream.service.session import Session
 from sinkstream.service.session_store import SessionStore, session_from_meta
 from sinkstream.service.text_input import TextInput
+from sinkstream.service.work import AppendWork
 
 log = logging.getLogger("sinkstream.sessions")
 RECENTLY_CLOSED = 1024  # closed ids remembered for a clearer NOT_FOUND message
@@ -87,8 +89,10 @@ class SessionManager:
 
     # ------------------------------------------------------------------ open / resume / attach / detach
     async def open(self, session_id: str, config: StreamConfig, analysis: AnalysisOptions,
-                   seed: int | None) -> Session:
-        """A new resident session; an empty `session_id` gets a random one."""
+                   seed: int | None, *, chat: ChatInput | None = None, first_ids: list[int] | None = None,
+                   request_id: str = "") -> Session:
+        """A new resident session; an empty `session_id` gets a random one. `chat`: its conversation,
+        started (e.g. with a system message) and `first_ids`: that start's ids, the stream's first input."""
         session_id = session_id or secrets.token_hex(8)
         async with self.lock:
             if session_id in self.sessions or session_id in self.damaged:
@@ -101,6 +105,10 @@ class SessionManager:
                                        f"the server holds its maximum of {self.max_sessions} sessions")
             text = TextInput(self.pool.tokenizer) if self.pool.tokenizer is not None else None
             session = Session(session_id, config, analysis, text)
+            session.chat = chat
+            if first_ids:
+                ids = text.push_ids(first_ids) if text is not None else first_ids
+                session.add_input(AppendWork(request_id, ids, False))
             await self.residency.take_row(session, seed=seed)
             self.sessions[session_id] = session
             self.recently_closed.pop(session_id, None)

@@ -13,6 +13,7 @@ from safetensors import safe_open
 
 from sinkstream.core.config import StreamConfig, TierSpec
 from sinkstream.core.snapshot import SnapshotError, load_snapshot, save_snapshot
+from sinkstream.service.chat_input import ChatInput
 from sinkstream.service.errors import shown_id
 from sinkstream.service.options import AnalysisOptions
 from sinkstream.service.session import Session, is_valid_session_id
@@ -112,8 +113,11 @@ def session_from_meta(meta: dict[str, Any], tokenizer) -> Session:
     info = meta["session"]
     text = TextInput(tokenizer, info["text"]) if tokenizer is not None else None
     scored = int(meta["scored"])
-    return Session.persisted(
+    session = Session.persisted(
         info["id"], config_from_meta(meta), AnalysisOptions(**info["analysis"]), text,
         created=info["created"], last_used=info["last_used"], pending=list(info["pending"]),
         saved_stats={"tokens_seen": int(meta["tokens_seen"]), "scored": scored,
                      "mean_nll": float(meta["nll_sum"]) / max(scored, 1)})
+    if info.get("chat") is not None:  # snapshots from before chat sessions have no "chat"
+        session.chat = ChatInput(tokenizer, info["chat"])
+    return session

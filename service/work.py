@@ -27,6 +27,19 @@ class GenerateWork:
     arrived: float
     seq: int
     input_tokens: int = 0  # pending input run for this request before generating
+    chat_reply: bool = False  # the assistant's turn of the session's conversation
+    prompted: bool = False  # its generation prompt has been added to the pending input
+
+
+@dataclass
+class MessageWork:
+    """A chat message, rendered when the scheduler reaches it: the conversation is rendered in stream
+    order, after the replies requested before it have been generated."""
+
+    request_id: str
+    role: str
+    content: str
+    flush: bool
 
 
 @dataclass
@@ -54,5 +67,5 @@ class ErrorWork:
     error: RequestError
 
 
-Work = AppendWork | GenerateWork | CheckpointWork | CloseWork | DetachWork | ErrorWork
+Work = AppendWork | MessageWork | GenerateWork | CheckpointWork | CloseWork | DetachWork | ErrorWork
 

@@ -4,10 +4,19 @@ The session id is remembered per server in `$XDG_CONFIG_HOME/sinkstream/chat.jso
 `~/.config/sinkstream/chat.json`), so the next `sinkstream chat` continues the same conversation; the model
 keeps seeing it through the session's bounded cache however long it gets.
 
-Turn format (the small test models have no chat template; change it with --user / --assistant):
+A model with a chat template (e.g. SmolLM2-Instruct) chats on the server's chat protocol: each line is
+one user message rendered with the template, each reply is the assistant's turn, generated until the
+template's end of turn. --system gives a new conversation's system message, kept in the cache for the whole
+conversation (--no-pin-system lets it be evicted like other text).
+
+A model without a template (the small test models) gets plain-text turns instead, and chat says so once
+on stdout (change the prefixes with --user / --assistant):
 
     User: <your message>
     Assistant: <reply, generated until the stop sequence "\\nUser:" or end-of-sequence>
+
+When stdin is not a terminal, each input line is one user message and each reply is printed on stdout, so
+a chat can be scripted.
 
 Commands: /new (close this conversation, start another), /stats (tokens seen, cache state), /save (persist
 the session on the server now; needs `serve --state-dir`), /help, /quit (or Ctrl-D; the session stays on the
@@ -51,7 +60,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--new", action="store_true", help="start a new conversation")
     p.add_argument("--user", default="User:", help="turn prefix of your messages (default 'User:')")
     p.add_argument("--assistant", default="Assistant:", help="turn prefix of replies (default 'Assistant:')")
-    p.add_argument("--system", default="", help="text placed before the first turn of a new conversation")
+    p.add_argument("--system", default="", help="system message of a new conversation (without a chat "
+                   "template: text placed before its first turn)")
+    p.add_argument("--no-pin-system", dest="pin_system", action="store_false",
+                   help="let the system message leave the cache like other text (default: it is pinned in "
+                   "the sink region for the whole conversation)")
     p.add_argument("--max-new-tokens", type=int, default=200, help="longest reply in tokens (default 200)")
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default 0.8)")
     p.add_argument("--top-k", type=int, default=40)

@@ -1,10 +1,12 @@
-"""One `sinkstream chat` conversation on one server session: turn formatting, streamed replies that Ctrl-C
-cancels, and the /stats, /save, /new and /quit commands."""
+"""One `sinkstream chat` conversation on one server session: chat messages (or plain-text turns for a model
+without a chat template), streamed replies that Ctrl-C cancels, and the /stats, /save, /new and /quit
+commands."""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import signal
 import threading
 
@@ -26,6 +28,14 @@ class Conversation:
             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
             repetition_penalty=args.repetition_penalty, max_new_tokens=args.max_new_tokens,
             stop_sequences=(f"\n{args.user}",), ignore_eos=args.ignore_eos)
+        # a chat template on the server: messages and assistant turns; else plain-text turns
+        self.templated = client.model_info().has_chat_template
+        if self.templated:
+            self.params = dataclasses.replace(self.params, stop_sequences=(), chat_reply=True)
+        else:
+            # on stdout with the other session notes: stderr is for errors only
+            print("note: the model has no chat template; turns are framed as plain text "
+                  f"({args.user!r} / {args.assistant!r})")
         self.session: Session | None = None
         self.open_turn = False  # the stream already ends with "\n<user prefix>"
         self.fresh = True  # nothing said yet in this session
@@ -53,7 +63,9 @@ class Conversation:
 
     def _open(self, session_id: str | None) -> None:
         settings = SessionSettings(sink_tokens=self.args.sink_tokens, window=self.args.window)
-        self.session = self.client.open_session(settings, seed=self.args.seed, session_id=session_id)
+        system = self.args.system if self.templated and self.args.system else None
+        self.session = self.client.open_session(settings, seed=self.args.seed, session_id=session_id,
+                                                system_message=system, pin_system=self.args.pin_system)
         self.open_turn, self.fresh = False, True
         print(f"new session {self.session.id}")
 
@@ -70,7 +82,10 @@ class Conversation:
 
     def reply(self, message: str) -> None:
         """Send one user message and stream the reply to stdout; Ctrl-C cancels the reply."""
-        self.session.send_text(self.turn_text(message))
+        if self.templated:
+            self.session.send_message("user", message)
+        else:
+            self.session.send_text(self.turn_text(message))
         self.fresh = False
         first = True
         with self._cancel_on_sigint():

@@ -103,7 +103,7 @@ class SessionSettings(_message.Message):
     def __init__(self, sink_tokens: _Optional[int] = ..., window: _Optional[int] = ..., chunk: _Optional[int] = ..., tiers: _Optional[_Iterable[_Union[TierSpec, _Mapping]]] = ..., merge_policy: _Optional[str] = ..., analysis: _Optional[_Union[AnalysisOptions, _Mapping]] = ...) -> None: ...
 
 class StreamRequest(_message.Message):
-    __slots__ = ("request_id", "open", "resume", "append_text", "append_tokens", "generate", "checkpoint", "close", "cancel")
+    __slots__ = ("request_id", "open", "resume", "append_text", "append_tokens", "generate", "checkpoint", "close", "cancel", "append_message")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     OPEN_FIELD_NUMBER: _ClassVar[int]
     RESUME_FIELD_NUMBER: _ClassVar[int]
@@ -113,6 +113,7 @@ class StreamRequest(_message.Message):
     CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
     CLOSE_FIELD_NUMBER: _ClassVar[int]
     CANCEL_FIELD_NUMBER: _ClassVar[int]
+    APPEND_MESSAGE_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     open: OpenSession
     resume: ResumeSession
@@ -122,17 +123,22 @@ class StreamRequest(_message.Message):
     checkpoint: Checkpoint
     close: Close
     cancel: CancelGeneration
-    def __init__(self, request_id: _Optional[str] = ..., open: _Optional[_Union[OpenSession, _Mapping]] = ..., resume: _Optional[_Union[ResumeSession, _Mapping]] = ..., append_text: _Optional[_Union[AppendText, _Mapping]] = ..., append_tokens: _Optional[_Union[AppendTokens, _Mapping]] = ..., generate: _Optional[_Union[Generate, _Mapping]] = ..., checkpoint: _Optional[_Union[Checkpoint, _Mapping]] = ..., close: _Optional[_Union[Close, _Mapping]] = ..., cancel: _Optional[_Union[CancelGeneration, _Mapping]] = ...) -> None: ...
+    append_message: AppendMessage
+    def __init__(self, request_id: _Optional[str] = ..., open: _Optional[_Union[OpenSession, _Mapping]] = ..., resume: _Optional[_Union[ResumeSession, _Mapping]] = ..., append_text: _Optional[_Union[AppendText, _Mapping]] = ..., append_tokens: _Optional[_Union[AppendTokens, _Mapping]] = ..., generate: _Optional[_Union[Generate, _Mapping]] = ..., checkpoint: _Optional[_Union[Checkpoint, _Mapping]] = ..., close: _Optional[_Union[Close, _Mapping]] = ..., cancel: _Optional[_Union[CancelGeneration, _Mapping]] = ..., append_message: _Optional[_Union[AppendMessage, _Mapping]] = ...) -> None: ...
 
 class OpenSession(_message.Message):
-    __slots__ = ("settings", "seed", "session_id")
+    __slots__ = ("settings", "seed", "session_id", "system_message", "pin_system")
     SETTINGS_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    SYSTEM_MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    PIN_SYSTEM_FIELD_NUMBER: _ClassVar[int]
     settings: SessionSettings
     seed: int
     session_id: str
-    def __init__(self, settings: _Optional[_Union[SessionSettings, _Mapping]] = ..., seed: _Optional[int] = ..., session_id: _Optional[str] = ...) -> None: ...
+    system_message: str
+    pin_system: bool
+    def __init__(self, settings: _Optional[_Union[SessionSettings, _Mapping]] = ..., seed: _Optional[int] = ..., session_id: _Optional[str] = ..., system_message: _Optional[str] = ..., pin_system: _Optional[bool] = ...) -> None: ...
 
 class ResumeSession(_message.Message):
     __slots__ = ("session_id", "analysis")
@@ -159,7 +165,7 @@ class AppendTokens(_message.Message):
     def __init__(self, ids: _Optional[_Iterable[int]] = ..., flush: _Optional[bool] = ...) -> None: ...
 
 class Generate(_message.Message):
-    __slots__ = ("temperature", "top_k", "top_p", "repetition_penalty", "seed", "max_new_tokens", "stop_sequences", "include_stop_sequence", "time_limit_ms", "ignore_eos")
+    __slots__ = ("temperature", "top_k", "top_p", "repetition_penalty", "seed", "max_new_tokens", "stop_sequences", "include_stop_sequence", "time_limit_ms", "ignore_eos", "chat_reply")
     TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     TOP_P_FIELD_NUMBER: _ClassVar[int]
@@ -170,6 +176,7 @@ class Generate(_message.Message):
     INCLUDE_STOP_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     TIME_LIMIT_MS_FIELD_NUMBER: _ClassVar[int]
     IGNORE_EOS_FIELD_NUMBER: _ClassVar[int]
+    CHAT_REPLY_FIELD_NUMBER: _ClassVar[int]
     temperature: float
     top_k: int
     top_p: float
@@ -180,7 +187,18 @@ class Generate(_message.Message):
     include_stop_sequence: bool
     time_limit_ms: int
     ignore_eos: bool
-    def __init__(self, temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., repetition_penalty: _Optional[float] = ..., seed: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., stop_sequences: _Optional[_Iterable[str]] = ..., include_stop_sequence: _Optional[bool] = ..., time_limit_ms: _Optional[int] = ..., ignore_eos: _Optional[bool] = ...) -> None: ...
+    chat_reply: bool
+    def __init__(self, temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., repetition_penalty: _Optional[float] = ..., seed: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., stop_sequences: _Optional[_Iterable[str]] = ..., include_stop_sequence: _Optional[bool] = ..., time_limit_ms: _Optional[int] = ..., ignore_eos: _Optional[bool] = ..., chat_reply: _Optional[bool] = ...) -> None: ...
+
+class AppendMessage(_message.Message):
+    __slots__ = ("role", "content", "flush")
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    CONTENT_FIELD_NUMBER: _ClassVar[int]
+    FLUSH_FIELD_NUMBER: _ClassVar[int]
+    role: str
+    content: str
+    flush: bool
+    def __init__(self, role: _Optional[str] = ..., content: _Optional[str] = ..., flush: _Optional[bool] = ...) -> None: ...
 
 class Checkpoint(_message.Message):
     __slots__ = ()
@@ -389,7 +407,7 @@ class ServerLimits(_message.Message):
     def __init__(self, max_sessions: _Optional[int] = ..., max_positions: _Optional[int] = ..., max_top_k: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., max_stop_sequences: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_cache_shapes: _Optional[int] = ..., session_ttl_s: _Optional[float] = ...) -> None: ...
 
 class ModelInfoResponse(_message.Message):
-    __slots__ = ("name", "model_type", "vocab_size", "max_position_embeddings", "hidden_size", "num_layers", "bos_token_id", "eos_token_ids", "default_settings", "limits", "server_version")
+    __slots__ = ("name", "model_type", "vocab_size", "max_position_embeddings", "hidden_size", "num_layers", "bos_token_id", "eos_token_ids", "default_settings", "limits", "server_version", "has_chat_template")
     NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_TYPE_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -401,6 +419,7 @@ class ModelInfoResponse(_message.Message):
     DEFAULT_SETTINGS_FIELD_NUMBER: _ClassVar[int]
     LIMITS_FIELD_NUMBER: _ClassVar[int]
     SERVER_VERSION_FIELD_NUMBER: _ClassVar[int]
+    HAS_CHAT_TEMPLATE_FIELD_NUMBER: _ClassVar[int]
     name: str
     model_type: str
     vocab_size: int
@@ -412,7 +431,8 @@ class ModelInfoResponse(_message.Message):
     default_settings: SessionSettings
     limits: ServerLimits
     server_version: str
-    def __init__(self, name: _Optional[str] = ..., model_type: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_position_embeddings: _Optional[int] = ..., hidden_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., bos_token_id: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., default_settings: _Optional[_Union[SessionSettings, _Mapping]] = ..., limits: _Optional[_Union[ServerLimits, _Mapping]] = ..., server_version: _Optional[str] = ...) -> None: ...
+    has_chat_template: bool
+    def __init__(self, name: _Optional[str] = ..., model_type: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_position_embeddings: _Optional[int] = ..., hidden_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., bos_token_id: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., default_settings: _Optional[_Union[SessionSettings, _Mapping]] = ..., limits: _Optional[_Union[ServerLimits, _Mapping]] = ..., server_version: _Optional[str] = ..., has_chat_template: _Optional[bool] = ...) -> None: ...
 
 class GetSessionRequest(_message.Message):
     __slots__ = ("session_id",)

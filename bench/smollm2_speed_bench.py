@@ -113,39 +113,20 @@ def prefill(model, ids: list[int], chunks: int, end_to_end_tokens: int, runs: in
 
 
 # ============================================================================ decode
-def decode_ours(model, ids: list[int], histories: list[int], steps: int) -> dict:
-    """One row: ingest to each history length (C = 64), then `steps` greedy single-token steps."""
+@torch.inference_mode()
+def decode(model, ids: list[int], histories: list[int], steps: int) -> tuple[dict, dict]:
+    """Ours and dense side by side: bring one streaming row (C = 64) and one DynamicCache (chunks of 512)
+    to each history length, then `steps` greedy single-token steps of each, alternating ours / dense so
+    both see the same machine load; the dense cache is cropped back to the history before it grows on."""
+    from transformers import DynamicCache
+
     engine, row = stream_engine(model)
+    cache = DynamicCache(config=model.config)
     fed = 0
-    out = {}
+    ours, dense = {}, {}
     for h in histories:
         for _ in engine.append(row, ids[fed:h]):
             pass
-        fed = h
-        tok = int(engine.next_logprobs(row).argmax())
-        times = []
-        for _ in range(steps + 1):  # the first step is warm-up
-            t0 = time.perf_counter()
-            engine.step({row: [tok]})
-            tok = int(engine.next_logprobs(row).argmax())
-            times.append(time.perf_counter() - t0)
-        out[h] = {"step_s": times[1:], "cache_tokens": min(engine.cache.tokens_seen[row], SINKS + WINDOW),
-                  "tokens_seen": engine.cache.tokens_seen[row]}
-        print(f"decode ours: history {h}: median {statistics.median(times[1:]) * 1e3:.1f} ms/token "
-              f"(load {load_average()})", flush=True)
-    return out
-
-
-@torch.inference_mode()
-def decode_dense(model, ids: list[int], histories: list[int], steps: int) -> dict:
-    """One DynamicCache: prefill to each history length (chunks of 512), time `steps` greedy steps, then
-    crop the decoded tokens away and continue the prefill."""
-    from transformers import DynamicCache
-
-    cache = DynamicCache(config=model.config)
-    fed = 0
-    out = {}
-    for h in histories:
         t0 = time.perf_counter()
         logits = None
         for start in range(fed, h, DENSE_CHUNK):
@@ -153,21 +134,30 @@ def decode_dense(model, ids: list[int], histories: list[int], steps: int) -> dic
                            past_key_values=cache, use_cache=True, logits_to_keep=1).logits
         prefill_s = time.perf_counter() - t0
         fed = h
-        tok = int(logits[0, -1].argmax())
-        times = []
-        for _ in range(steps + 1):
+        tok_o = int(engine.next_logprobs(row).argmax())
+        tok_d = int(logits[0, -1].argmax())
+        t_o, t_d = [], []
+        for _ in range(steps + 1):  # the first pair is warm-up
             t0 = time.perf_counter()
-            logits = model(input_ids=torch.tensor([[tok]]), past_key_values=cache, use_cache=True).logits
-            tok = int(torch.log_softmax(logits[0, -1].float(), dim=-1).argmax())
-            times.append(time.perf_counter() - t0)
-        cache_tokens = cache.get_seq_length()
+            engine.step({row: [tok_o]})
+            tok_o = int(engine.next_logprobs(row).argmax())
+            t1 = time.perf_counter()
+            logits = model(input_ids=torch.tensor([[tok_d]]), past_key_values=cache, use_cache=True).logits
+            tok_d = int(torch.log_softmax(logits[0, -1].float(), dim=-1).argmax())
+            t2 = time.perf_counter()
+            t_o.append(t1 - t0)
+            t_d.append(t2 - t1)
+        seen = engine.cache.tokens_seen[row]
+        ours[h] = {"step_s": t_o[1:], "cache_tokens": min(seen, SINKS + WINDOW), "tokens_seen": seen}
+        dense[h] = {"step_s": t_d[1:], "cache_tokens": cache.get_seq_length(), "prefill_s": prefill_s,
+                    "paired_ratio_median": statistics.median(d / o for o, d in zip(t_o[1:], t_d[1:],
+                                                                                   strict=True))}
         cache.crop(-(steps + 1))  # back to h tokens
         assert cache.get_seq_length() == h
-        out[h] = {"step_s": times[1:], "cache_tokens": cache_tokens, "prefill_s": prefill_s}
-        print(f"decode dense: history {h}: median {statistics.median(times[1:]) * 1e3:.1f} ms/token, "
-              f"prefill +{h - (histories[histories.index(h) - 1] if histories.index(h) else 0)} tokens "
-              f"{prefill_s:.1f} s (load {load_average()})", flush=True)
-    return out
+        print(f"decode: history {h}: ours {statistics.median(t_o[1:]) * 1e3:.1f} ms/token, dense "
+              f"{statistics.median(t_d[1:]) * 1e3:.1f} ms/token (dense prefill of the increment "
+              f"{prefill_s:.1f} s; load {load_average()})", flush=True)
+    return ours, dense
 
 
 # ============================================================================ report
@@ -207,31 +197,37 @@ def markdown(d: dict) -> str:
         f"fills, then evicts): " + ", ".join(f"{x:.0f}" for x in p["end_to_end_tok_s"]) + " tok/s "
         f"(runs; best {max(p['end_to_end_tok_s']):.0f}).",
         "",
-        f"## Decode (greedy, one token per forward pass; {d['decode_steps']} timed steps after one "
-        f"warm-up step)",
+        f"## Decode (greedy, one token per forward pass; {d['decode_steps']} timed steps of each after "
+        f"one warm-up step, sinkstream and transformers alternating step by step)",
         "",
         "| history (tokens) | sinkstream cache (after the steps) | sinkstream ms/token (median / fastest) "
         "| dense cache (after the steps) "
-        "| transformers dense ms/token (median / fastest) | dense / sinkstream |",
-        "|---:|---:|---:|---:|---:|---:|",
+        "| transformers dense ms/token (median / fastest) | dense / sinkstream (medians) "
+        "| dense / sinkstream (median of paired steps) |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for h in d["histories"]:
         o, n = d["decode_ours"][str(h)], d["decode_dense"][str(h)]
         om, nm = statistics.median(o["step_s"]) * 1e3, statistics.median(n["step_s"]) * 1e3
         lines.append(
             f"| {h:,} | {o['cache_tokens']:,} | {om:.1f} / {min(o['step_s']) * 1e3:.1f} | "
-            f"{n['cache_tokens']:,} | {nm:.1f} / {min(n['step_s']) * 1e3:.1f} | {nm / om:.2f} |")
+            f"{n['cache_tokens']:,} | {nm:.1f} / {min(n['step_s']) * 1e3:.1f} | {nm / om:.2f} | "
+            f"{n['paired_ratio_median']:.2f} |")
     lines += [
         "",
         "sinkstream: one row fed the history in chunks of 64, then greedy steps "
         "(`engine.step({row: [tok]})`, "
         "argmax of `next_logprobs`); its cache holds at most S + W tokens, so its decode cost is flat in "
-        "history. transformers: one DynamicCache prefilled to the history in chunks of "
+        f"history; the row keeps the tokens it decoded at earlier histories ({d['decode_steps'] + 1} per "
+        "earlier history; the history column counts sotu tokens). transformers: one DynamicCache "
+        "prefilled to the history in chunks of "
         f"{DENSE_CHUNK} (prefill time of each increment: " + ", ".join(
             f"to {h:,} tokens {d['decode_dense'][str(h)]['prefill_s']:.1f} s" for h in d["histories"])
         + "), then `model(input_ids=[[tok]], past_key_values=cache, use_cache=True)` "
         "+ log_softmax + argmax per token under `torch.inference_mode()`; the decoded tokens are cropped "
-        "away before the next increment. The dense cache stays within max_position_embeddings = 8192.",
+        "away before the next increment. The largest dense cache "
+        f"({max(v['cache_tokens'] for v in d['decode_dense'].values()):,} tokens) is within the model's "
+        "max_position_embeddings = 8192.",
         "",
     ]
     return "\n".join(lines)
@@ -244,8 +240,8 @@ def main() -> None:
     ap.add_argument("--prefill-chunks", type=int, default=24, help="timed chunk pairs (ours, HF)")
     ap.add_argument("--end-to-end-tokens", type=int, default=2048)
     ap.add_argument("--runs", type=int, default=2, help="end-to-end prefill runs")
-    ap.add_argument("--decode-steps", type=int, default=24)
-    ap.add_argument("--histories", default="1024,4096,8160")
+    ap.add_argument("--decode-steps", type=int, default=32)
+    ap.add_argument("--histories", default="1024,4096,8128")
     args = ap.parse_args()
 
     import transformers
@@ -265,8 +261,7 @@ def main() -> None:
     print(f"prefill: ours {CHUNK / statistics.median(pre['ours_chunk_s']):.0f} tok/s, HF "
           f"{CHUNK / statistics.median(pre['hf_chunk_s']):.0f} tok/s, paired ratio "
           f"{pre['paired_ratio_median']:.2f} (load {load_average()})", flush=True)
-    d_ours = decode_ours(model, ids, histories, args.decode_steps)
-    d_dense = decode_dense(model, ids, histories, args.decode_steps)
+    d_ours, d_dense = decode(model, ids, histories, args.decode_steps)
 
     cmd = "SINKSTREAM_CACHE_DIR=/tmp/ggufcache python bench/smollm2_speed_bench.py " + " ".join(sys.argv[1:])
     data = {

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -299,9 +298,8 @@ def test_stuck_worker_times_out_instead_of_hanging(tiny_dir):
     with pytest.raises(OffloadError, match="stuck"):  # stays failed: the slot may still be written
         model(torch.arange(1, 5)[None])
     assert offloader._worker.thread.daemon  # a hung read cannot keep the process alive at exit
-    start = time.perf_counter()
     offloader.close()  # the worker is still stuck (up to 10 s): close must not wait for it
-    assert time.perf_counter() - start < 2
+    assert offloader._worker.thread.is_alive()  # close returned while the stuck read still runs
     assert offloader.slots.buffers  # the stuck read may still write its slot: kept until it returns
     release.set()
     offloader._worker.thread.join(10)

@@ -103,7 +103,7 @@ class SessionSettings(_message.Message):
     def __init__(self, sink_tokens: _Optional[int] = ..., window: _Optional[int] = ..., chunk: _Optional[int] = ..., tiers: _Optional[_Iterable[_Union[TierSpec, _Mapping]]] = ..., merge_policy: _Optional[str] = ..., analysis: _Optional[_Union[AnalysisOptions, _Mapping]] = ...) -> None: ...
 
 class StreamRequest(_message.Message):
-    __slots__ = ("request_id", "open", "resume", "append_text", "append_tokens", "generate", "checkpoint", "close", "cancel", "append_message")
+    __slots__ = ("request_id", "open", "resume", "append_text", "append_tokens", "generate", "checkpoint", "close", "cancel", "append_message", "seq")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     OPEN_FIELD_NUMBER: _ClassVar[int]
     RESUME_FIELD_NUMBER: _ClassVar[int]
@@ -114,6 +114,7 @@ class StreamRequest(_message.Message):
     CLOSE_FIELD_NUMBER: _ClassVar[int]
     CANCEL_FIELD_NUMBER: _ClassVar[int]
     APPEND_MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     open: OpenSession
     resume: ResumeSession
@@ -124,7 +125,8 @@ class StreamRequest(_message.Message):
     close: Close
     cancel: CancelGeneration
     append_message: AppendMessage
-    def __init__(self, request_id: _Optional[str] = ..., open: _Optional[_Union[OpenSession, _Mapping]] = ..., resume: _Optional[_Union[ResumeSession, _Mapping]] = ..., append_text: _Optional[_Union[AppendText, _Mapping]] = ..., append_tokens: _Optional[_Union[AppendTokens, _Mapping]] = ..., generate: _Optional[_Union[Generate, _Mapping]] = ..., checkpoint: _Optional[_Union[Checkpoint, _Mapping]] = ..., close: _Optional[_Union[Close, _Mapping]] = ..., cancel: _Optional[_Union[CancelGeneration, _Mapping]] = ..., append_message: _Optional[_Union[AppendMessage, _Mapping]] = ...) -> None: ...
+    seq: int
+    def __init__(self, request_id: _Optional[str] = ..., open: _Optional[_Union[OpenSession, _Mapping]] = ..., resume: _Optional[_Union[ResumeSession, _Mapping]] = ..., append_text: _Optional[_Union[AppendText, _Mapping]] = ..., append_tokens: _Optional[_Union[AppendTokens, _Mapping]] = ..., generate: _Optional[_Union[Generate, _Mapping]] = ..., checkpoint: _Optional[_Union[Checkpoint, _Mapping]] = ..., close: _Optional[_Union[Close, _Mapping]] = ..., cancel: _Optional[_Union[CancelGeneration, _Mapping]] = ..., append_message: _Optional[_Union[AppendMessage, _Mapping]] = ..., seq: _Optional[int] = ...) -> None: ...
 
 class OpenSession(_message.Message):
     __slots__ = ("settings", "seed", "session_id", "system_message", "pin_system")
@@ -213,7 +215,7 @@ class CancelGeneration(_message.Message):
     def __init__(self) -> None: ...
 
 class StreamResponse(_message.Message):
-    __slots__ = ("request_id", "session_opened", "chunk", "flushed", "token", "generation_complete", "checkpointed", "closed", "error")
+    __slots__ = ("request_id", "session_opened", "chunk", "flushed", "token", "generation_complete", "checkpointed", "closed", "error", "ack")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     SESSION_OPENED_FIELD_NUMBER: _ClassVar[int]
     CHUNK_FIELD_NUMBER: _ClassVar[int]
@@ -223,6 +225,7 @@ class StreamResponse(_message.Message):
     CHECKPOINTED_FIELD_NUMBER: _ClassVar[int]
     CLOSED_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    ACK_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     session_opened: SessionOpened
     chunk: ChunkResult
@@ -232,21 +235,30 @@ class StreamResponse(_message.Message):
     checkpointed: Checkpointed
     closed: Closed
     error: Error
-    def __init__(self, request_id: _Optional[str] = ..., session_opened: _Optional[_Union[SessionOpened, _Mapping]] = ..., chunk: _Optional[_Union[ChunkResult, _Mapping]] = ..., flushed: _Optional[_Union[Flushed, _Mapping]] = ..., token: _Optional[_Union[GeneratedToken, _Mapping]] = ..., generation_complete: _Optional[_Union[GenerationComplete, _Mapping]] = ..., checkpointed: _Optional[_Union[Checkpointed, _Mapping]] = ..., closed: _Optional[_Union[Closed, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ...) -> None: ...
+    ack: Acknowledged
+    def __init__(self, request_id: _Optional[str] = ..., session_opened: _Optional[_Union[SessionOpened, _Mapping]] = ..., chunk: _Optional[_Union[ChunkResult, _Mapping]] = ..., flushed: _Optional[_Union[Flushed, _Mapping]] = ..., token: _Optional[_Union[GeneratedToken, _Mapping]] = ..., generation_complete: _Optional[_Union[GenerationComplete, _Mapping]] = ..., checkpointed: _Optional[_Union[Checkpointed, _Mapping]] = ..., closed: _Optional[_Union[Closed, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., ack: _Optional[_Union[Acknowledged, _Mapping]] = ...) -> None: ...
+
+class Acknowledged(_message.Message):
+    __slots__ = ("seq",)
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    seq: int
+    def __init__(self, seq: _Optional[int] = ...) -> None: ...
 
 class SessionOpened(_message.Message):
-    __slots__ = ("session_id", "settings", "resumed", "tokens_seen", "cache")
+    __slots__ = ("session_id", "settings", "resumed", "tokens_seen", "cache", "acked_seq")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     SETTINGS_FIELD_NUMBER: _ClassVar[int]
     RESUMED_FIELD_NUMBER: _ClassVar[int]
     TOKENS_SEEN_FIELD_NUMBER: _ClassVar[int]
     CACHE_FIELD_NUMBER: _ClassVar[int]
+    ACKED_SEQ_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     settings: SessionSettings
     resumed: bool
     tokens_seen: int
     cache: CacheStats
-    def __init__(self, session_id: _Optional[str] = ..., settings: _Optional[_Union[SessionSettings, _Mapping]] = ..., resumed: _Optional[bool] = ..., tokens_seen: _Optional[int] = ..., cache: _Optional[_Union[CacheStats, _Mapping]] = ...) -> None: ...
+    acked_seq: int
+    def __init__(self, session_id: _Optional[str] = ..., settings: _Optional[_Union[SessionSettings, _Mapping]] = ..., resumed: _Optional[bool] = ..., tokens_seen: _Optional[int] = ..., cache: _Optional[_Union[CacheStats, _Mapping]] = ..., acked_seq: _Optional[int] = ...) -> None: ...
 
 class CacheStats(_message.Message):
     __slots__ = ("used", "capacity", "sink_used", "window_used", "tier_used", "cache_bytes")
@@ -441,7 +453,7 @@ class GetSessionRequest(_message.Message):
     def __init__(self, session_id: _Optional[str] = ...) -> None: ...
 
 class SessionInfo(_message.Message):
-    __slots__ = ("session_id", "settings", "state", "attached", "tokens_seen", "pending_tokens", "mean_nll", "perplexity", "created_unix_s", "last_used_unix_s", "cache")
+    __slots__ = ("session_id", "settings", "state", "attached", "tokens_seen", "pending_tokens", "mean_nll", "perplexity", "created_unix_s", "last_used_unix_s", "cache", "acked_seq")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     SETTINGS_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -453,6 +465,7 @@ class SessionInfo(_message.Message):
     CREATED_UNIX_S_FIELD_NUMBER: _ClassVar[int]
     LAST_USED_UNIX_S_FIELD_NUMBER: _ClassVar[int]
     CACHE_FIELD_NUMBER: _ClassVar[int]
+    ACKED_SEQ_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     settings: SessionSettings
     state: SessionState
@@ -464,7 +477,8 @@ class SessionInfo(_message.Message):
     created_unix_s: float
     last_used_unix_s: float
     cache: CacheStats
-    def __init__(self, session_id: _Optional[str] = ..., settings: _Optional[_Union[SessionSettings, _Mapping]] = ..., state: _Optional[_Union[SessionState, str]] = ..., attached: _Optional[bool] = ..., tokens_seen: _Optional[int] = ..., pending_tokens: _Optional[int] = ..., mean_nll: _Optional[float] = ..., perplexity: _Optional[float] = ..., created_unix_s: _Optional[float] = ..., last_used_unix_s: _Optional[float] = ..., cache: _Optional[_Union[CacheStats, _Mapping]] = ...) -> None: ...
+    acked_seq: int
+    def __init__(self, session_id: _Optional[str] = ..., settings: _Optional[_Union[SessionSettings, _Mapping]] = ..., state: _Optional[_Union[SessionState, str]] = ..., attached: _Optional[bool] = ..., tokens_seen: _Optional[int] = ..., pending_tokens: _Optional[int] = ..., mean_nll: _Optional[float] = ..., perplexity: _Optional[float] = ..., created_unix_s: _Optional[float] = ..., last_used_unix_s: _Optional[float] = ..., cache: _Optional[_Union[CacheStats, _Mapping]] = ..., acked_seq: _Optional[int] = ...) -> None: ...
 
 class ListSessionsRequest(_message.Message):
     __slots__ = ()

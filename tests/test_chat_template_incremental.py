@@ -139,3 +139,34 @@ def test_no_template_and_bad_roles_are_clear_errors(model_dir, chatml):
     renderer.generation_prompt()
     with pytest.raises(ChatTemplateError, match="reply is in progress"):
         renderer.append("user", "x")
+
+
+# Turns end with <unk> (the end-of-turn token), while the tokenizer's EOS is </s>: a reply can stop on EOS.
+END_OF_TURN_NOT_EOS = ("{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}<unk>\n{% endfor %}"
+                       "{% if add_generation_prompt %}<s>assistant\n{% endif %}")
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(messages=messages_strategy, reply=contents)
+def test_a_reply_ending_on_plain_eos_is_closed_with_the_templates_end_of_turn(model_dir, messages, reply):
+    """The reply stopped on EOS where the template ends a turn with another token: the EOS stays in the
+    stream (it was fed), the message is the reply without it, the template's end of turn follows, and
+    the next message continues the template exactly."""
+    tokenizer = chat_tokenizer(model_dir, END_OF_TURN_NOT_EOS)
+    eos, unk = tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<unk>")
+    assert end_of_turn_ids(tokenizer) == [unk, eos]
+    renderer = ChatRenderer(tokenizer)
+    ids: list[int] = []
+    for message in messages:
+        ids += renderer.append(message["role"], message["content"])
+    ids += renderer.generation_prompt()
+    conversation = [*messages, {"role": "assistant", "content": reply}]
+    reference = whole(tokenizer, conversation)
+    reply_end = len(reference) - 2  # the reference's tail is "<unk>", "\n"
+    generated = reference[len(ids):reply_end] + [eos]
+    ids += generated
+    ids += renderer.finish_reply(generated, stopped_at_end_of_turn=True)
+    assert ids == reference[:reply_end] + [eos] + reference[reply_end:]
+    assert renderer.messages[-1] == {"role": "assistant", "content": reply}
+    after = renderer.append("user", "next")
+    assert after == whole(tokenizer, [*conversation, {"role": "user", "content": "next"}])[len(reference):]

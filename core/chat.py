@@ -11,8 +11,11 @@ last special (added) token of the text before it: tokenizers split text at added
 else, so the tokens from that point on are those of the whole rendering. A token straddling the boundary
 is refused (ChatTemplateError) rather than emitting ids that differ from the whole-conversation ids.
 
-Cost: each message renders the whole conversation so far (the template may depend on all of it), so the
-conversation's text is kept; it is small next to the bounded cache (a few bytes per token).
+Cost: a message is rendered after a context of earlier messages. For a template whose rendering of a
+message depends only on the conversation's first message and the message before it (ChatML, SmolLM2's
+and most others; checked once per template by rendering probe conversations both ways), the context is
+just those two messages, so a message costs the same at the millionth token as at the first and the
+renderer's memory stays bounded. Any other template keeps and renders the whole conversation.
 """
 
 from __future__ import annotations
@@ -68,6 +71,41 @@ def _render(tokenizer, messages: list[dict[str, str]], add_generation_prompt: bo
                                          add_generation_prompt=add_generation_prompt)
 
 
+# Conversations the locality probe renders: with and without a system message, each role after each other.
+_PROBES = (
+    ("user", "assistant", "user", "assistant", "user", "user", "assistant", "system", "user"),
+    ("system", "user", "assistant", "assistant", "user", "system", "assistant", "user"),
+    ("assistant", "user", "system", "user", "assistant"),
+)
+
+
+_LOCALITY: dict[tuple[str, str], bool] = {}  # by (template, special tokens): one probe per template
+
+
+def template_is_local(tokenizer) -> bool:
+    """Whether each message renders the same after its whole history as after only (the conversation's
+    first message, the message before it), in every probe conversation, generation prompts included."""
+    key = (str(tokenizer.chat_template), repr(sorted(tokenizer.special_tokens_map.items())))
+    if key not in _LOCALITY:
+        _LOCALITY[key] = _probe_locality(lambda messages, prompt: _render(tokenizer, messages, prompt))
+    return _LOCALITY[key]
+
+
+def _probe_locality(render) -> bool:
+    for roles in _PROBES:
+        messages = [{"role": r, "content": f"probe {i} {r}"} for i, r in enumerate(roles)]
+        for k in range(2, len(messages)):
+            compact = [messages[0], messages[k - 1]]
+            for new, prompt in (([messages[k]], False), ([], True)):
+                full_before, full_after = render(messages[:k], False), render(messages[:k] + new, prompt)
+                short_before, short_after = render(compact, False), render(compact + new, prompt)
+                if not (full_after.startswith(full_before) and short_after.startswith(short_before)):
+                    return False
+                if full_after[len(full_before):] != short_after[len(short_before):]:
+                    return False
+    return True
+
+
 class ChatRenderer:
     """One conversation's rendering state: the messages so far and the text the stream holds.
 
@@ -81,10 +119,14 @@ class ChatRenderer:
         self._tokenizer = tokenizer
         self._backend = backend_of(tokenizer)
         self._added = sorted(_added_tokens(tokenizer), key=len, reverse=True)
+        # the messages the next one renders after: the whole conversation, or for a local template its
+        # first and last message; `text` is their rendering (its tail is the stream's text's tail)
         self.messages: list[dict[str, str]] = []
-        self.text = ""  # the conversation as the stream holds it, rendered
+        self.text = ""
         self.reply_open = False  # a generation prompt was appended and its reply is not finished
         self.prompt_ids: list[int] = []  # the ids of that prompt (decoding context for the reply)
+        # a local template needs only the first and the last message to render the next (see _compact)
+        self.local = template_is_local(tokenizer)
         if state:
             self.load_state(state)
 
@@ -115,6 +157,7 @@ class ChatRenderer:
         message = {"role": role, "content": content}
         ids = self._extend(_render(self._tokenizer, [*self.messages, message], False))
         self.messages.append(message)
+        self._compact()
         return ids
 
     def system_ids(self, content: str) -> list[int]:
@@ -156,7 +199,23 @@ class ChatRenderer:
         ids = self._extend(full, base=base)
         self.reply_open, self.prompt_ids = False, []
         self.messages.append(message)
+        self._compact()
         return ids
+
+    def _compact(self) -> None:
+        """For a local template, keep only the first and the last message (and their rendering): the next
+        message renders the same after them as after the whole conversation. The text from the last
+        special token on, the tokenization context of the next message, must not change."""
+        if not self.local or len(self.messages) <= 2:
+            return
+        messages = [self.messages[0], self.messages[-1]]
+        text = _render(self._tokenizer, messages, False)
+        if self._tail(text) == self._tail(self.text):
+            self.messages, self.text = messages, text
+
+    def _tail(self, text: str) -> str:
+        start = max((text.rfind(tok) for tok in self._added), default=-1)
+        return text[max(start, 0):]
 
     def _extend(self, rendered: str, commit: bool = True, base: str | None = None) -> list[int]:
         """Ids of rendered[len(base):] (base: the stream's text, self.text by default), checking that
@@ -171,8 +230,7 @@ class ChatRenderer:
             if commit:
                 self.text = rendered
             return []
-        start = max((base.rfind(tok) for tok in self._added), default=-1)
-        context = base[start:] if start >= 0 else base
+        context = self._tail(base)
         enc = self._backend.encode(context + delta, add_special_tokens=False)
         offsets = np.asarray(enc.offsets, dtype=np.int64).reshape(-1, 2)
         first = first_token_at(offsets, len(context)) if len(offsets) else 0

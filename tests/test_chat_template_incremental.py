@@ -20,6 +20,10 @@ DEFAULT_SYSTEM = ("{% for m in messages %}{% if loop.first and m['role'] != 'sys
                   "<s>system\nYou are a helpful assistant.</s>\n{% endif %}"
                   "<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
                   "{% if add_generation_prompt %}<s>assistant\n{% endif %}")
+# Numbers the messages: a message's rendering depends on how many came before, so the whole conversation
+# must be kept and rendered.
+NUMBERED = ("{% for m in messages %}<s>{{ loop.index }} {{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
+            "{% if add_generation_prompt %}<s>assistant\n{% endif %}")
 # Marks the last message: rendering one more message changes the text of the one before.
 NOT_PREFIX_STABLE = ("{% for m in messages %}<s>{{ m['role'] }}{% if loop.last %}*{% endif %}\n"
                      "{{ m['content'] }}</s>\n{% endfor %}")
@@ -55,9 +59,14 @@ messages_strategy = st.lists(st.fixed_dictionaries({"role": st.sampled_from(["sy
                                                     "content": contents}), min_size=1, max_size=6)
 
 
+@pytest.fixture(scope="module")
+def numbered(model_dir):
+    return chat_tokenizer(model_dir, NUMBERED)
+
+
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(messages=messages_strategy)
-@pytest.mark.parametrize("template", ["chatml", "default_system"])
+@pytest.mark.parametrize("template", ["chatml", "default_system", "numbered"])
 def test_appending_one_at_a_time_gives_the_whole_conversation_ids(request, template, messages):
     tokenizer = request.getfixturevalue(template)
     renderer = ChatRenderer(tokenizer)
@@ -170,3 +179,23 @@ def test_a_reply_ending_on_plain_eos_is_closed_with_the_templates_end_of_turn(mo
     assert renderer.messages[-1] == {"role": "assistant", "content": reply}
     after = renderer.append("user", "next")
     assert after == whole(tokenizer, [*conversation, {"role": "user", "content": "next"}])[len(reference):]
+
+
+@pytest.mark.parametrize(("template", "local"),
+                         [("chatml", True), ("default_system", True), ("numbered", False)])
+def test_only_local_templates_render_after_two_messages_and_stay_bounded(request, template, local):
+    """A local template keeps the first and the last message only, however long the conversation; one that
+    numbers its messages keeps them all. Both stay exact (the property above and this check)."""
+    tokenizer = request.getfixturevalue(template)
+    renderer = ChatRenderer(tokenizer)
+    assert renderer.local is local
+    conversation, ids = [], []
+    for k in range(40):
+        message = {"role": ("user", "assistant")[k % 2], "content": f"message {k} " + "word " * (k % 7)}
+        conversation.append(message)
+        ids += renderer.append(message["role"], message["content"])
+    assert ids == whole(tokenizer, conversation)
+    assert len(renderer.messages) == (2 if local else 40)
+    assert renderer.messages[0] == conversation[0] and renderer.messages[-1] == conversation[-1]
+    ids += renderer.generation_prompt()
+    assert ids == whole(tokenizer, conversation, add_generation_prompt=True)

@@ -21,6 +21,7 @@ from transformers import AutoTokenizer
 from sinkstream.clients.client import SinkStreamClient
 from sinkstream.clients.results import GenerateParams
 from sinkstream.core import gguf_loading
+from sinkstream.core.chat import ChatRenderer, template_is_local
 from sinkstream.core.config import StreamConfig
 from sinkstream.core.generation import generate
 from sinkstream.core.gguf_loading import (
@@ -282,6 +283,21 @@ def test_smollm2_chat_greedy_reference(smollm2):
     assert "You are a helpful AI assistant named SmolLM" in tok.decode(prompt)
     assert greedy(smollm2, prompt, 64) == CHAT_REPLY_IDS  # stops at <|im_end|> (id 2)
     assert tok.decode(CHAT_REPLY_IDS) == "The capital of France is Paris.<|im_end|>"
+
+
+def test_smollm2_template_renders_long_conversations_from_two_messages(smollm2):
+    """SmolLM2's template is local (core/chat.py): a long conversation is rendered after its first and
+    last message only, and the ids are still the template applied to the whole conversation."""
+    tok = smollm2.tokenizer
+    assert template_is_local(tok)
+    renderer, ids, conversation = ChatRenderer(tok), [], []
+    for k in range(12):
+        conversation.append({"role": ("user", "assistant")[k % 2], "content": f"Turn {k}: hello again."})
+        ids += renderer.append(**conversation[-1])
+    ids += renderer.generation_prompt()
+    assert len(renderer.messages) == 2
+    assert ids == list(tok.apply_chat_template(conversation, tokenize=True, return_dict=False,
+                                               add_generation_prompt=True))
 
 
 def test_smollm2_cli_generate_prints_the_reference(smollm2, shared_dir, smollm2_cache, tmp_path):

@@ -19,6 +19,7 @@ from sinkstream.service.errors import Busy, RequestError, server_failure
 from sinkstream.service.metrics import ServerMetrics
 from sinkstream.service.session import Session
 from sinkstream.service.session_store import SessionStore, snapshot_meta
+from sinkstream.service.tenants import SessionKey
 
 log = logging.getLogger("sinkstream.sessions")
 
@@ -70,7 +71,7 @@ class Residency:
     became resident or stopped being so.
     """
 
-    def __init__(self, pool: EnginePool, store: SessionStore | None, sessions: dict[str, Session],
+    def __init__(self, pool: EnginePool, store: SessionStore | None, sessions: dict[SessionKey, Session],
                  metrics: ServerMetrics, changed: Callable[[], None]) -> None:
         self.pool, self.store, self.sessions = pool, store, sessions
         self.metrics, self.changed = metrics, changed
@@ -123,7 +124,7 @@ class Residency:
     async def save(self, session: Session) -> int:
         """Snapshot a resident session to the store; returns bytes written."""
         tensors, meta = session.engine.snapshot(session.row)
-        return await asyncio.to_thread(self.store.save, session.id, tensors, snapshot_meta(session, meta))
+        return await asyncio.to_thread(self.store.save, session.key, tensors, snapshot_meta(session, meta))
 
     async def evict(self, session: Session) -> None:
         """Snapshot a resident, idle session to the state directory and free its row."""
@@ -132,14 +133,14 @@ class Residency:
         session.release_row_persisted()
         self.metrics.evictions.inc()
         self.changed()
-        log.info("session persisted and released", extra={"session": session.id})
+        log.info("session persisted and released", extra={"session": session.key.label})
 
     async def restore(self, session: Session) -> None:
         """Bring a persisted session back onto a row. RequestErrors: DATA_LOSS when its snapshot is
         unreadable, Busy when no row is free now, else as take_row."""
         assert self.store is not None
         try:
-            tensors, meta = await asyncio.to_thread(self.store.load, session.id)
+            tensors, meta = await asyncio.to_thread(self.store.load, session.key)
         except SnapshotError as exc:
             raise lost(session, exc) from exc
         except Exception as exc:  # e.g. out of memory reading it: the snapshot itself may be fine
@@ -156,4 +157,4 @@ class Residency:
             raise
         self.metrics.restores.inc()
         self.changed()
-        log.info("session restored", extra={"session": session.id})
+        log.info("session restored", extra={"session": session.key.label})

@@ -139,7 +139,7 @@ class Scheduler:
                         continue
                     piece = await self._advance(session)
                 except Exception as exc:  # fail this session only; the others keep being served
-                    log.exception("session failed in the scheduler", extra={"session": session.id})
+                    log.exception("session failed in the scheduler", extra={"session": session.key.label})
                     self.manager.fail(session, server_failure(exc, "the server failed serving this session"))
                     continue
                 if piece is not None:
@@ -254,7 +254,7 @@ class Scheduler:
             s.emit(ErrorReply(item.request_id, exc))
             return
         except Exception as exc:  # e.g. disk full: answer the request, the session stays in memory
-            log.warning("checkpoint failed: %r", exc, extra={"session": s.id})
+            log.warning("checkpoint failed: %r", exc, extra={"session": s.key.label})
             error = server_failure(exc, "checkpoint failed", "checkpoint")
             s.emit(ErrorReply(item.request_id, error))
             return
@@ -290,7 +290,7 @@ class Scheduler:
                 else:
                     self._deliver_token(p)
             except Exception as exc:  # e.g. this generation's stop matcher: fail this session only
-                log.exception("delivering a result failed", extra={"session": p.session.id})
+                log.exception("delivering a result failed", extra={"session": p.session.key.label})
                 self.manager.fail(p.session, server_failure(exc, "the server failed serving this session"))
 
     @staticmethod
@@ -319,7 +319,7 @@ class Scheduler:
     def _fail_piece(self, p: Piece, exc: Exception) -> None:
         """This piece's own work failed (its sampler, or its row of the pass); its row is unchanged."""
         s = p.session
-        log.warning("a session's part of a forward pass failed: %r", exc, extra={"session": s.id})
+        log.warning("a session's part of a forward pass failed: %r", exc, extra={"session": s.key.label})
         if p.ids is None:
             s.finish_generation("ERROR", error=f"generating the next token failed: {exc!r}")
             return

@@ -30,6 +30,7 @@ from sinkstream.service.options import AnalysisOptions
 from sinkstream.service.replies import ErrorReply, StreamEnd
 from sinkstream.service.session import Session
 from sinkstream.service.session_store import SessionStore, session_from_meta
+from sinkstream.service.tenants import SessionKey
 from sinkstream.service.text_input import TextInput
 from sinkstream.service.work import AppendWork
 
@@ -46,40 +47,42 @@ class SessionManager:
         self.pool, self.store, self.metrics = pool, store, metrics
         self.max_sessions = max_sessions
         self.session_ttl_s, self.idle_evict_s = session_ttl_s, idle_evict_s
-        self.sessions: dict[str, Session] = {}
-        self.recently_closed: dict[str, None] = {}
-        # Sessions whose snapshot is damaged (id -> why): DATA_LOSS until deleted, never NOT_FOUND.
-        self.damaged: dict[str, str] = {}
+        self.sessions: dict[SessionKey, Session] = {}
+        self.recently_closed: dict[SessionKey, None] = {}
+        # Sessions whose snapshot is damaged (key -> why): DATA_LOSS until deleted, never NOT_FOUND.
+        self.damaged: dict[SessionKey, str] = {}
         self.lock = asyncio.Lock()
         self.residency = Residency(pool, store, self.sessions, metrics, self._update_gauges)
         self.on_work: Callable[[], None] = lambda: None  # the scheduler's wake-up
         if store is not None:
             metas, self.damaged = store.scan()
-            for meta in metas:
+            for key, meta in metas:
                 try:
-                    session = session_from_meta(meta, pool.tokenizer)
+                    session = session_from_meta(key, meta, pool.tokenizer)
                 except (KeyError, TypeError, ValueError) as exc:
                     log.warning("skipping snapshot without session state: %r", exc)
                     continue
-                self.sessions[session.id] = session
+                self.sessions[key] = session
         self._update_gauges()
 
     # ------------------------------------------------------------------ lookup
-    def get(self, session_id: str) -> Session:
-        session = self.sessions.get(session_id)
-        if session is None and session_id in self.damaged:
+    def get(self, key: SessionKey) -> Session:
+        """A tenant's live session; NOT_FOUND for an id the tenant has no session under, whether or not
+        another tenant has one (the message is the same)."""
+        session = self.sessions.get(key)
+        if session is None and key in self.damaged:
             raise RequestError(grpc.StatusCode.DATA_LOSS,
-                               f"session {shown_id(session_id)} is lost: its persisted state is damaged "
-                               f"({self.damaged[session_id]}); delete it", "session_id")
+                               f"session {shown_id(key.id)} is lost: its persisted state is damaged "
+                               f"({self.damaged[key]}); delete it", "session_id")
         if session is None:
-            why = "was closed" if session_id in self.recently_closed else "is unknown or expired"
-            raise RequestError(grpc.StatusCode.NOT_FOUND, f"session {shown_id(session_id)} {why}",
+            why = "was closed" if key in self.recently_closed else "is unknown or expired"
+            raise RequestError(grpc.StatusCode.NOT_FOUND, f"session {shown_id(key.id)} {why}",
                                "session_id")
         return session
 
-    def all(self) -> list[Session]:
-        """The live sessions, resident or persisted."""
-        return list(self.sessions.values())
+    def all(self, tenant: str | None = None) -> list[Session]:
+        """The live sessions, resident or persisted: every tenant's, or only `tenant`'s."""
+        return [s for s in self.sessions.values() if tenant is None or s.key.tenant == tenant]
 
     def _update_gauges(self) -> None:
         resident = sum(s.resident for s in self.sessions.values())
@@ -88,15 +91,16 @@ class SessionManager:
         self.metrics.attached.set(sum(s.attached for s in self.sessions.values()))
 
     # ------------------------------------------------------------------ open / resume / attach / detach
-    async def open(self, session_id: str, config: StreamConfig, analysis: AnalysisOptions,
+    async def open(self, tenant: str, session_id: str, config: StreamConfig, analysis: AnalysisOptions,
                    seed: int | None, *, chat: ChatInput | None = None, first_ids: list[int] | None = None,
                    request_id: str = "") -> Session:
-        """A new resident session; an empty `session_id` gets a random one. `chat`: its conversation,
-        started (e.g. with a system message) and `first_ids`: that start's ids, the stream's first input."""
-        session_id = session_id or secrets.token_hex(8)
+        """A new resident session of `tenant`; an empty `session_id` gets a random one (128 bits).
+        `chat`: its conversation, started (e.g. with a system message) and `first_ids`: that start's ids,
+        the stream's first input."""
+        key = SessionKey(tenant, session_id or secrets.token_hex(16))
         async with self.lock:
-            if session_id in self.sessions or session_id in self.damaged:
-                raise RequestError(grpc.StatusCode.ALREADY_EXISTS, f"session {shown_id(session_id)} exists",
+            if key in self.sessions or key in self.damaged:
+                raise RequestError(grpc.StatusCode.ALREADY_EXISTS, f"session {shown_id(key.id)} exists",
                                    "open.session_id")
             if len(self.sessions) >= self.max_sessions:
                 self._expire(time.time())
@@ -104,24 +108,24 @@ class SessionManager:
                     raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                        f"the server holds its maximum of {self.max_sessions} sessions")
             text = TextInput(self.pool.tokenizer) if self.pool.tokenizer is not None else None
-            session = Session(session_id, config, analysis, text)
+            session = Session(key, config, analysis, text)
             session.chat = chat
             if first_ids:
                 ids = text.push_ids(first_ids) if text is not None else first_ids
                 session.add_input(AppendWork(request_id, ids, False))
             await self.residency.take_row(session, seed=seed)
-            self.sessions[session_id] = session
-            self.recently_closed.pop(session_id, None)
+            self.sessions[key] = session
+            self.recently_closed.pop(key, None)
             self._update_gauges()
             return session
 
-    async def resume(self, session_id: str, analysis: AnalysisOptions | None) -> Session:
+    async def resume(self, key: SessionKey, analysis: AnalysisOptions | None) -> Session:
         """An existing session, resident again, for a new call."""
         async with self.lock:
-            session = self.get(session_id)
+            session = self.get(key)
             if session.attached:
                 raise RequestError(grpc.StatusCode.ABORTED,
-                                   f"session {shown_id(session_id)} is attached to another stream",
+                                   f"session {shown_id(key.id)} is attached to another stream",
                                    "resume.session_id")
             if session.generation is not None:  # cancelled by the previous call's end
                 session.finish_generation("CANCELLED")
@@ -172,16 +176,16 @@ class SessionManager:
     def _lose(self, session: Session, error: RequestError) -> None:
         """The session's snapshot is damaged: it is gone from memory, its file stays (for inspection) and
         every later use of its id is DATA_LOSS until DeleteSession removes it."""
-        log.error("session lost: %s", error, extra={"session": session.id})
+        log.error("session lost: %s", error, extra={"session": session.key.label})
         session.end()
-        self.sessions.pop(session.id, None)
-        self.damaged[session.id] = error.message
+        self.sessions.pop(session.key, None)
+        self.damaged[session.key] = error.message
         self._update_gauges()
 
     def fail(self, session: Session, error: RequestError) -> None:
         """A server-side failure specific to this session: end its call with `error`, drop its queued
         requests (they would fail the same way) and leave it alone for a moment; it stays resumable."""
-        log.warning("session failed: %s", error, extra={"session": session.id})
+        log.warning("session failed: %s", error, extra={"session": session.key.label})
         session.fail(error, retry_at=time.monotonic() + FAILED_RETRY_S)
 
     # ------------------------------------------------------------------ checkpoint / close / delete
@@ -198,26 +202,26 @@ class SessionManager:
 
     def _forget(self, session: Session) -> None:
         session.end()
-        self.sessions.pop(session.id, None)
-        self.recently_closed[session.id] = None
+        self.sessions.pop(session.key, None)
+        self.recently_closed[session.key] = None
         if len(self.recently_closed) > RECENTLY_CLOSED:
             self.recently_closed.pop(next(iter(self.recently_closed)))
         if self.store is not None:
-            self.store.delete(session.id)
+            self.store.delete(session.key)
         self._update_gauges()
 
-    async def delete(self, session_id: str) -> int:
+    async def delete(self, key: SessionKey) -> int:
         """Delete a detached session; returns the tokens it had seen."""
         async with self.lock:
-            if session_id in self.damaged:
-                self.damaged.pop(session_id)
+            if key in self.damaged:
+                self.damaged.pop(key)
                 if self.store is not None:
-                    self.store.delete(session_id)
+                    self.store.delete(key)
                 return 0
-            session = self.get(session_id)
+            session = self.get(key)
             if session.attached:
                 raise RequestError(grpc.StatusCode.FAILED_PRECONDITION,
-                                   f"session {shown_id(session_id)} is attached to a stream; close it there",
+                                   f"session {shown_id(key.id)} is attached to a stream; close it there",
                                    "session_id")
             tokens = session.tokens_seen()
             self._forget(session)
@@ -229,7 +233,7 @@ class SessionManager:
             return
         for session in list(self.sessions.values()):
             if not session.attached and session.idle() and now - session.last_used > self.session_ttl_s:
-                log.info("session expired", extra={"session": session.id})
+                log.info("session expired", extra={"session": session.key.label})
                 self._forget(session)
 
     async def sweep(self) -> None:
@@ -280,10 +284,11 @@ class SessionManager:
                         await asyncio.to_thread(self.store.update_session_meta, session)
                 except Exception as exc:  # disk full, unwritable, too large: the next session is still saved
                     why = f"{type(exc).__name__}: {exc}"
-                    log.error("could not persist session at shutdown: %s", why, extra={"session": session.id})
-                    report.failed[session.id] = why
+                    log.error("could not persist session at shutdown: %s", why,
+                              extra={"session": session.key.label})
+                    report.failed[session.key.label] = why
                 else:
-                    report.saved.append(session.id)
+                    report.saved.append(session.key.label)
             return report
 
 

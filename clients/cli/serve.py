@@ -22,6 +22,7 @@ from sinkstream.service import logs
 from sinkstream.service.allocator import keep_freed_memory
 from sinkstream.service.server import ServerConfig, serve_until_signal
 from sinkstream.service.session_store import prepare_state_dir
+from sinkstream.service.tls import TLSFiles
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
                         f"default {d.decode_input_budget}): lower = faster tokens, slower ingest")
     p.add_argument("--grace", type=float, default=d.grace_s, metavar="SECONDS",
                    help="on SIGTERM, time open streams get to finish")
+    add_security_options(p, d)
     add_cache_shape_options(p, title="session defaults")
     add_dtype_option(p)
     add_offload_options(p)
@@ -66,6 +68,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", default="info")
     p.add_argument("--plain-logs", action="store_true", help="human-readable logs instead of JSON lines")
     return p
+
+
+def add_security_options(p: argparse.ArgumentParser, d: ServerConfig) -> None:
+    """TLS, tokens, the health port and per-tenant quotas (see "Securing a server" in the README)."""
+    g = p.add_argument_group("security (SIGHUP reloads the tokens file and the certificates)")
+    g.add_argument("--tls-cert", type=Path, metavar="PEM", help="server certificate (chain); enables TLS")
+    g.add_argument("--tls-key", type=Path, metavar="PEM", help="private key of --tls-cert")
+    g.add_argument("--tls-client-ca", type=Path, metavar="PEM",
+                   help="mutual TLS: clients must present a certificate signed by this CA")
+    g.add_argument("--auth-tokens", type=Path, metavar="FILE",
+                   help="`TOKEN TENANT` per line (# comments): every call but health needs "
+                        "`authorization: Bearer TOKEN` and sees only its tenant's sessions")
+    g.add_argument("--health-port", type=int, metavar="PORT",
+                   help="also serve the health service alone, plaintext and without tokens, on this port")
+    g.add_argument("--insecure-allow-remote", action="store_true",
+                   help="without --auth-tokens, listen on a --host other than loopback anyway")
+
+
+def tls_files(parser: argparse.ArgumentParser, args: argparse.Namespace) -> TLSFiles | None:
+    """The TLS files the options name (a usage error if only one of --tls-cert and --tls-key is given)."""
+    if args.tls_cert is None and args.tls_key is None:
+        if args.tls_client_ca is not None:
+            parser.error("--tls-client-ca needs --tls-cert and --tls-key")
+        return None
+    if args.tls_cert is None or args.tls_key is None:
+        parser.error("--tls-cert and --tls-key go together")
+    return TLSFiles(args.tls_cert, args.tls_key, args.tls_client_ca)
 
 
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
@@ -80,7 +109,9 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         min_client_ping_interval_ms=args.min_client_ping_interval_ms, max_new_tokens=args.max_new_tokens,
         max_top_k=args.max_top_k, grace_s=args.grace, decode_input_budget=args.decode_input_budget,
         defaults=StreamConfig(sink_tokens=args.sink_tokens, window=args.window, chunk=args.chunk,
-                              tiers=args.tiers, merge_policy=args.merge_policy))
+                              tiers=args.tiers, merge_policy=args.merge_policy),
+        tls=args.tls, auth_tokens=args.auth_tokens, health_port=args.health_port,
+        insecure_allow_remote=args.insecure_allow_remote)
 
 
 def serve_main(argv: list[str] | None = None) -> int:
@@ -90,6 +121,7 @@ def serve_main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if problem := check_offload_options(args):
         parser.error(problem)
+    args.tls = tls_files(parser, args)
     logs.configure(args.log_level, json_lines=not args.plain_logs)
     try:
         config = config_from_args(args)

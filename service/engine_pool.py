@@ -17,6 +17,7 @@ from sinkstream.core.snapshot import SnapshotError
 from sinkstream.core.streaming import NoFreeRowError, StreamingInference
 from sinkstream.service.errors import Busy, RequestError, server_failure
 from sinkstream.service.metrics import ServerMetrics
+from sinkstream.service.quotas import NO_QUOTAS, TenantQuotas
 from sinkstream.service.session import Session
 from sinkstream.service.session_store import SessionStore, snapshot_meta
 from sinkstream.service.tenants import SessionKey
@@ -72,9 +73,10 @@ class Residency:
     """
 
     def __init__(self, pool: EnginePool, store: SessionStore | None, sessions: dict[SessionKey, Session],
-                 metrics: ServerMetrics, changed: Callable[[], None]) -> None:
+                 metrics: ServerMetrics, changed: Callable[[], None],
+                 quotas: TenantQuotas = NO_QUOTAS) -> None:
         self.pool, self.store, self.sessions = pool, store, sessions
-        self.metrics, self.changed = metrics, changed
+        self.metrics, self.changed, self.quotas = metrics, changed, quotas
 
     async def take_row(self, session: Session, seed: int | None = None) -> int:
         """Give the session a row on its config's engine, evicting the least recently used idle session
@@ -88,6 +90,7 @@ class Residency:
             raise server_failure(exc, f"cannot give session {session.id!r} a cache row") from exc
 
     async def _claim_row(self, session: Session, seed: int | None) -> int:
+        await self._within_tenant_rows(session)
         if session.config not in self.pool.engines and len(self.pool.engines) >= self.pool.max_shapes:
             await self._free_a_shape()
         engine = self.pool.engine_for(session.config, self._engine_in_use)
@@ -103,6 +106,18 @@ class Residency:
             row = engine.open_row(seed)
         session.place(engine, row)
         return row
+
+    async def _within_tenant_rows(self, session: Session) -> None:
+        """Make room for one more row of the session's tenant: at its quota, evict the tenant's least
+        recently used idle session (its own, never another tenant's); Busy if none can be."""
+        own = [s for s in self.sessions.values()
+               if s.key.tenant == session.key.tenant and s.resident and s is not session]
+        if not self.quotas.rows_full(len(own)):
+            return
+        victims = sorted((s for s in own if s.idle()), key=lambda s: s.last_used)
+        if not victims or self.store is None:
+            raise self.quotas.rows_exhausted()
+        await self.evict(victims[0])
 
     async def _free_a_shape(self) -> None:
         """Persist the sessions of the least recently used engine whose sessions are all idle, so that

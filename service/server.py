@@ -23,6 +23,7 @@ from sinkstream.service.engine_pool import EnginePool
 from sinkstream.service.errors import RequestError
 from sinkstream.service.metrics import ServerMetrics
 from sinkstream.service.options import Limits
+from sinkstream.service.quotas import NO_QUOTAS, TenantQuotas
 from sinkstream.service.scheduler import Scheduler
 from sinkstream.service.servicer import SinkStreamServicer
 from sinkstream.service.session_manager import SessionManager, ShutdownReport
@@ -66,6 +67,9 @@ class ServerConfig:
     auth_tokens: Path | None = None
     health_port: int | None = None
     insecure_allow_remote: bool = False
+    quotas: TenantQuotas = NO_QUOTAS
+    max_batch_tokens: int = 0
+    stalled_reader_s: float = 60.0
 
 
 def is_loopback(host: str) -> bool:
@@ -121,8 +125,10 @@ class SinkStreamServer:
                           self.metrics)
         store = SessionStore(Path(config.state_dir)) if config.state_dir is not None else None
         self.manager = SessionManager(pool, store, self.metrics, max_sessions=config.max_sessions,
-                                      session_ttl_s=config.session_ttl_s, idle_evict_s=config.idle_evict_s)
-        self.scheduler = Scheduler(self.manager, self.metrics, config.decode_input_budget)
+                                      session_ttl_s=config.session_ttl_s, idle_evict_s=config.idle_evict_s,
+                                      quotas=config.quotas, stalled_reader_s=config.stalled_reader_s)
+        self.scheduler = Scheduler(self.manager, self.metrics, config.decode_input_budget,
+                                   config.max_batch_tokens)
         self.servicer = SinkStreamServicer(self.manager, self.scheduler, self.metrics, self.limits,
                                            config.defaults, loaded.name)
         self.health = health.aio.HealthServicer()

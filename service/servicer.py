@@ -57,8 +57,13 @@ class SinkStreamServicer(pb_grpc.SinkStreamServicer):
             await self._abort(context, exc)
             return
         outbox = self.manager.attach(session)
-        log.info("stream attached", extra={"session": session.id, "peer": context.peer()})
+        log.info("stream attached", extra={"session": session.key.label, "peer": context.peer()})
         reader = asyncio.create_task(self._read(requests, session, outbox))
+        call = asyncio.current_task()
+        # for a client that stops reading (SessionManager.sweep): no request of this call reaches the
+        # session once this returns, and the handler stops (the HTTP/2 stream itself lasts until the
+        # client's deadline or disconnection, holding only what its flow-control windows hold)
+        outbox.end_call = lambda: (reader.cancel(), call.cancel())
         try:
             yield opened
             while True:

@@ -15,6 +15,7 @@ import asyncio
 import logging
 import secrets
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -27,6 +28,7 @@ from sinkstream.service.engine_pool import EnginePool, Residency
 from sinkstream.service.errors import Busy, RequestError, shown_id
 from sinkstream.service.metrics import ServerMetrics
 from sinkstream.service.options import AnalysisOptions
+from sinkstream.service.quotas import NO_QUOTAS, TenantQuotas
 from sinkstream.service.replies import ErrorReply, StreamEnd
 from sinkstream.service.session import Session
 from sinkstream.service.session_store import SessionStore, session_from_meta
@@ -43,16 +45,19 @@ class SessionManager:
     """All live sessions; opening, resuming, evicting, restoring, expiring and deleting them."""
 
     def __init__(self, pool: EnginePool, store: SessionStore | None, metrics: ServerMetrics, *,
-                 max_sessions: int, session_ttl_s: float, idle_evict_s: float) -> None:
+                 max_sessions: int, session_ttl_s: float, idle_evict_s: float,
+                 quotas: TenantQuotas = NO_QUOTAS, stalled_reader_s: float = 0.0) -> None:
         self.pool, self.store, self.metrics = pool, store, metrics
-        self.max_sessions = max_sessions
+        self.max_sessions, self.quotas = max_sessions, quotas
+        self.stalled_reader_s = stalled_reader_s  # 0: a stream that reads nothing stays attached
         self.session_ttl_s, self.idle_evict_s = session_ttl_s, idle_evict_s
         self.sessions: dict[SessionKey, Session] = {}
         self.recently_closed: dict[SessionKey, None] = {}
         # Sessions whose snapshot is damaged (key -> why): DATA_LOSS until deleted, never NOT_FOUND.
         self.damaged: dict[SessionKey, str] = {}
         self.lock = asyncio.Lock()
-        self.residency = Residency(pool, store, self.sessions, metrics, self._update_gauges)
+        self._gauged_tenants: set[str] = set()
+        self.residency = Residency(pool, store, self.sessions, metrics, self._update_gauges, quotas)
         self.on_work: Callable[[], None] = lambda: None  # the scheduler's wake-up
         if store is not None:
             metas, self.damaged = store.scan()
@@ -88,6 +93,11 @@ class SessionManager:
         resident = sum(s.resident for s in self.sessions.values())
         self.metrics.sessions.labels("resident").set(resident)
         self.metrics.sessions.labels("persisted").set(len(self.sessions) - resident)
+        by_tenant = Counter((s.key.tenant, s.resident) for s in self.sessions.values())
+        for tenant in {key.tenant for key in self.sessions} | self._gauged_tenants:
+            for state, is_resident in (("resident", True), ("persisted", False)):
+                self.metrics.tenant_sessions.labels(tenant, state).set(by_tenant[tenant, is_resident])
+        self._gauged_tenants |= {key.tenant for key in self.sessions}
         self.metrics.attached.set(sum(s.attached for s in self.sessions.values()))
 
     # ------------------------------------------------------------------ open / resume / attach / detach
@@ -102,6 +112,9 @@ class SessionManager:
             if key in self.sessions or key in self.damaged:
                 raise RequestError(grpc.StatusCode.ALREADY_EXISTS, f"session {shown_id(key.id)} exists",
                                    "open.session_id")
+            if self._held_by(tenant) >= self.quotas.max_sessions > 0:
+                self._expire(time.time())
+            self.quotas.check_sessions(self._held_by(tenant))
             if len(self.sessions) >= self.max_sessions:
                 self._expire(time.time())
                 if len(self.sessions) >= self.max_sessions:
@@ -118,6 +131,9 @@ class SessionManager:
             self.recently_closed.pop(key, None)
             self._update_gauges()
             return session
+
+    def _held_by(self, tenant: str) -> int:
+        return sum(key.tenant == tenant for key in self.sessions)
 
     async def resume(self, key: SessionKey, analysis: AnalysisOptions | None) -> Session:
         """An existing session, resident again, for a new call."""
@@ -236,9 +252,31 @@ class SessionManager:
                 log.info("session expired", extra={"session": session.key.label})
                 self._forget(session)
 
+    def _end_stalled_streams(self) -> None:
+        """End the calls whose client has read no reply for stalled_reader_s: their sessions are detached
+        (state and unprocessed input kept, resumable), so they no longer hold a row - nor can they be
+        driven - for a client that reads nothing (see Outbox.end_call for the call itself)."""
+        if not self.stalled_reader_s:
+            return
+        now = time.monotonic()
+        for session in list(self.sessions.values()):
+            outbox = session.outbox
+            if outbox is None or outbox.stalled_for(now) <= self.stalled_reader_s:
+                continue
+            log.warning("ending a stream that reads no replies; its session stays",
+                        extra={"session": session.key.label, "stalled_s": round(outbox.stalled_for(now), 1)})
+            self.metrics.stalled_streams.inc()
+            outbox.put(StreamEnd(RequestError(
+                grpc.StatusCode.DEADLINE_EXCEEDED, f"the client read no reply for {self.stalled_reader_s:g} "
+                "s: the stream is ended, the session kept (resume it)")))
+            outbox.end_call()  # first: the call's reader queues nothing more
+            self.detach(session, outbox)
+
     async def sweep(self) -> None:
-        """Expire sessions past their TTL; persist and release sessions idle for idle_evict_s."""
+        """End streams that stopped reading; expire sessions past their TTL; persist and release sessions
+        idle for idle_evict_s."""
         async with self.lock:
+            self._end_stalled_streams()
             now = time.time()
             self._expire(now)
             if self.store is None or not self.idle_evict_s:

@@ -20,6 +20,7 @@ from sinkstream.core.model_loading import load_model
 from sinkstream.core.offload.config import offload_from_args
 from sinkstream.service import logs
 from sinkstream.service.allocator import keep_freed_memory
+from sinkstream.service.quotas import TenantQuotas
 from sinkstream.service.server import ServerConfig, serve_until_signal
 from sinkstream.service.session_store import prepare_state_dir
 from sinkstream.service.tls import TLSFiles
@@ -84,6 +85,17 @@ def add_security_options(p: argparse.ArgumentParser, d: ServerConfig) -> None:
                    help="also serve the health service alone, plaintext and without tokens, on this port")
     g.add_argument("--insecure-allow-remote", action="store_true",
                    help="without --auth-tokens, listen on a --host other than loopback anyway")
+    q = p.add_argument_group("per-tenant quotas and fair share (0 = no limit)")
+    q.add_argument("--tenant-max-sessions", type=int, default=d.quotas.max_sessions, metavar="N",
+                   help="live sessions per tenant, resident or persisted")
+    q.add_argument("--tenant-max-rows", type=int, default=d.quotas.max_rows, metavar="N",
+                   help="resident sessions (cache rows) per tenant; more are persisted (needs --state-dir) "
+                        "or refused")
+    q.add_argument("--max-batch-tokens", type=int, default=d.max_batch_tokens, metavar="TOKENS",
+                   help="input tokens per forward pass, shared fairly between tenants, then sessions")
+    q.add_argument("--stalled-reader-timeout", type=float, default=d.stalled_reader_s, metavar="SECONDS",
+                   help="end a stream whose client reads no reply this long; its session stays "
+                        f"(default {d.stalled_reader_s:g})")
 
 
 def tls_files(parser: argparse.ArgumentParser, args: argparse.Namespace) -> TLSFiles | None:
@@ -111,7 +123,9 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         defaults=StreamConfig(sink_tokens=args.sink_tokens, window=args.window, chunk=args.chunk,
                               tiers=args.tiers, merge_policy=args.merge_policy),
         tls=args.tls, auth_tokens=args.auth_tokens, health_port=args.health_port,
-        insecure_allow_remote=args.insecure_allow_remote)
+        insecure_allow_remote=args.insecure_allow_remote,
+        quotas=TenantQuotas(max_sessions=args.tenant_max_sessions, max_rows=args.tenant_max_rows),
+        max_batch_tokens=args.max_batch_tokens, stalled_reader_s=args.stalled_reader_timeout)
 
 
 def serve_main(argv: list[str] | None = None) -> int:

@@ -328,3 +328,26 @@ def wait_until(predicate, tries: int = 400) -> None:
             return
         time.sleep(0.05)
     raise AssertionError("condition not reached")
+
+
+def test_serve_options_make_the_security_config():
+    from pathlib import Path
+
+    from sinkstream.clients.cli.serve import build_parser, config_from_args, tls_files
+    from sinkstream.service.quotas import TenantQuotas
+
+    parser = build_parser()
+    args = parser.parse_args(["--model", "m", "--tls-cert", "c.pem", "--tls-key", "k.pem",
+                              "--tls-client-ca", "ca.pem", "--auth-tokens", "tokens", "--health-port", "9",
+                              "--tenant-max-sessions", "3", "--tenant-max-rows", "2", "--max-batch-tokens",
+                              "128", "--stalled-reader-timeout", "5", "--insecure-allow-remote"])
+    config = config_from_args(args, tls_files(parser, args))
+    assert config.tls == TLSFiles(Path("c.pem"), Path("k.pem"), Path("ca.pem"))
+    assert (config.auth_tokens, config.health_port, config.insecure_allow_remote) == (Path("tokens"), 9, True)
+    assert config.quotas == TenantQuotas(max_sessions=3, max_rows=2)
+    assert (config.max_batch_tokens, config.stalled_reader_s) == (128, 5.0)
+    defaults = parser.parse_args(["--model", "m"])
+    assert tls_files(parser, defaults) is None and config_from_args(defaults).auth_tokens is None
+    for alone in (["--tls-cert", "c.pem"], ["--tls-key", "k.pem"], ["--tls-client-ca", "ca.pem"]):
+        with pytest.raises(SystemExit):
+            tls_files(parser, parser.parse_args(["--model", "m", *alone]))

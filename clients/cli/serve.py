@@ -109,8 +109,8 @@ def tls_files(parser: argparse.ArgumentParser, args: argparse.Namespace) -> TLSF
     return TLSFiles(args.tls_cert, args.tls_key, args.tls_client_ca)
 
 
-def config_from_args(args: argparse.Namespace) -> ServerConfig:
-    """The ServerConfig of parsed `serve` options (--tiers already parsed)."""
+def config_from_args(args: argparse.Namespace, tls: TLSFiles | None = None) -> ServerConfig:
+    """The ServerConfig of parsed `serve` options (--tiers already parsed; `tls`: see tls_files)."""
     return ServerConfig(
         model=args.model, host=args.host, port=args.port, max_sessions=args.max_sessions,
         max_resident=args.max_resident, max_cache_shapes=args.max_cache_shapes,
@@ -122,7 +122,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         max_top_k=args.max_top_k, grace_s=args.grace, decode_input_budget=args.decode_input_budget,
         defaults=StreamConfig(sink_tokens=args.sink_tokens, window=args.window, chunk=args.chunk,
                               tiers=args.tiers, merge_policy=args.merge_policy),
-        tls=args.tls, auth_tokens=args.auth_tokens, health_port=args.health_port,
+        tls=tls, auth_tokens=args.auth_tokens, health_port=args.health_port,
         insecure_allow_remote=args.insecure_allow_remote,
         quotas=TenantQuotas(max_sessions=args.tenant_max_sessions, max_rows=args.tenant_max_rows),
         max_batch_tokens=args.max_batch_tokens, stalled_reader_s=args.stalled_reader_timeout)
@@ -135,10 +135,10 @@ def serve_main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if problem := check_offload_options(args):
         parser.error(problem)
-    args.tls = tls_files(parser, args)
+    tls = tls_files(parser, args)
     logs.configure(args.log_level, json_lines=not args.plain_logs)
     try:
-        config = config_from_args(args)
+        config = config_from_args(args, tls)
         if args.threads:
             torch.set_num_threads(args.threads)
         keep_freed_memory()  # passes reuse their temporaries instead of page-faulting them in each time

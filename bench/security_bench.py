@@ -15,8 +15,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import re
-import subprocess
 import sys
 import tempfile
 import time
@@ -25,6 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))  # the certificate helper the tests use
 
+from grpc_bench import start_server  # noqa: E402  (bench/ is on sys.path when run as a script)
 from tls_support import CertificateAuthority  # noqa: E402
 
 from sinkstream.clients.aio import AsyncSinkStreamClient  # noqa: E402
@@ -33,19 +32,6 @@ from sinkstream.clients.results import SessionSettings  # noqa: E402
 PIECE_CHARS = 8192
 SETTINGS = SessionSettings(sink_tokens=4, window=252, chunk=64, logprobs=True)
 TOKEN = "bench-token-0123456789abcdef"
-
-
-def start_server(model: str, threads: int, extra: list[str]) -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "sinkstream", "serve", "--model", model, "--port", "0", "--threads",
-         str(threads), "--log-level", "warning", *extra],
-        cwd=ROOT, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    line = proc.stdout.readline()
-    match = re.search(r"listening on (\S+)", line)
-    if not match:
-        proc.kill()
-        raise RuntimeError(f"server did not start: {line!r}")
-    return proc, match.group(1)
 
 
 async def ingest(client: AsyncSinkStreamClient, text: str) -> int:
@@ -87,9 +73,9 @@ def main() -> int:
         cert = ca.issue("server", server=True)
         tokens = Path(tmp) / "tokens"
         tokens.write_text(f"{TOKEN} bench\n")
-        plain, plain_address = start_server(args.model, args.threads, [])
-        secured, secured_address = start_server(args.model, args.threads, [
-            "--tls-cert", str(cert.cert), "--tls-key", str(cert.key), "--auth-tokens", str(tokens)])
+        plain, plain_address = start_server(args.model, 32, args.threads)
+        secured, secured_address = start_server(args.model, 32, args.threads, (
+            "--tls-cert", str(cert.cert), "--tls-key", str(cert.key), "--auth-tokens", str(tokens)))
         targets = {"plaintext": (plain_address, {}),
                    "TLS + token": (secured_address, {"tls_ca": ca.cert, "token": TOKEN})}
         try:

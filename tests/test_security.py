@@ -351,3 +351,37 @@ def test_serve_options_make_the_security_config():
     for alone in (["--tls-cert", "c.pem"], ["--tls-key", "k.pem"], ["--tls-client-ca", "ca.pem"]):
         with pytest.raises(SystemExit):
             tls_files(parser, parser.parse_args(["--model", "m", *alone]))
+
+
+def test_reloaded_certificates_serve_new_connections_and_open_streams_go_on(model_dir, tmp_path, tokens_file):
+    """What SIGHUP runs (SinkStreamServer.reload): new handshakes get the new certificate, a stream on a
+    connection made before goes on."""
+    first, second = CertificateAuthority(tmp_path / "ca1"), CertificateAuthority(tmp_path / "ca2", "CA two")
+    live = TLSFiles(tmp_path / "server.crt", tmp_path / "server.key")
+    issued = first.issue("server", server=True)
+    live.cert.write_bytes(issued.cert.read_bytes())
+    live.key.write_bytes(issued.key.read_bytes())
+    srv = start_server(model_dir, tls=live, auth_tokens=tokens_file)
+    try:
+        with client(srv, tls_ca=first.cert) as old:
+            session = old.open_session(SETTINGS)
+            session.append_text("Once upon a time")
+            renewed = second.issue("server", server=True)
+            live.cert.write_bytes(renewed.cert.read_bytes())
+            live.key.write_bytes(renewed.key.read_bytes())
+
+            async def reload() -> None:
+                srv.server.reload()
+            srv.call(reload())
+            with client(srv, tls_ca=second.cert) as new:
+                assert new.model_info().name == "stories260K"
+            own_pool = [("grpc.use_local_subchannel_pool", 1)]  # a new connection, not old's
+            with grpc.secure_channel(srv.address, grpc.ssl_channel_credentials(first.cert.read_bytes()),
+                                     options=own_pool) as channel, \
+                    SinkStreamClient(srv.address, channel=channel, token=ALICE, timeout=10) as stale:
+                assert code_of(stale.model_info) == grpc.StatusCode.UNAVAILABLE
+            session.append_text(" there was a dog")  # the old stream goes on
+            expected = len(old.tokenize("Once upon a time there was a dog", add_bos=True))
+            assert session.close().tokens_seen == expected
+    finally:
+        srv.stop()

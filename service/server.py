@@ -171,10 +171,12 @@ class SinkStreamServer:
         log.info("serving", extra={"address": f"{config.host}:{self.port}", "model": loaded.name,
                                    "metrics_port": self.metrics_port, "health_port": self.health_port,
                                    "tls": self.certificates is not None, "auth": self.tokens is not None})
-        if self.tokens is None:
-            log.warning("no --auth-tokens: every client that reaches %s can use every session (%s)",
-                        config.host, "--insecure-allow-remote given" if not is_loopback(config.host)
-                        else "listening on loopback only; --insecure-allow-remote to listen elsewhere")
+        if self.tokens is None and is_loopback(config.host):
+            log.info("no --auth-tokens: listening on loopback only, where every local client can use every "
+                     "session (--auth-tokens FILE, or --insecure-allow-remote, to listen elsewhere)")
+        elif self.tokens is None:
+            log.warning("no --auth-tokens and --insecure-allow-remote: every client that reaches %s can "
+                        "use every session", config.host)
         return self
 
     def reload(self) -> None:

@@ -1,7 +1,8 @@
 """Bearer-token authentication: the tokens file, and the server interceptor that admits a call only with a
 valid `authorization: Bearer TOKEN` metadata entry and runs its handler as the token's tenant.
 
-The tokens file holds one `TOKEN TENANT` per line; blank lines and `#` comments are ignored. Tokens are
+The tokens file holds one `TOKEN TENANT` per line; blank lines and `#` comments are ignored (so a token
+cannot contain `#`). Tokens are
 kept only as their SHA-256 digests: a call's token is hashed and its digest compared with every known one
 by hmac.compare_digest, so the time taken does not depend on the secrets. Tokens are never
 logged. `TokenTable.reload()` (SIGHUP) swaps in a new file atomically; a file that does not parse leaves

@@ -104,10 +104,12 @@ def write_larger_checkpoint(folder: Path, tokenizer_dir: str) -> str:
     return str(folder)
 
 
-def start_server(model_dir: str, rows: int, threads: int) -> tuple[subprocess.Popen, str]:
+def start_server(model_dir: str, rows: int, threads: int,
+                 extra: tuple[str, ...] = ()) -> tuple[subprocess.Popen, str]:
+    """A `sinkstream serve` process on a free port (`extra`: more options); (process, address)."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "sinkstream", "serve", "--model", model_dir, "--port", "0",
-         "--max-resident", str(rows), "--threads", str(threads), "--log-level", "warning"],
+         "--max-resident", str(rows), "--threads", str(threads), "--log-level", "warning", *extra],
         cwd=ROOT, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     line = proc.stdout.readline()
     match = re.search(r"listening on (\S+)", line)

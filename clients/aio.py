@@ -19,6 +19,7 @@ from typing import TypeVar
 import grpc
 
 from sinkstream.clients import protocol
+from sinkstream.clients.connection import Pem, auth_metadata, open_channel
 from sinkstream.clients.protocol import Progress, SessionProtocol, UnaryCall
 from sinkstream.clients.results import (
     Checkpointed,
@@ -45,10 +46,14 @@ class AsyncSinkStreamClient:
     def __init__(self, address: str, *, timeout: float | None = None,
                  max_message_bytes: int = protocol.DEFAULT_MAX_MESSAGE_BYTES,
                  retry_attempts: int = 5,
-                 channel: grpc.aio.Channel | None = None) -> None:
-        """`channel` given: use it (its options as they are) instead of opening one to `address`."""
-        self.channel = channel or grpc.aio.insecure_channel(address, options=protocol.channel_options(
-            max_message_bytes, retry_attempts=retry_attempts))
+                 channel: grpc.aio.Channel | None = None, token: str | None = None,
+                 tls: bool = False, tls_ca: Pem | None = None, tls_cert: Pem | None = None,
+                 tls_key: Pem | None = None) -> None:
+        """As SinkStreamClient's (channel, token and TLS arguments alike), on an asyncio channel."""
+        self.metadata = auth_metadata(token)
+        self.channel = channel or open_channel(
+            address, protocol.channel_options(max_message_bytes, retry_attempts=retry_attempts), tls=tls,
+            tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key, aio=True)
         self.stub = pb_grpc.SinkStreamStub(self.channel)
         self.timeout = timeout
 
@@ -65,7 +70,7 @@ class AsyncSinkStreamClient:
     async def _unary(self, call: UnaryCall[T]) -> T:
         rpc = protocol.unary_callable(self.channel, call)
         try:
-            return call.interpret(await rpc(call.request, timeout=self.timeout))
+            return call.interpret(await rpc(call.request, timeout=self.timeout, metadata=self.metadata))
         except grpc.RpcError as exc:
             raise protocol.rpc_error(exc) from None
 
@@ -102,12 +107,13 @@ class AsyncSinkStreamClient:
         `system_message` starts its conversation, kept in the cache unless `pin_system` is False."""
         request = protocol.open_request(settings, seed, session_id, system_message=system_message,
                                         pin_system=pin_system)
-        return await AsyncSession.start(self.stub, request, timeout)
+        return await AsyncSession.start(self.stub, request, timeout, self.metadata)
 
     async def resume_session(self, session_id: str, settings: SessionSettings | None = None, *,
                              timeout: float | None = None) -> AsyncSession:
         """Attach to an existing session (settings given replace its analysis options)."""
-        return await AsyncSession.start(self.stub, protocol.resume_request(session_id, settings), timeout)
+        request = protocol.resume_request(session_id, settings)
+        return await AsyncSession.start(self.stub, request, timeout, self.metadata)
 
 
 class AsyncSession(SessionProtocol):
@@ -119,9 +125,9 @@ class AsyncSession(SessionProtocol):
 
     @classmethod
     async def start(cls, stub: pb_grpc.SinkStreamStub, first: pb.StreamRequest,
-                    timeout: float | None) -> AsyncSession:
+                    timeout: float | None, metadata: tuple = ()) -> AsyncSession:
         """Open the stream, send `first` (open or resume) and wait for SessionOpened."""
-        self = cls(stub.Stream(timeout=timeout))
+        self = cls(stub.Stream(timeout=timeout, metadata=metadata))
         await self._send(first)
         self._on_opened(await self._next())
         return self

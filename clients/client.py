@@ -22,6 +22,7 @@ from typing import TypeVar
 import grpc
 
 from sinkstream.clients import protocol
+from sinkstream.clients.connection import Pem, auth_metadata, open_channel
 from sinkstream.clients.protocol import Progress, SessionProtocol, UnaryCall
 from sinkstream.clients.results import (
     Checkpointed,
@@ -50,10 +51,17 @@ class SinkStreamClient:
     def __init__(self, address: str, *, timeout: float | None = None,
                  max_message_bytes: int = protocol.DEFAULT_MAX_MESSAGE_BYTES,
                  retry_attempts: int = 5,
-                 channel: grpc.Channel | None = None) -> None:
-        """`channel` given: use it (its options as they are) instead of opening one to `address`."""
-        self.channel = channel or grpc.insecure_channel(address, options=protocol.channel_options(
-            max_message_bytes, retry_attempts=retry_attempts))
+                 channel: grpc.Channel | None = None, token: str | None = None,
+                 tls: bool = False, tls_ca: Pem | None = None, tls_cert: Pem | None = None,
+                 tls_key: Pem | None = None) -> None:
+        """`channel` given: use it (its options as they are) instead of opening one to `address`.
+        `token`: sent as `authorization: Bearer TOKEN` on every call. TLS when `tls` or any TLS file is
+        given: `tls_ca` the CA the server's certificate must chain to (PEM path or bytes; None: the
+        system's roots), `tls_cert` and `tls_key` this client's certificate for mutual TLS."""
+        self.metadata = auth_metadata(token)
+        self.channel = channel or open_channel(
+            address, protocol.channel_options(max_message_bytes, retry_attempts=retry_attempts), tls=tls,
+            tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key, aio=False)
         self.stub = pb_grpc.SinkStreamStub(self.channel)
         self.timeout = timeout
 
@@ -70,7 +78,7 @@ class SinkStreamClient:
     def _unary(self, call: UnaryCall[T]) -> T:
         rpc = protocol.unary_callable(self.channel, call)
         try:
-            return call.interpret(rpc(call.request, timeout=self.timeout))
+            return call.interpret(rpc(call.request, timeout=self.timeout, metadata=self.metadata))
         except grpc.RpcError as exc:
             raise protocol.rpc_error(exc) from None
 
@@ -107,12 +115,12 @@ class SinkStreamClient:
         `system_message` starts its conversation, kept in the cache unless `pin_system` is False."""
         request = protocol.open_request(settings, seed, session_id, system_message=system_message,
                                         pin_system=pin_system)
-        return Session.start(self.stub, request, timeout)
+        return Session.start(self.stub, request, timeout, self.metadata)
 
     def resume_session(self, session_id: str, settings: SessionSettings | None = None, *,
                        timeout: float | None = None) -> Session:
         """Attach to an existing session (settings given replace its analysis options)."""
-        return Session.start(self.stub, protocol.resume_request(session_id, settings), timeout)
+        return Session.start(self.stub, protocol.resume_request(session_id, settings), timeout, self.metadata)
 
 
 class Session(SessionProtocol):
@@ -124,11 +132,12 @@ class Session(SessionProtocol):
         self._requests = requests
 
     @classmethod
-    def start(cls, stub: pb_grpc.SinkStreamStub, first: pb.StreamRequest, timeout: float | None) -> Session:
+    def start(cls, stub: pb_grpc.SinkStreamStub, first: pb.StreamRequest, timeout: float | None,
+              metadata: tuple = ()) -> Session:
         """Open the stream, send `first` (open or resume) and wait for SessionOpened."""
         requests: queue.Queue = queue.Queue(SEND_QUEUE)
         requests.put(first)
-        self = cls(stub.Stream(iter(requests.get, _END), timeout=timeout), requests)
+        self = cls(stub.Stream(iter(requests.get, _END), timeout=timeout, metadata=metadata), requests)
         self._on_opened(self._next())
         return self
 

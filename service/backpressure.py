@@ -8,12 +8,14 @@ against the budget, so no message bypasses it.
 
 Output side: the scheduler produces nothing for a session whose attached call has OUTBOX_LIMIT replies
 unsent (replies without a forward pass too, so its inbox fills and the reader stops), and is woken when the
-call has sent enough of them.
+call has sent enough of them. A call whose outbox stays full (a client that stopped reading) is ended after
+a while (`Outbox.stalled_for`, see SessionManager.sweep): its session is detached, its state kept.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -85,9 +87,17 @@ class Outbox:
 
     def __init__(self) -> None:
         self._replies: asyncio.Queue = asyncio.Queue()
+        self.full_since: float | None = None  # time.monotonic() since when it has been full
+        self.end_call: Callable[[], object] = lambda: None  # ends the call (set by the servicer)
 
     def put(self, reply: Any) -> None:
         self._replies.put_nowait(reply)
+        if self.full_since is None and self.full():
+            self.full_since = time.monotonic()
+
+    def stalled_for(self, now: float) -> float:
+        """Seconds the outbox has been full without the call taking a reply (0 if it is not full)."""
+        return 0.0 if self.full_since is None else now - self.full_since
 
     def full(self) -> bool:
         return self._replies.qsize() >= OUTBOX_LIMIT
@@ -98,4 +108,5 @@ class Outbox:
     async def get(self) -> tuple[Any, bool]:
         """The next reply, and whether taking it made room for a session held back by a full outbox."""
         reply = await self._replies.get()
+        self.full_since = None  # the client reads
         return reply, self._replies.qsize() == OUTBOX_LIMIT - 1

@@ -17,8 +17,10 @@ from sinkstream.core.snapshot import SnapshotError
 from sinkstream.core.streaming import NoFreeRowError, StreamingInference
 from sinkstream.service.errors import Busy, RequestError, server_failure
 from sinkstream.service.metrics import ServerMetrics
+from sinkstream.service.quotas import NO_QUOTAS, TenantQuotas
 from sinkstream.service.session import Session
 from sinkstream.service.session_store import SessionStore, snapshot_meta
+from sinkstream.service.tenants import SessionKey
 
 log = logging.getLogger("sinkstream.sessions")
 
@@ -70,10 +72,11 @@ class Residency:
     became resident or stopped being so.
     """
 
-    def __init__(self, pool: EnginePool, store: SessionStore | None, sessions: dict[str, Session],
-                 metrics: ServerMetrics, changed: Callable[[], None]) -> None:
+    def __init__(self, pool: EnginePool, store: SessionStore | None, sessions: dict[SessionKey, Session],
+                 metrics: ServerMetrics, changed: Callable[[], None],
+                 quotas: TenantQuotas = NO_QUOTAS) -> None:
         self.pool, self.store, self.sessions = pool, store, sessions
-        self.metrics, self.changed = metrics, changed
+        self.metrics, self.changed, self.quotas = metrics, changed, quotas
 
     async def take_row(self, session: Session, seed: int | None = None) -> int:
         """Give the session a row on its config's engine, evicting the least recently used idle session
@@ -87,6 +90,7 @@ class Residency:
             raise server_failure(exc, f"cannot give session {session.id!r} a cache row") from exc
 
     async def _claim_row(self, session: Session, seed: int | None) -> int:
+        await self._within_tenant_rows(session)
         if session.config not in self.pool.engines and len(self.pool.engines) >= self.pool.max_shapes:
             await self._free_a_shape()
         engine = self.pool.engine_for(session.config, self._engine_in_use)
@@ -102,6 +106,18 @@ class Residency:
             row = engine.open_row(seed)
         session.place(engine, row)
         return row
+
+    async def _within_tenant_rows(self, session: Session) -> None:
+        """Make room for one more row of the session's tenant: at its quota, evict the tenant's least
+        recently used idle session (its own, never another tenant's); Busy if none can be."""
+        own = [s for s in self.sessions.values()
+               if s.key.tenant == session.key.tenant and s.resident and s is not session]
+        if not self.quotas.rows_full(len(own)):
+            return
+        victims = sorted((s for s in own if s.idle()), key=lambda s: s.last_used)
+        if not victims or self.store is None:
+            raise self.quotas.rows_exhausted()
+        await self.evict(victims[0])
 
     async def _free_a_shape(self) -> None:
         """Persist the sessions of the least recently used engine whose sessions are all idle, so that
@@ -123,7 +139,7 @@ class Residency:
     async def save(self, session: Session) -> int:
         """Snapshot a resident session to the store; returns bytes written."""
         tensors, meta = session.engine.snapshot(session.row)
-        return await asyncio.to_thread(self.store.save, session.id, tensors, snapshot_meta(session, meta))
+        return await asyncio.to_thread(self.store.save, session.key, tensors, snapshot_meta(session, meta))
 
     async def evict(self, session: Session) -> None:
         """Snapshot a resident, idle session to the state directory and free its row."""
@@ -132,14 +148,14 @@ class Residency:
         session.release_row_persisted()
         self.metrics.evictions.inc()
         self.changed()
-        log.info("session persisted and released", extra={"session": session.id})
+        log.info("session persisted and released", extra={"session": session.key.label})
 
     async def restore(self, session: Session) -> None:
         """Bring a persisted session back onto a row. RequestErrors: DATA_LOSS when its snapshot is
         unreadable, Busy when no row is free now, else as take_row."""
         assert self.store is not None
         try:
-            tensors, meta = await asyncio.to_thread(self.store.load, session.id)
+            tensors, meta = await asyncio.to_thread(self.store.load, session.key)
         except SnapshotError as exc:
             raise lost(session, exc) from exc
         except Exception as exc:  # e.g. out of memory reading it: the snapshot itself may be fine
@@ -156,4 +172,4 @@ class Residency:
             raise
         self.metrics.restores.inc()
         self.changed()
-        log.info("session restored", extra={"session": session.id})
+        log.info("session restored", extra={"session": session.key.label})

@@ -16,6 +16,13 @@ class ServerMetrics:
         r = self.registry
         self.tokens = Counter("sinkstream_tokens_processed", "Tokens run through the model",
                               ["kind"], registry=r)  # kind: input | generated
+        # per tenant (the tenants of the tokens file, or "default"): bounded by the operator's file
+        self.tenant_tokens = Counter("sinkstream_tenant_tokens_processed", "Tokens run through the model "
+                                     "per tenant", ["tenant", "kind"], registry=r)
+        self.tenant_sessions = Gauge("sinkstream_tenant_sessions", "Live sessions per tenant",
+                                     ["tenant", "state"], registry=r)
+        self.stalled_streams = Counter("sinkstream_stalled_streams", "Streams ended because their client "
+                                       "read no reply for too long (their sessions kept)", registry=r)
         self.sessions = Gauge("sinkstream_sessions", "Live sessions", ["state"], registry=r)
         self.attached = Gauge("sinkstream_attached_streams", "Streams attached to sessions", registry=r)
         self.queue_depth = Gauge("sinkstream_queue_depth", "Requests queued in sessions, not yet started",

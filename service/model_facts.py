@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.metadata
 from dataclasses import dataclass
+from pathlib import Path
 
 from sinkstream.core.chat import has_chat_template
 from sinkstream.core.config import StreamConfig
@@ -34,12 +35,23 @@ def server_version() -> str:
         return "unknown"
 
 
+def public_model_name(name_or_path: str) -> str:
+    """The name ModelInfo shows for a model loaded from `name_or_path`: a local folder's or file's name
+    without its suffix (never the path: where the server keeps its files is not the clients' business),
+    a Hugging Face hub id as it is."""
+    path = Path(name_or_path)
+    if not path.exists():
+        return name_or_path  # a hub id such as "HuggingFaceTB/SmolLM2-135M"
+    return path.stem if path.is_file() else path.resolve().name
+
+
 def describe_model(name: str, model, tokenizer, defaults: StreamConfig, limits: Limits) -> ModelFacts:
     """The facts of a loaded model (a transformers causal LM and its tokenizer, which may be None)."""
     cfg = model.config
     eos = eos_token_ids(cfg, tokenizer, getattr(model, "generation_config", None))
     return ModelFacts(
-        name=name, model_type=cfg.model_type, vocab_size=model.get_output_embeddings().out_features,
+        name=public_model_name(name), model_type=cfg.model_type,
+        vocab_size=model.get_output_embeddings().out_features,
         max_position_embeddings=cfg.max_position_embeddings, hidden_size=cfg.hidden_size,
         num_layers=cfg.num_hidden_layers, eos_token_ids=sorted(eos),
         bos_token_id=getattr(tokenizer, "bos_token_id", None), default_settings=defaults, limits=limits,

@@ -29,6 +29,7 @@ from sinkstream.core.generation import Generation
 from sinkstream.core.streaming import ChunkResult, StreamingInference
 from sinkstream.service.batch import run_rows
 from sinkstream.service.errors import RequestError, server_failure
+from sinkstream.service.fair_share import FairShare
 from sinkstream.service.metrics import ServerMetrics
 from sinkstream.service.replies import (
     CheckpointedReply,
@@ -68,11 +69,13 @@ class Piece:
 class Scheduler:
     """Runs forever on the server's loop; `wake()` whenever a session may have new work."""
 
-    def __init__(self, manager: SessionManager, metrics: ServerMetrics, decode_input_budget: int = 0) -> None:
+    def __init__(self, manager: SessionManager, metrics: ServerMetrics, decode_input_budget: int = 0,
+                 max_batch_tokens: int = 0) -> None:
         self._progressed = False
-        self._turn = 0
         self._stopping = False
         self.decode_input_budget = decode_input_budget
+        self.max_batch_tokens = max_batch_tokens
+        self.fair_share = FairShare()
         self.manager = manager
         self.metrics = metrics
         self._wake = asyncio.Event()
@@ -110,6 +113,7 @@ class Scheduler:
                 await asyncio.shield(self.manager.sweep())  # a snapshot write is never cut in half
             except Exception:
                 log.exception("session sweep failed")
+            self.fair_share.prune({s.key for s in self.manager.all()})
             self.wake()  # retry sessions waiting for a free row
 
     async def _run(self) -> None:
@@ -139,34 +143,32 @@ class Scheduler:
                         continue
                     piece = await self._advance(session)
                 except Exception as exc:  # fail this session only; the others keep being served
-                    log.exception("session failed in the scheduler", extra={"session": session.id})
+                    log.exception("session failed in the scheduler", extra={"session": session.key.label})
                     self.manager.fail(session, server_failure(exc, "the server failed serving this session"))
                     continue
                 if piece is not None:
                     by_engine.setdefault(id(session.engine), (session.engine, []))[1].append(piece)
             for engine, pieces in by_engine.values():
-                await self._step(engine, self._budget(pieces))
+                await self._step(engine, self.budget(pieces))
                 self._progressed = True
         sessions = self.manager.all()
         self.metrics.queue_depth.set(sum(s.inbox.qsize() for s in sessions))
         self.metrics.pending_tokens.set(sum(len(s.pending) for s in sessions))
         return self._progressed
 
-    def _budget(self, pieces: list[Piece]) -> list[Piece]:
-        """While sessions are generating, keep input tokens per pass within `decode_input_budget` (input
-        pieces take turns), so a pass - and so each generated token - stays short. Pieces left out keep
-        their work for a later pass."""
+    def budget(self, pieces: list[Piece]) -> list[Piece]:
+        """Keep input tokens per pass within `max_batch_tokens`, and within `decode_input_budget` while
+        sessions are generating (so a pass - and so each generated token - stays short); the input pieces
+        that fit are chosen by fair share between tenants, then sessions (fair_share.py). Decode pieces
+        always go. Pieces left out keep their work for a later pass."""
         inputs = [p for p in pieces if p.ids is not None]
-        if len(inputs) == len(pieces) or not self.decode_input_budget:
+        generating = len(inputs) < len(pieces)
+        limits = [b for b in (self.max_batch_tokens, self.decode_input_budget if generating else 0) if b]
+        if not limits or not inputs:
             return pieces
-        self._turn = (self._turn + 1) % len(inputs) if inputs else 0
-        chosen, used = [p for p in pieces if p.ids is None], 0
-        for p in inputs[self._turn:] + inputs[:self._turn]:
-            if used + len(p.ids) > self.decode_input_budget and used:
-                break
-            chosen.append(p)
-            used += len(p.ids)
-        return chosen
+        chosen = self.fair_share.choose(inputs, min(limits), tenant=lambda p: p.session.key.tenant,
+                                        session=lambda p: p.session.key, tokens=lambda p: len(p.ids))
+        return [p for p in pieces if p.ids is None] + chosen
 
     async def _advance(self, s: Session) -> Piece | None:
         """Answer s's requests that need no forward pass; return its piece of the next pass, if any."""
@@ -254,7 +256,7 @@ class Scheduler:
             s.emit(ErrorReply(item.request_id, exc))
             return
         except Exception as exc:  # e.g. disk full: answer the request, the session stays in memory
-            log.warning("checkpoint failed: %r", exc, extra={"session": s.id})
+            log.warning("checkpoint failed: %r", exc, extra={"session": s.key.label})
             error = server_failure(exc, "checkpoint failed", "checkpoint")
             s.emit(ErrorReply(item.request_id, error))
             return
@@ -290,7 +292,7 @@ class Scheduler:
                 else:
                     self._deliver_token(p)
             except Exception as exc:  # e.g. this generation's stop matcher: fail this session only
-                log.exception("delivering a result failed", extra={"session": p.session.id})
+                log.exception("delivering a result failed", extra={"session": p.session.key.label})
                 self.manager.fail(p.session, server_failure(exc, "the server failed serving this session"))
 
     @staticmethod
@@ -319,7 +321,7 @@ class Scheduler:
     def _fail_piece(self, p: Piece, exc: Exception) -> None:
         """This piece's own work failed (its sampler, or its row of the pass); its row is unchanged."""
         s = p.session
-        log.warning("a session's part of a forward pass failed: %r", exc, extra={"session": s.id})
+        log.warning("a session's part of a forward pass failed: %r", exc, extra={"session": s.key.label})
         if p.ids is None:
             s.finish_generation("ERROR", error=f"generating the next token failed: {exc!r}")
             return
@@ -334,6 +336,7 @@ class Scheduler:
         s = p.session
         request_id = s.consume_pending(len(p.ids))
         self.metrics.tokens.labels("input").inc(len(p.ids))
+        self.metrics.tenant_tokens.labels(p.session.key.tenant, "input").inc(len(p.ids))
         if s.outbox is None:
             return
         s.emit(ChunkReply.of(request_id, len(p.ids), result, s.analysis, s.row_stats()))
@@ -345,6 +348,7 @@ class Scheduler:
         first, latency = g.record_token(token.text, time.perf_counter())
         (self.metrics.ttft_seconds if first else self.metrics.token_seconds).observe(latency)
         self.metrics.tokens.labels("generated").inc()
+        self.metrics.tenant_tokens.labels(p.session.key.tenant, "generated").inc()
         s.emit(TokenReply(g.work.request_id, token.token_id, token.text, token.logprob,
                           index=len(g.gen.generated) - 1))
         if token.stop_reason is not None:

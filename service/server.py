@@ -1,9 +1,11 @@
-"""Server bootstrap: model, sessions, scheduler, gRPC (health, reflection, keepalive, message limits),
-metrics endpoint, SIGTERM graceful shutdown. The `sinkstream serve` command that runs it is in the CLI."""
+"""Server bootstrap: model, sessions, scheduler, gRPC (health, reflection, keepalive, message limits,
+TLS, bearer tokens), the health-only port, metrics endpoint, SIGHUP reload of tokens and certificates,
+SIGTERM graceful shutdown. The `sinkstream serve` command that runs it is in the CLI."""
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import signal
 import threading
@@ -16,14 +18,17 @@ from grpc_reflection.v1alpha import reflection
 
 from sinkstream.core.config import StreamConfig
 from sinkstream.core.model_loading import LoadedModel
+from sinkstream.service.auth import AuthInterceptor, TokenTable
 from sinkstream.service.engine_pool import EnginePool
 from sinkstream.service.errors import RequestError
 from sinkstream.service.metrics import ServerMetrics
 from sinkstream.service.options import Limits
+from sinkstream.service.quotas import NO_QUOTAS, TenantQuotas
 from sinkstream.service.scheduler import Scheduler
 from sinkstream.service.servicer import SinkStreamServicer
 from sinkstream.service.session_manager import SessionManager, ShutdownReport
 from sinkstream.service.session_store import SessionStore
+from sinkstream.service.tls import CertificateSource, TLSFiles
 from sinkstream.service.wire import add_servicer
 from sinkstream.v1 import sinkstream_pb2 as pb
 from sinkstream.v1 import sinkstream_pb2_grpc as pb_grpc
@@ -58,6 +63,33 @@ class ServerConfig:
     grace_s: float = 10.0
     decode_input_budget: int = 64
     defaults: StreamConfig = field(default_factory=StreamConfig)
+    tls: TLSFiles | None = None
+    auth_tokens: Path | None = None
+    health_port: int | None = None
+    insecure_allow_remote: bool = False
+    quotas: TenantQuotas = NO_QUOTAS
+    max_batch_tokens: int = 0
+    stalled_reader_s: float = 60.0
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` (a name or an address, IPv6 possibly in brackets) is this machine only."""
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_exposure(config: ServerConfig) -> None:
+    """ValueError if the server would let anyone who reaches it use every session: no tokens, and an
+    address other than loopback without --insecure-allow-remote."""
+    if config.auth_tokens is None and not config.insecure_allow_remote and not is_loopback(config.host):
+        raise ValueError(f"refusing to listen on {config.host} without --auth-tokens: anyone reaching it "
+                         "could read, write and delete every session; give --auth-tokens FILE, listen on "
+                         "127.0.0.1, or pass --insecure-allow-remote")
 
 
 def grpc_options(config: ServerConfig) -> list[tuple[str, int]]:
@@ -93,13 +125,22 @@ class SinkStreamServer:
                           self.metrics)
         store = SessionStore(Path(config.state_dir)) if config.state_dir is not None else None
         self.manager = SessionManager(pool, store, self.metrics, max_sessions=config.max_sessions,
-                                      session_ttl_s=config.session_ttl_s, idle_evict_s=config.idle_evict_s)
-        self.scheduler = Scheduler(self.manager, self.metrics, config.decode_input_budget)
+                                      session_ttl_s=config.session_ttl_s, idle_evict_s=config.idle_evict_s,
+                                      quotas=config.quotas, stalled_reader_s=config.stalled_reader_s)
+        self.scheduler = Scheduler(self.manager, self.metrics, config.decode_input_budget,
+                                   config.max_batch_tokens)
         self.servicer = SinkStreamServicer(self.manager, self.scheduler, self.metrics, self.limits,
                                            config.defaults, loaded.name)
         self.health = health.aio.HealthServicer()
-        self.server = grpc.aio.server(options=grpc_options(config))
+        check_exposure(config)
+        self.tokens = TokenTable(Path(config.auth_tokens)) if config.auth_tokens is not None else None
+        self.certificates = CertificateSource(config.tls) if config.tls is not None else None
+        interceptors = [AuthInterceptor(self.tokens)] if self.tokens is not None else []
+        self.server = grpc.aio.server(options=grpc_options(config), interceptors=interceptors)
+        # Orchestrator probes that cannot present credentials: the health service alone, plaintext.
+        self.health_server = grpc.aio.server() if config.health_port is not None else None
         self.port = 0
+        self.health_port: int | None = None
         self._metrics_http = None
 
     @classmethod
@@ -110,9 +151,17 @@ class SinkStreamServer:
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
              reflection.SERVICE_NAME), self.server)
-        self.port = self.server.add_insecure_port(f"{config.host}:{config.port}")
+        address = f"{config.host}:{config.port}"
+        self.port = (self.server.add_secure_port(address, self.certificates.credentials())
+                     if self.certificates is not None else self.server.add_insecure_port(address))
         if self.port == 0:
-            raise OSError(f"cannot listen on {config.host}:{config.port}")
+            raise OSError(f"cannot listen on {address}")
+        if self.health_server is not None:
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, self.health_server)
+            self.health_port = self.health_server.add_insecure_port(f"{config.host}:{config.health_port}")
+            if self.health_port == 0:
+                raise OSError(f"cannot listen on {config.host}:{config.health_port} (--health-port)")
+            await self.health_server.start()
         self.scheduler.start()
         await self.server.start()
         for name in ("", SERVICE_NAME):
@@ -120,8 +169,23 @@ class SinkStreamServer:
         if config.metrics_port is not None:
             self._metrics_http, _ = self.metrics.serve(config.metrics_port, config.metrics_host)
         log.info("serving", extra={"address": f"{config.host}:{self.port}", "model": loaded.name,
-                                   "metrics_port": self.metrics_port})
+                                   "metrics_port": self.metrics_port, "health_port": self.health_port,
+                                   "tls": self.certificates is not None, "auth": self.tokens is not None})
+        if self.tokens is None and is_loopback(config.host):
+            log.info("no --auth-tokens: listening on loopback only, where every local client can use every "
+                     "session (--auth-tokens FILE, or --insecure-allow-remote, to listen elsewhere)")
+        elif self.tokens is None:
+            log.warning("no --auth-tokens and --insecure-allow-remote: every client that reaches %s can "
+                        "use every session", config.host)
         return self
+
+    def reload(self) -> None:
+        """SIGHUP: read the tokens file and the certificates again (each keeps its current contents if
+        the new ones cannot be used); open streams are not disturbed."""
+        if self.tokens is not None:
+            self.tokens.reload()
+        if self.certificates is not None:
+            self.certificates.reload()
 
     @property
     def metrics_port(self) -> int | None:
@@ -142,6 +206,8 @@ class SinkStreamServer:
             grpc.StatusCode.UNAVAILABLE, "the server is shutting down; this request was not processed (its "
             "input is kept with the session: resume it on a server with the same state directory)"))
         await stopping
+        if self.health_server is not None:
+            await self.health_server.stop(0)
         report = await self.manager.persist_all()
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
@@ -207,12 +273,14 @@ async def serve_until_signal(config: ServerConfig, loaded: LoadedModel) -> Shutd
     server = await SinkStreamServer.start(config, loaded)
     # Machine-readable line for supervisors and tests that pass --port 0.
     print(f"sinkstream: listening on {config.host}:{server.port}"
-          + (f" metrics on {config.metrics_host}:{server.metrics_port}" if server.metrics_port else ""),
+          + (f" metrics on {config.metrics_host}:{server.metrics_port}" if server.metrics_port else "")
+          + (f" health on {config.host}:{server.health_port}" if server.health_port else ""),
           flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, server.reload)
     await stop.wait()
     log.info("shutting down", extra={"grace_s": config.grace_s})
     return await server.stop()

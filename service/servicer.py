@@ -23,6 +23,7 @@ from sinkstream.service.requests import CancelRequest, OpenRequest
 from sinkstream.service.scheduler import Scheduler
 from sinkstream.service.session import Session
 from sinkstream.service.session_manager import SessionManager
+from sinkstream.service.tenants import SessionKey, current_tenant
 from sinkstream.service.text_input import tokenize
 from sinkstream.service.wire import Malformed
 from sinkstream.service.work import DetachWork, ErrorWork
@@ -56,8 +57,13 @@ class SinkStreamServicer(pb_grpc.SinkStreamServicer):
             await self._abort(context, exc)
             return
         outbox = self.manager.attach(session)
-        log.info("stream attached", extra={"session": session.id, "peer": context.peer()})
+        log.info("stream attached", extra={"session": session.key.label, "peer": context.peer()})
         reader = asyncio.create_task(self._read(requests, session, outbox))
+        call = asyncio.current_task()
+        # for a client that stops reading (SessionManager.sweep): no request of this call reaches the
+        # session once this returns, and the handler stops (the HTTP/2 stream itself lasts until the
+        # client's deadline or disconnection, holding only what its flow-control windows hold)
+        outbox.end_call = lambda: (reader.cancel(), call.cancel())
         try:
             yield opened
             while True:
@@ -72,7 +78,7 @@ class SinkStreamServicer(pb_grpc.SinkStreamServicer):
         finally:
             reader.cancel()
             self.manager.detach(session, outbox)
-            log.info("stream detached", extra={"session": session.id})
+            log.info("stream detached", extra={"session": session.key.label})
 
     async def _abort(self, context: grpc.aio.ServicerContext, exc: RequestError) -> None:
         self.metrics.errors.labels(exc.code.name).inc()
@@ -83,10 +89,12 @@ class SinkStreamServicer(pb_grpc.SinkStreamServicer):
         request = convert.start_request_from_pb(first, self.defaults, self.limits)
         if isinstance(request, OpenRequest):
             chat, first_ids, config = self._system_message(request)
-            session = await self.manager.open(request.session_id, config, request.analysis, request.seed,
-                                              chat=chat, first_ids=first_ids, request_id=request.request_id)
+            session = await self.manager.open(current_tenant.get(), request.session_id, config,
+                                              request.analysis, request.seed, chat=chat, first_ids=first_ids,
+                                              request_id=request.request_id)
         else:
-            session = await self.manager.resume(request.session_id, request.analysis)
+            session = await self.manager.resume(SessionKey(current_tenant.get(), request.session_id),
+                                                request.analysis)
         resumed = not isinstance(request, OpenRequest)
         return session, convert.session_opened_to_pb(request.request_id, session, resumed)
 
@@ -135,7 +143,7 @@ class SinkStreamServicer(pb_grpc.SinkStreamServicer):
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # a bug or a failed transport: end the call as failed, keep the session
-            log.exception("reading stream failed", extra={"session": session.id})
+            log.exception("reading stream failed", extra={"session": session.key.label})
             if session.outbox is outbox:
                 outbox.put(StreamEnd(server_failure(exc, "reading the stream failed")))
 
@@ -154,16 +162,17 @@ class SinkStreamServicer(pb_grpc.SinkStreamServicer):
     async def GetSession(self, request: pb.GetSessionRequest, context) -> pb.SessionInfo:  # noqa: N802
         try:
             session_id = convert.check_session_id(request.session_id, "session_id")
-            return convert.session_info_to_pb(self.manager.get(session_id))
+            return convert.session_info_to_pb(self.manager.get(SessionKey(current_tenant.get(), session_id)))
         except RequestError as exc:
             await self._abort(context, exc)
 
     async def ListSessions(self, request, context) -> pb.ListSessionsResponse:  # noqa: N802
-        return convert.list_sessions_to_pb(self.manager.all())
+        return convert.list_sessions_to_pb(self.manager.all(current_tenant.get()))
 
     async def DeleteSession(self, request: pb.DeleteSessionRequest, context) -> pb.DeleteSessionResponse:  # noqa: N802
         try:
             session_id = convert.check_session_id(request.session_id, "session_id")
-            return convert.delete_session_to_pb(await self.manager.delete(session_id))
+            key = SessionKey(current_tenant.get(), session_id)
+            return convert.delete_session_to_pb(await self.manager.delete(key))
         except RequestError as exc:
             await self._abort(context, exc)

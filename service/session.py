@@ -21,6 +21,7 @@ from sinkstream.service.chat_input import ChatInput
 from sinkstream.service.errors import RequestError
 from sinkstream.service.options import AnalysisOptions
 from sinkstream.service.replies import GenerationReply, Reply, StreamEnd
+from sinkstream.service.tenants import SessionKey
 from sinkstream.service.text_input import TextInput
 from sinkstream.service.work import AppendWork, DetachWork, ErrorWork, GenerateWork, MessageWork, Work
 
@@ -69,9 +70,10 @@ class ActiveGeneration:
 class Session:
     """One client stream of tokens and everything the server keeps for it."""
 
-    def __init__(self, session_id: str, config: StreamConfig, analysis: AnalysisOptions,
+    def __init__(self, key: SessionKey, config: StreamConfig, analysis: AnalysisOptions,
                  text: TextInput | None, created: float | None = None) -> None:
-        self.id = session_id
+        self.key = key  # (tenant, id): the tenant that opened it and the id that tenant knows it by
+        self.id = key.id
         self.config = config
         self.analysis = analysis
         self.text = text
@@ -97,11 +99,11 @@ class Session:
         self.saved_stats: dict[str, Any] = {"tokens_seen": 0, "mean_nll": 0.0, "scored": 0}
 
     @classmethod
-    def persisted(cls, session_id: str, config: StreamConfig, analysis: AnalysisOptions,
+    def persisted(cls, key: SessionKey, config: StreamConfig, analysis: AnalysisOptions,
                   text: TextInput | None, *, created: float, last_used: float, pending: list[int],
                   saved_stats: dict[str, Any]) -> Session:
         """A session found in the state directory, not resident until its work restores it."""
-        session = cls(session_id, config, analysis, text, created=created)
+        session = cls(key, config, analysis, text, created=created)
         session.last_used = last_used
         session.pending = list(pending)
         session.pending_owners.append([len(session.pending), ""])

@@ -15,6 +15,7 @@ import asyncio
 import logging
 import secrets
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -27,9 +28,11 @@ from sinkstream.service.engine_pool import EnginePool, Residency
 from sinkstream.service.errors import Busy, RequestError, shown_id
 from sinkstream.service.metrics import ServerMetrics
 from sinkstream.service.options import AnalysisOptions
+from sinkstream.service.quotas import NO_QUOTAS, TenantQuotas
 from sinkstream.service.replies import ErrorReply, StreamEnd
 from sinkstream.service.session import Session
 from sinkstream.service.session_store import SessionStore, session_from_meta
+from sinkstream.service.tenants import SessionKey
 from sinkstream.service.text_input import TextInput
 from sinkstream.service.work import AppendWork
 
@@ -42,86 +45,103 @@ class SessionManager:
     """All live sessions; opening, resuming, evicting, restoring, expiring and deleting them."""
 
     def __init__(self, pool: EnginePool, store: SessionStore | None, metrics: ServerMetrics, *,
-                 max_sessions: int, session_ttl_s: float, idle_evict_s: float) -> None:
+                 max_sessions: int, session_ttl_s: float, idle_evict_s: float,
+                 quotas: TenantQuotas = NO_QUOTAS, stalled_reader_s: float = 0.0) -> None:
         self.pool, self.store, self.metrics = pool, store, metrics
-        self.max_sessions = max_sessions
+        self.max_sessions, self.quotas = max_sessions, quotas
+        self.stalled_reader_s = stalled_reader_s  # 0: a stream that reads nothing stays attached
         self.session_ttl_s, self.idle_evict_s = session_ttl_s, idle_evict_s
-        self.sessions: dict[str, Session] = {}
-        self.recently_closed: dict[str, None] = {}
-        # Sessions whose snapshot is damaged (id -> why): DATA_LOSS until deleted, never NOT_FOUND.
-        self.damaged: dict[str, str] = {}
+        self.sessions: dict[SessionKey, Session] = {}
+        self.recently_closed: dict[SessionKey, None] = {}
+        # Sessions whose snapshot is damaged (key -> why): DATA_LOSS until deleted, never NOT_FOUND.
+        self.damaged: dict[SessionKey, str] = {}
         self.lock = asyncio.Lock()
-        self.residency = Residency(pool, store, self.sessions, metrics, self._update_gauges)
+        self._gauged_tenants: set[str] = set()
+        self.residency = Residency(pool, store, self.sessions, metrics, self._update_gauges, quotas)
         self.on_work: Callable[[], None] = lambda: None  # the scheduler's wake-up
         if store is not None:
             metas, self.damaged = store.scan()
-            for meta in metas:
+            for key, meta in metas:
                 try:
-                    session = session_from_meta(meta, pool.tokenizer)
+                    session = session_from_meta(key, meta, pool.tokenizer)
                 except (KeyError, TypeError, ValueError) as exc:
                     log.warning("skipping snapshot without session state: %r", exc)
                     continue
-                self.sessions[session.id] = session
+                self.sessions[key] = session
         self._update_gauges()
 
     # ------------------------------------------------------------------ lookup
-    def get(self, session_id: str) -> Session:
-        session = self.sessions.get(session_id)
-        if session is None and session_id in self.damaged:
+    def get(self, key: SessionKey) -> Session:
+        """A tenant's live session; NOT_FOUND for an id the tenant has no session under, whether or not
+        another tenant has one (the message is the same)."""
+        session = self.sessions.get(key)
+        if session is None and key in self.damaged:
             raise RequestError(grpc.StatusCode.DATA_LOSS,
-                               f"session {shown_id(session_id)} is lost: its persisted state is damaged "
-                               f"({self.damaged[session_id]}); delete it", "session_id")
+                               f"session {shown_id(key.id)} is lost: its persisted state is damaged "
+                               f"({self.damaged[key]}); delete it", "session_id")
         if session is None:
-            why = "was closed" if session_id in self.recently_closed else "is unknown or expired"
-            raise RequestError(grpc.StatusCode.NOT_FOUND, f"session {shown_id(session_id)} {why}",
+            why = "was closed" if key in self.recently_closed else "is unknown or expired"
+            raise RequestError(grpc.StatusCode.NOT_FOUND, f"session {shown_id(key.id)} {why}",
                                "session_id")
         return session
 
-    def all(self) -> list[Session]:
-        """The live sessions, resident or persisted."""
-        return list(self.sessions.values())
+    def all(self, tenant: str | None = None) -> list[Session]:
+        """The live sessions, resident or persisted: every tenant's, or only `tenant`'s."""
+        return [s for s in self.sessions.values() if tenant is None or s.key.tenant == tenant]
 
     def _update_gauges(self) -> None:
         resident = sum(s.resident for s in self.sessions.values())
         self.metrics.sessions.labels("resident").set(resident)
         self.metrics.sessions.labels("persisted").set(len(self.sessions) - resident)
+        by_tenant = Counter((s.key.tenant, s.resident) for s in self.sessions.values())
+        for tenant in {key.tenant for key in self.sessions} | self._gauged_tenants:
+            for state, is_resident in (("resident", True), ("persisted", False)):
+                self.metrics.tenant_sessions.labels(tenant, state).set(by_tenant[tenant, is_resident])
+        self._gauged_tenants |= {key.tenant for key in self.sessions}
         self.metrics.attached.set(sum(s.attached for s in self.sessions.values()))
 
     # ------------------------------------------------------------------ open / resume / attach / detach
-    async def open(self, session_id: str, config: StreamConfig, analysis: AnalysisOptions,
+    async def open(self, tenant: str, session_id: str, config: StreamConfig, analysis: AnalysisOptions,
                    seed: int | None, *, chat: ChatInput | None = None, first_ids: list[int] | None = None,
                    request_id: str = "") -> Session:
-        """A new resident session; an empty `session_id` gets a random one. `chat`: its conversation,
-        started (e.g. with a system message) and `first_ids`: that start's ids, the stream's first input."""
-        session_id = session_id or secrets.token_hex(8)
+        """A new resident session of `tenant`; an empty `session_id` gets a random one (128 bits).
+        `chat`: its conversation, started (e.g. with a system message) and `first_ids`: that start's ids,
+        the stream's first input."""
+        key = SessionKey(tenant, session_id or secrets.token_hex(16))
         async with self.lock:
-            if session_id in self.sessions or session_id in self.damaged:
-                raise RequestError(grpc.StatusCode.ALREADY_EXISTS, f"session {shown_id(session_id)} exists",
+            if key in self.sessions or key in self.damaged:
+                raise RequestError(grpc.StatusCode.ALREADY_EXISTS, f"session {shown_id(key.id)} exists",
                                    "open.session_id")
+            if self._held_by(tenant) >= self.quotas.max_sessions > 0:
+                self._expire(time.time())
+            self.quotas.check_sessions(self._held_by(tenant))
             if len(self.sessions) >= self.max_sessions:
                 self._expire(time.time())
                 if len(self.sessions) >= self.max_sessions:
                     raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                        f"the server holds its maximum of {self.max_sessions} sessions")
             text = TextInput(self.pool.tokenizer) if self.pool.tokenizer is not None else None
-            session = Session(session_id, config, analysis, text)
+            session = Session(key, config, analysis, text)
             session.chat = chat
             if first_ids:
                 ids = text.push_ids(first_ids) if text is not None else first_ids
                 session.add_input(AppendWork(request_id, ids, False))
             await self.residency.take_row(session, seed=seed)
-            self.sessions[session_id] = session
-            self.recently_closed.pop(session_id, None)
+            self.sessions[key] = session
+            self.recently_closed.pop(key, None)
             self._update_gauges()
             return session
 
-    async def resume(self, session_id: str, analysis: AnalysisOptions | None) -> Session:
+    def _held_by(self, tenant: str) -> int:
+        return sum(key.tenant == tenant for key in self.sessions)
+
+    async def resume(self, key: SessionKey, analysis: AnalysisOptions | None) -> Session:
         """An existing session, resident again, for a new call."""
         async with self.lock:
-            session = self.get(session_id)
+            session = self.get(key)
             if session.attached:
                 raise RequestError(grpc.StatusCode.ABORTED,
-                                   f"session {shown_id(session_id)} is attached to another stream",
+                                   f"session {shown_id(key.id)} is attached to another stream",
                                    "resume.session_id")
             if session.generation is not None:  # cancelled by the previous call's end
                 session.finish_generation("CANCELLED")
@@ -172,16 +192,16 @@ class SessionManager:
     def _lose(self, session: Session, error: RequestError) -> None:
         """The session's snapshot is damaged: it is gone from memory, its file stays (for inspection) and
         every later use of its id is DATA_LOSS until DeleteSession removes it."""
-        log.error("session lost: %s", error, extra={"session": session.id})
+        log.error("session lost: %s", error, extra={"session": session.key.label})
         session.end()
-        self.sessions.pop(session.id, None)
-        self.damaged[session.id] = error.message
+        self.sessions.pop(session.key, None)
+        self.damaged[session.key] = error.message
         self._update_gauges()
 
     def fail(self, session: Session, error: RequestError) -> None:
         """A server-side failure specific to this session: end its call with `error`, drop its queued
         requests (they would fail the same way) and leave it alone for a moment; it stays resumable."""
-        log.warning("session failed: %s", error, extra={"session": session.id})
+        log.warning("session failed: %s", error, extra={"session": session.key.label})
         session.fail(error, retry_at=time.monotonic() + FAILED_RETRY_S)
 
     # ------------------------------------------------------------------ checkpoint / close / delete
@@ -198,26 +218,26 @@ class SessionManager:
 
     def _forget(self, session: Session) -> None:
         session.end()
-        self.sessions.pop(session.id, None)
-        self.recently_closed[session.id] = None
+        self.sessions.pop(session.key, None)
+        self.recently_closed[session.key] = None
         if len(self.recently_closed) > RECENTLY_CLOSED:
             self.recently_closed.pop(next(iter(self.recently_closed)))
         if self.store is not None:
-            self.store.delete(session.id)
+            self.store.delete(session.key)
         self._update_gauges()
 
-    async def delete(self, session_id: str) -> int:
+    async def delete(self, key: SessionKey) -> int:
         """Delete a detached session; returns the tokens it had seen."""
         async with self.lock:
-            if session_id in self.damaged:
-                self.damaged.pop(session_id)
+            if key in self.damaged:
+                self.damaged.pop(key)
                 if self.store is not None:
-                    self.store.delete(session_id)
+                    self.store.delete(key)
                 return 0
-            session = self.get(session_id)
+            session = self.get(key)
             if session.attached:
                 raise RequestError(grpc.StatusCode.FAILED_PRECONDITION,
-                                   f"session {shown_id(session_id)} is attached to a stream; close it there",
+                                   f"session {shown_id(key.id)} is attached to a stream; close it there",
                                    "session_id")
             tokens = session.tokens_seen()
             self._forget(session)
@@ -229,12 +249,34 @@ class SessionManager:
             return
         for session in list(self.sessions.values()):
             if not session.attached and session.idle() and now - session.last_used > self.session_ttl_s:
-                log.info("session expired", extra={"session": session.id})
+                log.info("session expired", extra={"session": session.key.label})
                 self._forget(session)
 
+    def _end_stalled_streams(self) -> None:
+        """End the calls whose client has read no reply for stalled_reader_s: their sessions are detached
+        (state and unprocessed input kept, resumable), so they no longer hold a row - nor can they be
+        driven - for a client that reads nothing (see Outbox.end_call for the call itself)."""
+        if not self.stalled_reader_s:
+            return
+        now = time.monotonic()
+        for session in list(self.sessions.values()):
+            outbox = session.outbox
+            if outbox is None or outbox.stalled_for(now) <= self.stalled_reader_s:
+                continue
+            log.warning("ending a stream that reads no replies; its session stays",
+                        extra={"session": session.key.label, "stalled_s": round(outbox.stalled_for(now), 1)})
+            self.metrics.stalled_streams.inc()
+            outbox.put(StreamEnd(RequestError(
+                grpc.StatusCode.DEADLINE_EXCEEDED, f"the client read no reply for {self.stalled_reader_s:g} "
+                "s: the stream is ended, the session kept (resume it)")))
+            outbox.end_call()  # first: the call's reader queues nothing more
+            self.detach(session, outbox)
+
     async def sweep(self) -> None:
-        """Expire sessions past their TTL; persist and release sessions idle for idle_evict_s."""
+        """End streams that stopped reading; expire sessions past their TTL; persist and release sessions
+        idle for idle_evict_s."""
         async with self.lock:
+            self._end_stalled_streams()
             now = time.time()
             self._expire(now)
             if self.store is None or not self.idle_evict_s:
@@ -280,10 +322,11 @@ class SessionManager:
                         await asyncio.to_thread(self.store.update_session_meta, session)
                 except Exception as exc:  # disk full, unwritable, too large: the next session is still saved
                     why = f"{type(exc).__name__}: {exc}"
-                    log.error("could not persist session at shutdown: %s", why, extra={"session": session.id})
-                    report.failed[session.id] = why
+                    log.error("could not persist session at shutdown: %s", why,
+                              extra={"session": session.key.label})
+                    report.failed[session.key.label] = why
                 else:
-                    report.saved.append(session.id)
+                    report.saved.append(session.key.label)
             return report
 
 

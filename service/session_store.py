@@ -17,6 +17,7 @@ from sinkstream.service.chat_input import ChatInput
 from sinkstream.service.errors import shown_id
 from sinkstream.service.options import AnalysisOptions
 from sinkstream.service.session import Session, is_valid_session_id
+from sinkstream.service.tenants import DEFAULT_TENANT, SessionKey, is_valid_tenant
 from sinkstream.service.text_input import TextInput
 
 log = logging.getLogger("sinkstream.sessions")
@@ -36,63 +37,82 @@ def prepare_state_dir(root: Path) -> None:
 
 
 class SessionStore:
-    """The state directory: one `<session id>.safetensors` per persisted session (no pickle)."""
+    """The state directory: one `<session id>.safetensors` per persisted session (no pickle), the default
+    tenant's in the directory itself (the layout of servers without tenants), every other tenant's in
+    `tenants/<tenant>/`."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
         prepare_state_dir(root)
 
-    def path(self, session_id: str) -> Path:
-        """The snapshot file of a session (ValueError for an id that is not a valid session id: paths are
-        never built from unchecked ids)."""
-        if not is_valid_session_id(session_id):
-            raise ValueError(f"not a valid session id: {shown_id(session_id)}")
-        return self.root / f"{session_id}.safetensors"
+    def path(self, key: SessionKey) -> Path:
+        """The snapshot file of a session: the one place a session's files are named (files kept beside
+        it derive their names from this path). ValueError for a tenant or id that is not valid: paths are
+        never built from unchecked names."""
+        if not is_valid_session_id(key.id):
+            raise ValueError(f"not a valid session id: {shown_id(key.id)}")
+        if not is_valid_tenant(key.tenant):
+            raise ValueError(f"not a valid tenant: {shown_id(key.tenant)}")
+        folder = self.root if key.tenant == DEFAULT_TENANT else self.root / TENANTS_DIR / key.tenant
+        return folder / f"{key.id}.safetensors"
 
-    def save(self, session_id: str, tensors: dict, meta: dict) -> int:
+    def save(self, key: SessionKey, tensors: dict, meta: dict) -> int:
         """Write one session's snapshot; returns its size in bytes."""
-        path = self.path(session_id)
+        path = self.path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
         save_snapshot(path, tensors, meta)
         return path.stat().st_size
 
-    def load(self, session_id: str) -> tuple[dict, dict]:
+    def load(self, key: SessionKey) -> tuple[dict, dict]:
         try:
-            return load_snapshot(self.path(session_id))
+            return load_snapshot(self.path(key))
         except (SnapshotError, MemoryError):  # out of memory says nothing about the file
             raise
         except Exception as exc:  # e.g. safetensors' own error for a damaged header
-            raise SnapshotError(f"cannot read snapshot of {session_id}: {exc}") from exc
+            raise SnapshotError(f"cannot read snapshot of {key.id}: {exc}") from exc
 
     def update_session_meta(self, session: Session) -> int:
         """Rewrite a persisted session's snapshot with its current session state (e.g. pending input
         added while it was not resident); returns its size in bytes."""
-        tensors, meta = self.load(session.id)
-        size = self.save(session.id, tensors, snapshot_meta(session, meta))
+        tensors, meta = self.load(session.key)
+        size = self.save(session.key, tensors, snapshot_meta(session, meta))
         session.input_unsaved = False
         return size
 
-    def delete(self, session_id: str) -> None:
-        self.path(session_id).unlink(missing_ok=True)
+    def delete(self, key: SessionKey) -> None:
+        self.path(key).unlink(missing_ok=True)
 
-    def scan(self) -> tuple[list[dict[str, Any]], dict[str, str]]:
-        """Metadata of every readable snapshot, and why each unreadable one is (by session id, from its
-        file name): a damaged file must not stop the server from starting, nor make its session vanish."""
-        metas, damaged = [], {}
-        for path in sorted(self.root.glob("*.safetensors")):
-            try:
-                with safe_open(str(path), framework="pt") as f:
-                    meta = json.loads((f.metadata() or {})["sinkstream"])
-                session_id = meta["session"]["id"]
-            except Exception as exc:
-                log.warning("unreadable snapshot", extra={"path": str(path), "error": str(exc)})
-                if is_valid_session_id(path.stem):
-                    damaged[path.stem] = f"cannot read snapshot {path.name}: {type(exc).__name__}: {exc}"
-                continue
-            if session_id != path.stem or not is_valid_session_id(session_id):
-                log.warning("skipping snapshot of another file name", extra={"path": str(path)})
-                continue
-            metas.append(meta)
+    def scan(self) -> tuple[list[tuple[SessionKey, dict[str, Any]]], dict[SessionKey, str]]:
+        """Key and metadata of every readable snapshot, and why each unreadable one is (by key, from its
+        file's place): a damaged file must not stop the server from starting, nor make its session
+        vanish."""
+        metas: list[tuple[SessionKey, dict[str, Any]]] = []
+        damaged: dict[SessionKey, str] = {}
+        folders = [(DEFAULT_TENANT, self.root)]
+        tenants_root = self.root / TENANTS_DIR
+        if tenants_root.is_dir():
+            folders += [(p.name, p) for p in sorted(tenants_root.iterdir())
+                        if p.is_dir() and is_valid_tenant(p.name) and p.name != DEFAULT_TENANT]
+        for tenant, folder in folders:
+            for path in sorted(folder.glob("*.safetensors")):
+                key = SessionKey(tenant, path.stem)
+                try:
+                    with safe_open(str(path), framework="pt") as f:
+                        meta = json.loads((f.metadata() or {})["sinkstream"])
+                    session_id = meta["session"]["id"]
+                except Exception as exc:
+                    log.warning("unreadable snapshot", extra={"path": str(path), "error": str(exc)})
+                    if is_valid_session_id(path.stem):
+                        damaged[key] = f"cannot read snapshot {path.name}: {type(exc).__name__}: {exc}"
+                    continue
+                if session_id != path.stem or not is_valid_session_id(session_id):
+                    log.warning("skipping snapshot of another file name", extra={"path": str(path)})
+                    continue
+                metas.append((key, meta))
         return metas, damaged
+
+
+TENANTS_DIR = "tenants"
 
 
 def snapshot_meta(session: Session, meta: dict[str, Any]) -> dict[str, Any]:
@@ -107,14 +127,14 @@ def config_from_meta(meta: dict[str, Any]) -> StreamConfig:
     return StreamConfig(**config)
 
 
-def session_from_meta(meta: dict[str, Any], tokenizer) -> Session:
-    """The persisted session a snapshot's metadata describes (KeyError, TypeError, ValueError if it
-    holds no valid session state)."""
+def session_from_meta(key: SessionKey, meta: dict[str, Any], tokenizer) -> Session:
+    """The persisted session `key` whose snapshot's metadata is `meta` (KeyError, TypeError, ValueError if
+    it holds no valid session state)."""
     info = meta["session"]
     text = TextInput(tokenizer, info["text"]) if tokenizer is not None else None
     scored = int(meta["scored"])
     session = Session.persisted(
-        info["id"], config_from_meta(meta), AnalysisOptions(**info["analysis"]), text,
+        key, config_from_meta(meta), AnalysisOptions(**info["analysis"]), text,
         created=info["created"], last_used=info["last_used"], pending=list(info["pending"]),
         saved_stats={"tokens_seen": int(meta["tokens_seen"]), "scored": scored,
                      "mean_nll": float(meta["nll_sum"]) / max(scored, 1)})

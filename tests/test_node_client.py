@@ -118,3 +118,42 @@ def test_node_client_pieces_cut_inside_characters(server, tmp_path):
     assert flushed["tokens_seen"] == len(want_ids) == events[-1]["tokens_seen"]
     assert [c["num_tokens"] for c in by_type["chunk"]] == [c.num_tokens for c in want_chunks]
     assert math.isclose(flushed["perplexity"], want_flush.perplexity, rel_tol=1e-6)
+
+
+def test_node_client_with_tls_and_a_token(model_dir, tmp_path):
+    """Against a server with TLS and --auth-tokens: with the CA and a token it streams and generates the
+    same as the Python client; without the token it is refused (UNAUTHENTICATED = 16)."""
+    from tls_support import CertificateAuthority
+
+    from sinkstream.service.tls import TLSFiles
+
+    ca = CertificateAuthority(tmp_path / "ca")
+    issued = ca.issue("server", server=True)
+    token = "node-token-0123456789"
+    tokens = tmp_path / "tokens"
+    tokens.write_text(f"{token} node\n")
+    secured = start_server(model_dir, tls=TLSFiles(issued.cert, issued.key), auth_tokens=tokens)
+    try:
+        doc = tmp_path / "doc.txt"
+        doc.write_text("Once upon a time there was a little dog. " * 20, encoding="utf-8")
+        events, by_type = run_node(secured, doc, "--tls-ca", str(ca.cert), "--token", token,
+                                   "--prompt", PROMPT, "--max-new-tokens", "8")
+        with SinkStreamClient(secured.address, timeout=60, token=token, tls_ca=ca.cert) as client, \
+                client.open_session(SessionSettings(logprobs=True)) as session:
+            list(session.stream_text([doc.read_text(encoding="utf-8")]))
+            want_flush = session.last_flush
+            session.send_text(PROMPT)
+            want_gen = session.generate(GenerateParams(max_new_tokens=8))
+            session.close()
+        (flushed,) = by_type["flushed"]
+        assert flushed["tokens_seen"] == want_flush.tokens_seen
+        assert by_type["generation"][0]["text"] == want_gen.text
+
+        proc = subprocess.run(["node", "client.js", "--server", secured.address, "--file", str(doc),
+                               "--tls-ca", str(ca.cert)], cwd=NODE_DIR, capture_output=True, text=True,
+                              timeout=180)
+        assert proc.returncode != 0 and "sinkstream: 16 " in proc.stderr
+        with SinkStreamClient(secured.address, timeout=60, token=token, tls_ca=ca.cert) as client:
+            assert client.list_sessions() == []  # the refused client opened nothing
+    finally:
+        secured.stop()

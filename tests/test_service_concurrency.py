@@ -14,6 +14,7 @@ from sinkstream.clients.client import SinkStreamClient
 from sinkstream.clients.results import GenerateParams, SessionSettings, SinkStreamError
 from sinkstream.core.config import StreamConfig
 from sinkstream.core.sampling import SamplingParams
+from sinkstream.service.tenants import DEFAULT_TENANT, SessionKey
 from sinkstream.v1 import sinkstream_pb2 as pb
 
 SESSIONS = 8
@@ -162,7 +163,7 @@ def test_fast_writer_is_held_back_by_bounded_queues(server, client, monkeypatch)
 
     writer = threading.Thread(target=write, daemon=True)
     writer.start()
-    state = server.server.manager.sessions[session.id]
+    state = server.server.manager.sessions[SessionKey(DEFAULT_TENANT, session.id)]
     time.sleep(2)
     # The writer gets ahead only by what HTTP/2 windows hold (a few MB), then at the model's pace
     # (~700 tokens per request): far from all of its 4000 requests.
@@ -198,7 +199,7 @@ def test_unread_error_replies_stay_bounded(server, client):
         manager = server.server.manager
         deadline, most = time.monotonic() + 3, 0
         while time.monotonic() < deadline:
-            state = manager.sessions["never-reads"]
+            state = manager.sessions[SessionKey(DEFAULT_TENANT, "never-reads")]
             most = max(most, state.outbox.qsize() if state.outbox is not None else 0)
             time.sleep(0.01)
         assert 0 < most <= OUTBOX_LIMIT + 2

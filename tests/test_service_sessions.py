@@ -21,6 +21,7 @@ from sinkstream.clients.results import GenerateParams, SessionSettings, SinkStre
 from sinkstream.core.config import StreamConfig
 from sinkstream.core.sampling import SamplingParams
 from sinkstream.core.snapshot import load_snapshot, save_snapshot
+from sinkstream.service.tenants import DEFAULT_TENANT, SessionKey
 
 CONFIG = StreamConfig(sink_tokens=4, window=40, chunk=8)  # small window: the chat runs through evictions
 SETTINGS = SessionSettings(sink_tokens=4, window=40, chunk=8)
@@ -163,7 +164,7 @@ def evict(server, session_id: str) -> None:
 
     async def run() -> None:
         async with manager.lock:
-            await manager.residency.evict(manager.sessions[session_id])
+            await manager.residency.evict(manager.sessions[SessionKey(DEFAULT_TENANT, session_id)])
     server.call(run())
 
 
@@ -177,7 +178,8 @@ def test_session_failing_server_side_fails_alone(model_dir, tmp_path, monkeypatc
             failing.append_text("Once upon a time")
             evict(server, failing.id)
             pool = server.server.manager.pool
-            engine_for, shape = pool.engine_for, server.server.manager.sessions[failing.id].config
+            shape = server.server.manager.sessions[SessionKey(DEFAULT_TENANT, failing.id)].config
+            engine_for = pool.engine_for
 
             def no_memory_for_shape(config, in_use):
                 if config == shape:

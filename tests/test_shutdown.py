@@ -16,6 +16,7 @@ import pytest
 from service_support import start_server
 
 from sinkstream.clients.client import SinkStreamClient
+from sinkstream.service.tenants import DEFAULT_TENANT, SessionKey
 from sinkstream.service.work import AppendWork
 from sinkstream.v1 import sinkstream_pb2 as pb
 
@@ -35,10 +36,10 @@ def test_a_failed_save_does_not_stop_the_others(model_dir, tmp_path, monkeypatch
     store = server.server.manager.store
     real_save = store.save
 
-    def save(session_id: str, tensors: dict, meta: dict) -> int:
-        if session_id == "fails":
+    def save(key: SessionKey, tensors: dict, meta: dict) -> int:
+        if key.id == "fails":
             raise OSError(errno.ENOSPC, "No space left on device")
-        return real_save(session_id, tensors, meta)
+        return real_save(key, tensors, meta)
 
     monkeypatch.setattr(store, "save", save)
     report = server.stop()
@@ -130,7 +131,7 @@ def test_input_kept_for_a_persisted_session_is_saved_at_shutdown(model_dir, tmp_
     server = start_server(model_dir, state_dir=tmp_path, idle_evict_s=0)
     detached_sessions(server.address, ["waiting"])
     manager = server.server.manager
-    session = manager.get("waiting")
+    session = manager.get(SessionKey(DEFAULT_TENANT, "waiting"))
 
     async def evict_then_queue_then_detach() -> None:
         async with manager.lock:

@@ -18,6 +18,7 @@ from sinkstream.clients.client import SinkStreamClient
 from sinkstream.clients.results import SessionSettings, SinkStreamError, TierSpec
 from sinkstream.service.errors import shown_id
 from sinkstream.service.session_store import SessionStore
+from sinkstream.service.tenants import DEFAULT_TENANT, SessionKey
 
 U32_MAX = 2**32 - 1
 
@@ -106,8 +107,11 @@ def test_store_never_builds_a_path_from_an_unsafe_id(tmp_path):
     store = SessionStore(tmp_path)
     for bad in (".", "..", "-rf", "../escape", ""):
         with pytest.raises(ValueError):
-            store.path(bad)
-    assert store.path("ok-1").parent == tmp_path
+            store.path(SessionKey(DEFAULT_TENANT, bad))
+        with pytest.raises(ValueError):
+            store.path(SessionKey(bad, "ok-1"))
+    assert store.path(SessionKey(DEFAULT_TENANT, "ok-1")).parent == tmp_path
+    assert store.path(SessionKey("acme", "ok-1")).parent == tmp_path / "tenants" / "acme"
 
 
 def can_create_files_in(path: Path) -> bool:

@@ -40,6 +40,7 @@ from sinkstream.clients.cli.options import (
     add_dtype_option,
     add_offload_options,
     add_server_option,
+    connection_options,
 )
 from sinkstream.clients.client import SinkStreamClient
 from sinkstream.clients.results import SinkStreamError
@@ -140,18 +141,21 @@ def _run(args: argparse.Namespace) -> int:
     if not args.server:
         raise CliError("give --server HOST:PORT (or set SINKSTREAM_SERVER; start a server with "
                        "`sinkstream serve --model PATH`), or --model PATH to run the model in-process", USAGE)
-    return converse(args, args.server, args.server, f"sinkstream chat --server {args.server}")
+    return converse(args, args.server, args.server, f"sinkstream chat --server {args.server}",
+                    connection_options(args))
 
 
-def converse(args: argparse.Namespace, address: str, key: str, again: str) -> int:
-    """The REPL against the server at `address`; returns the exit status (1 if a reply failed: the
-    conversation goes on, but a script reading the exit code learns of it)."""
+def converse(args: argparse.Namespace, address: str, key: str, again: str,
+             connection: dict | None = None) -> int:
+    """The REPL against the server at `address` (`connection`: SinkStreamClient's token and TLS
+    arguments); returns the exit status (1 if a reply failed: the conversation goes on, but a script
+    reading the exit code learns of it)."""
     interactive = sys.stdin.isatty()
     if interactive:
         with contextlib.suppress(ImportError):  # line editing and history for input(), where available
             import readline  # noqa: F401
     try:
-        with SinkStreamClient(address) as client:
+        with SinkStreamClient(address, **(connection or {})) as client:
             chat = Conversation(client, args, key, again)
             chat.start()
             if interactive:

@@ -11,7 +11,8 @@ from sinkstream.core.config import MERGE_POLICIES, ConfigError, StreamConfig, Ti
 from sinkstream.core.offload.config import add_offload_options, check_offload_options  # torch-free
 
 __all__ = ["CACHE_SHAPE_OPTIONS", "MODEL_DTYPES", "add_cache_shape_options", "add_dtype_option",
-           "add_offload_options", "add_server_option", "check_offload_options", "tier_specs"]
+           "add_offload_options", "add_server_option", "check_offload_options", "connection_options",
+           "tier_specs"]
 
 DEFAULT_SERVER = os.environ.get("SINKSTREAM_SERVER")
 CACHE_SHAPE_OPTIONS = ("sink_tokens", "window", "chunk", "tiers", "merge_policy")
@@ -22,6 +23,20 @@ def add_server_option(p: argparse.ArgumentParser, help_text: str | None = None) 
     """--server HOST:PORT, defaulting to $SINKSTREAM_SERVER."""
     p.add_argument("--server", default=DEFAULT_SERVER, help=help_text or "host:port of a sinkstream server "
                    "(default $SINKSTREAM_SERVER); --model wins if given")
+    p.add_argument("--token", default=os.environ.get("SINKSTREAM_TOKEN"),
+                   help="bearer token for a server with --auth-tokens (default $SINKSTREAM_TOKEN)")
+    p.add_argument("--tls-ca", default=os.environ.get("SINKSTREAM_TLS_CA"), metavar="PEM",
+                   help="connect with TLS; the server's certificate must chain to this CA "
+                        "(default $SINKSTREAM_TLS_CA)")
+    p.add_argument("--tls-cert", default=os.environ.get("SINKSTREAM_TLS_CERT"), metavar="PEM",
+                   help="client certificate for a server with --tls-client-ca (default $SINKSTREAM_TLS_CERT)")
+    p.add_argument("--tls-key", default=os.environ.get("SINKSTREAM_TLS_KEY"), metavar="PEM",
+                   help="key of --tls-cert (default $SINKSTREAM_TLS_KEY)")
+
+
+def connection_options(args: argparse.Namespace) -> dict[str, str | None]:
+    """The keyword arguments of SinkStreamClient that --token and the --tls-* options give."""
+    return {"token": args.token, "tls_ca": args.tls_ca, "tls_cert": args.tls_cert, "tls_key": args.tls_key}
 
 
 def add_dtype_option(p: argparse.ArgumentParser) -> None:

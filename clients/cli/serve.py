@@ -20,8 +20,10 @@ from sinkstream.core.model_loading import load_model
 from sinkstream.core.offload.config import offload_from_args
 from sinkstream.service import logs
 from sinkstream.service.allocator import keep_freed_memory
+from sinkstream.service.quotas import TenantQuotas
 from sinkstream.service.server import ServerConfig, serve_until_signal
 from sinkstream.service.session_store import prepare_state_dir
+from sinkstream.service.tls import TLSFiles
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
                         f"default {d.decode_input_budget}): lower = faster tokens, slower ingest")
     p.add_argument("--grace", type=float, default=d.grace_s, metavar="SECONDS",
                    help="on SIGTERM, time open streams get to finish")
+    add_security_options(p, d)
     add_cache_shape_options(p, title="session defaults")
     add_dtype_option(p)
     add_offload_options(p)
@@ -68,8 +71,46 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def config_from_args(args: argparse.Namespace) -> ServerConfig:
-    """The ServerConfig of parsed `serve` options (--tiers already parsed)."""
+def add_security_options(p: argparse.ArgumentParser, d: ServerConfig) -> None:
+    """TLS, tokens, the health port and per-tenant quotas (see "Securing a server" in the README)."""
+    g = p.add_argument_group("security (SIGHUP reloads the tokens file and the certificates)")
+    g.add_argument("--tls-cert", type=Path, metavar="PEM", help="server certificate (chain); enables TLS")
+    g.add_argument("--tls-key", type=Path, metavar="PEM", help="private key of --tls-cert")
+    g.add_argument("--tls-client-ca", type=Path, metavar="PEM",
+                   help="mutual TLS: clients must present a certificate signed by this CA")
+    g.add_argument("--auth-tokens", type=Path, metavar="FILE",
+                   help="`TOKEN TENANT` per line (# comments): every call but health needs "
+                        "`authorization: Bearer TOKEN` and sees only its tenant's sessions")
+    g.add_argument("--health-port", type=int, metavar="PORT",
+                   help="also serve the health service alone, plaintext and without tokens, on this port")
+    g.add_argument("--insecure-allow-remote", action="store_true",
+                   help="without --auth-tokens, listen on a --host other than loopback anyway")
+    q = p.add_argument_group("per-tenant quotas and fair share (0 = no limit)")
+    q.add_argument("--tenant-max-sessions", type=int, default=d.quotas.max_sessions, metavar="N",
+                   help="live sessions per tenant, resident or persisted")
+    q.add_argument("--tenant-max-rows", type=int, default=d.quotas.max_rows, metavar="N",
+                   help="resident sessions (cache rows) per tenant; more are persisted (needs --state-dir) "
+                        "or refused")
+    q.add_argument("--max-batch-tokens", type=int, default=d.max_batch_tokens, metavar="TOKENS",
+                   help="input tokens per forward pass, shared fairly between tenants, then sessions")
+    q.add_argument("--stalled-reader-timeout", type=float, default=d.stalled_reader_s, metavar="SECONDS",
+                   help="end a stream whose client reads no reply this long; its session stays "
+                        f"(default {d.stalled_reader_s:g})")
+
+
+def tls_files(parser: argparse.ArgumentParser, args: argparse.Namespace) -> TLSFiles | None:
+    """The TLS files the options name (a usage error if only one of --tls-cert and --tls-key is given)."""
+    if args.tls_cert is None and args.tls_key is None:
+        if args.tls_client_ca is not None:
+            parser.error("--tls-client-ca needs --tls-cert and --tls-key")
+        return None
+    if args.tls_cert is None or args.tls_key is None:
+        parser.error("--tls-cert and --tls-key go together")
+    return TLSFiles(args.tls_cert, args.tls_key, args.tls_client_ca)
+
+
+def config_from_args(args: argparse.Namespace, tls: TLSFiles | None = None) -> ServerConfig:
+    """The ServerConfig of parsed `serve` options (--tiers already parsed; `tls`: see tls_files)."""
     return ServerConfig(
         model=args.model, host=args.host, port=args.port, max_sessions=args.max_sessions,
         max_resident=args.max_resident, max_cache_shapes=args.max_cache_shapes,
@@ -80,7 +121,11 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         min_client_ping_interval_ms=args.min_client_ping_interval_ms, max_new_tokens=args.max_new_tokens,
         max_top_k=args.max_top_k, grace_s=args.grace, decode_input_budget=args.decode_input_budget,
         defaults=StreamConfig(sink_tokens=args.sink_tokens, window=args.window, chunk=args.chunk,
-                              tiers=args.tiers, merge_policy=args.merge_policy))
+                              tiers=args.tiers, merge_policy=args.merge_policy),
+        tls=tls, auth_tokens=args.auth_tokens, health_port=args.health_port,
+        insecure_allow_remote=args.insecure_allow_remote,
+        quotas=TenantQuotas(max_sessions=args.tenant_max_sessions, max_rows=args.tenant_max_rows),
+        max_batch_tokens=args.max_batch_tokens, stalled_reader_s=args.stalled_reader_timeout)
 
 
 def serve_main(argv: list[str] | None = None) -> int:
@@ -90,9 +135,10 @@ def serve_main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if problem := check_offload_options(args):
         parser.error(problem)
+    tls = tls_files(parser, args)
     logs.configure(args.log_level, json_lines=not args.plain_logs)
     try:
-        config = config_from_args(args)
+        config = config_from_args(args, tls)
         if args.threads:
             torch.set_num_threads(args.threads)
         keep_freed_memory()  # passes reuse their temporaries instead of page-faulting them in each time

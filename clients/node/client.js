@@ -4,6 +4,10 @@
 //
 //   node client.js --server 127.0.0.1:50051 --file doc.txt --prompt "Once upon a time" --max-new-tokens 32
 //
+// A secured server: --tls-ca PEM (or $SINKSTREAM_TLS_CA) connects with TLS, trusting that CA; --tls-cert and
+// --tls-key add a client certificate (mutual TLS); --token (or $SINKSTREAM_TOKEN) is sent as the
+// `authorization: Bearer TOKEN` metadata.
+//
 // Opens a session, streams the file in pieces of about --piece-bytes bytes (default 64 KiB, in bounded
 // memory), then appends the prompt and generates. Prints one JSON object per line: {"type":"opened"},
 // one {"type":"chunk"} per processed chunk, {"type":"flushed"}, {"type":"token"} per generated token,
@@ -22,6 +26,8 @@ const PIECE_BYTES = 64 * 1024; // default file bytes read per AppendText message
 function parseArgs(argv) {
   const args = {
     server: '127.0.0.1:50051', file: null, prompt: null, maxNewTokens: 32, deadline: 600, pieceBytes: PIECE_BYTES,
+    tlsCa: process.env.SINKSTREAM_TLS_CA || null, tlsCert: null, tlsKey: null,
+    token: process.env.SINKSTREAM_TOKEN || null,
   };
   for (let i = 0; i < argv.length; i += 1) {
     const value = argv[i + 1];
@@ -32,9 +38,14 @@ function parseArgs(argv) {
       case '--max-new-tokens': args.maxNewTokens = Number(value); i += 1; break;
       case '--deadline': args.deadline = Number(value); i += 1; break;
       case '--piece-bytes': args.pieceBytes = Number(value); i += 1; break;
+      case '--tls-ca': args.tlsCa = value; i += 1; break;
+      case '--tls-cert': args.tlsCert = value; i += 1; break;
+      case '--tls-key': args.tlsKey = value; i += 1; break;
+      case '--token': args.token = value; i += 1; break;
       case '-h': case '--help':
         console.log('usage: node client.js [--server HOST:PORT] [--file PATH] [--prompt TEXT] '
-          + '[--max-new-tokens N] [--deadline SECONDS] [--piece-bytes N]');
+          + '[--max-new-tokens N] [--deadline SECONDS] [--piece-bytes N] '
+          + '[--tls-ca PEM [--tls-cert PEM --tls-key PEM]] [--token TOKEN]');
         process.exit(0);
         break;
       default:
@@ -46,11 +57,28 @@ function parseArgs(argv) {
     console.error('--piece-bytes must be a positive integer');
     process.exit(2);
   }
+  if (Boolean(args.tlsCert) !== Boolean(args.tlsKey)) {
+    console.error('--tls-cert and --tls-key go together');
+    process.exit(2);
+  }
   if (!args.file && args.prompt === null) {
     console.error('give --file and/or --prompt');
     process.exit(2);
   }
   return args;
+}
+
+// Plaintext, or TLS trusting --tls-ca (with a client certificate for mutual TLS).
+function channelCredentials(args) {
+  if (!args.tlsCa && !args.tlsCert) return grpc.credentials.createInsecure();
+  const read = (file) => (file ? fs.readFileSync(file) : null);
+  return grpc.credentials.createSsl(read(args.tlsCa), read(args.tlsKey), read(args.tlsCert));
+}
+
+function callMetadata(args) {
+  const metadata = new grpc.Metadata();
+  if (args.token) metadata.add('authorization', `Bearer ${args.token}`);
+  return metadata;
 }
 
 function loadService() {
@@ -119,11 +147,18 @@ function main() {
     }
   }
   const SinkStream = loadService();
-  const client = new SinkStream(args.server, grpc.credentials.createInsecure(), {
+  let credentials;
+  try {
+    credentials = channelCredentials(args);
+  } catch (err) {
+    console.error(`sinkstream: TLS files: ${err.message}`);
+    process.exit(2);
+  }
+  const client = new SinkStream(args.server, credentials, {
     'grpc.max_receive_message_length': 64 << 20,
     'grpc.max_send_message_length': 64 << 20,
   });
-  const call = client.Stream({ deadline: Date.now() + args.deadline * 1000 });
+  const call = client.Stream(callMetadata(args), { deadline: Date.now() + args.deadline * 1000 });
 
   // Requests are written in order; the server answers them in order.
   const steps = [];

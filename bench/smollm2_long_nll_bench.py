@@ -178,7 +178,10 @@ def main() -> None:
     ap.add_argument("--dense-tokens", type=int, default=12_288)
     ap.add_argument("--only", action="append", help="run only this setup (repeatable); keep the others")
     ap.add_argument("--out", default=str(RESULTS / "smollm2_long_nll"))
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     out = Path(args.out)
     json_path = out.with_suffix(".json")

@@ -65,7 +65,7 @@ class AsyncSinkStreamClient:
     async def _unary(self, call: UnaryCall[T]) -> T:
         rpc = protocol.unary_callable(self.channel, call)
         try:
-            return call.interpret(await rpc(call.request, timeout=self.timeout))
+            return call.interpret(await rpc(call.request, timeout=self.timeout, metadata=call.metadata))
         except grpc.RpcError as exc:
             raise protocol.rpc_error(exc) from None
 
@@ -120,8 +120,9 @@ class AsyncSession(SessionProtocol):
     @classmethod
     async def start(cls, stub: pb_grpc.SinkStreamStub, first: pb.StreamRequest,
                     timeout: float | None) -> AsyncSession:
-        """Open the stream, send `first` (open or resume) and wait for SessionOpened."""
-        self = cls(stub.Stream(timeout=timeout))
+        """Open the stream (with `x-session-id` when the id is known), send `first` (open or resume) and
+        wait for SessionOpened."""
+        self = cls(stub.Stream(timeout=timeout, metadata=protocol.stream_metadata(first)))
         await self._send(first)
         self._on_opened(await self._next())
         return self

@@ -70,7 +70,7 @@ class SinkStreamClient:
     def _unary(self, call: UnaryCall[T]) -> T:
         rpc = protocol.unary_callable(self.channel, call)
         try:
-            return call.interpret(rpc(call.request, timeout=self.timeout))
+            return call.interpret(rpc(call.request, timeout=self.timeout, metadata=call.metadata))
         except grpc.RpcError as exc:
             raise protocol.rpc_error(exc) from None
 
@@ -125,10 +125,12 @@ class Session(SessionProtocol):
 
     @classmethod
     def start(cls, stub: pb_grpc.SinkStreamStub, first: pb.StreamRequest, timeout: float | None) -> Session:
-        """Open the stream, send `first` (open or resume) and wait for SessionOpened."""
+        """Open the stream (with `x-session-id` when the id is known), send `first` (open or resume) and
+        wait for SessionOpened."""
         requests: queue.Queue = queue.Queue(SEND_QUEUE)
         requests.put(first)
-        self = cls(stub.Stream(iter(requests.get, _END), timeout=timeout), requests)
+        self = cls(stub.Stream(iter(requests.get, _END), timeout=timeout,
+                               metadata=protocol.stream_metadata(first)), requests)
         self._on_opened(self._next())
         return self
 

@@ -4,8 +4,9 @@
 //
 //   node client.js --server 127.0.0.1:50051 --file doc.txt --prompt "Once upon a time" --max-new-tokens 32
 //
-// Opens a session, streams the file in pieces of about --piece-bytes bytes (default 64 KiB, in bounded
-// memory), then appends the prompt and generates. Prints one JSON object per line: {"type":"opened"},
+// Opens a session (--session-id: with that id, also sent as `x-session-id` metadata for a proxy to route
+// on), streams the file in pieces of about --piece-bytes bytes (default 64 KiB, in bounded memory), then
+// appends the prompt and generates. Prints one JSON object per line: {"type":"opened"},
 // one {"type":"chunk"} per processed chunk, {"type":"flushed"}, {"type":"token"} per generated token,
 // {"type":"generation"}, {"type":"closed"}.
 'use strict';
@@ -22,6 +23,7 @@ const PIECE_BYTES = 64 * 1024; // default file bytes read per AppendText message
 function parseArgs(argv) {
   const args = {
     server: '127.0.0.1:50051', file: null, prompt: null, maxNewTokens: 32, deadline: 600, pieceBytes: PIECE_BYTES,
+    sessionId: '',
   };
   for (let i = 0; i < argv.length; i += 1) {
     const value = argv[i + 1];
@@ -32,9 +34,10 @@ function parseArgs(argv) {
       case '--max-new-tokens': args.maxNewTokens = Number(value); i += 1; break;
       case '--deadline': args.deadline = Number(value); i += 1; break;
       case '--piece-bytes': args.pieceBytes = Number(value); i += 1; break;
+      case '--session-id': args.sessionId = value; i += 1; break;
       case '-h': case '--help':
         console.log('usage: node client.js [--server HOST:PORT] [--file PATH] [--prompt TEXT] '
-          + '[--max-new-tokens N] [--deadline SECONDS] [--piece-bytes N]');
+          + '[--max-new-tokens N] [--deadline SECONDS] [--piece-bytes N] [--session-id ID]');
         process.exit(0);
         break;
       default:
@@ -123,7 +126,10 @@ function main() {
     'grpc.max_receive_message_length': 64 << 20,
     'grpc.max_send_message_length': 64 << 20,
   });
-  const call = client.Stream({ deadline: Date.now() + args.deadline * 1000 });
+  // A consistent-hash proxy in front of several replicas routes on x-session-id (the server ignores it).
+  const routing = new grpc.Metadata();
+  if (args.sessionId) routing.set('x-session-id', args.sessionId);
+  const call = client.Stream(routing, { deadline: Date.now() + args.deadline * 1000 });
 
   // Requests are written in order; the server answers them in order.
   const steps = [];
@@ -202,7 +208,7 @@ function main() {
 
   call.write({
     request_id: 'open',
-    open: { settings: { analysis: { logprobs: true } } },
+    open: { session_id: args.sessionId, settings: { analysis: { logprobs: true } } },
   });
 }
 

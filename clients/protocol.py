@@ -98,6 +98,24 @@ def routing_metadata(session_id: str | None) -> Metadata:
     return ()
 
 
+# grpc-python (C-core, gRFC A76) hashes a request header in its client-side `ring_hash` policy only while
+# this is "true" in the environment of the process when gRPC reads it (set it before the first channel)
+RING_HASH_ENV = "GRPC_EXPERIMENTAL_RING_HASH_SET_REQUEST_HASH_KEY"
+
+
+def ring_hash_channel_options(retry_attempts: int = 5, **options) -> list[tuple[str, int | str]]:
+    """channel_options for one channel to every replica, without a proxy: gRPC's client-side `ring_hash`
+    places each call on a consistent ring of the channel's addresses by its `x-session-id` (calls without
+    it go to a random replica). The target lists the replicas, e.g. "ipv4:10.0.0.1:50051,10.0.0.2:50051"
+    or "dns:///sinkstream-replicas.ns.svc.cluster.local:50051"; the ring hashes their IP addresses. Needs
+    RING_HASH_ENV=true (see above)."""
+    merged = dict(channel_options(retry_attempts=retry_attempts, **options))
+    config = json.loads(str(merged.get("grpc.service_config", "{}")))
+    config["loadBalancingConfig"] = [{"ring_hash_experimental": {"requestHashHeader": SESSION_ID_HEADER}}]
+    merged["grpc.service_config"] = json.dumps(config)
+    return list(merged.items())
+
+
 def stream_metadata(first: pb.StreamRequest) -> Metadata:
     """Routing metadata of a `Stream` call opened by `first`: the id of a resume, or of an open whose id
     the client chose."""

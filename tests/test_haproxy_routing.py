@@ -30,6 +30,7 @@ import pytest
 from conftest import REPO_ROOT
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from sinkstream.clients import protocol
 from sinkstream.clients.aio import AsyncSinkStreamClient
 from sinkstream.clients.client import SinkStreamClient
 from sinkstream.clients.results import SinkStreamError
@@ -285,6 +286,42 @@ def test_health_check_admits_only_replicas_answering_serving(tmp_path):
         proxy.stop()
         serving.server.stop(0)
         not_serving.server.stop(0)
+
+
+RING_HASH_CLIENT = """
+import sys
+import grpc
+from sinkstream.clients.client import SinkStreamClient
+from sinkstream.clients.protocol import ring_hash_channel_options
+
+target, ids = sys.argv[1], sys.argv[2:]
+channel = grpc.insecure_channel(target, options=ring_hash_channel_options())
+with SinkStreamClient(target, timeout=30, channel=channel) as client:
+    for session_id in ids:
+        with client.open_session(session_id=session_id) as session:
+            seen = session.append_text("Once upon a time")[-1].tokens_seen
+        for _ in range(2):  # routed anywhere else, a resume is NOT_FOUND and this exits 1
+            with client.resume_session(session_id) as session:
+                assert session.opened.tokens_seen == seen
+                seen = session.append_text(" there was a cat.")[-1].tokens_seen
+        print(session_id, seen)
+"""
+
+
+def test_client_side_ring_hash_routes_every_call_about_a_session_to_one_replica(cluster):
+    """The no-proxy option: one channel to every replica with gRPC's `ring_hash` on x-session-id."""
+    ids = [f"ring-{i:02d}" for i in range(24)]
+    target = "ipv4:" + ",".join(address for _, address in cluster.replicas)
+    done = subprocess.run([sys.executable, "-c", RING_HASH_CLIENT, target, *ids], capture_output=True,
+                          text=True, timeout=300, env={**os.environ, protocol.RING_HASH_ENV: "true"})
+    assert done.returncode == 0, done.stderr
+    seen = dict(line.split() for line in done.stdout.splitlines())
+    holders = {i: a for i, a in cluster.holders().items() if i.startswith("ring-")}
+    assert sorted(holders) == sorted(seen) == ids
+    assert len(set(holders.values())) > 1, f"every session is on one replica: {holders}"
+    for session_id, address in holders.items():
+        with SinkStreamClient(address, timeout=30) as direct:
+            assert direct.get_session(session_id).tokens_seen == int(seen[session_id])
 
 
 def test_a_killed_replica_is_taken_out_and_only_its_sessions_move(cluster):

@@ -85,15 +85,17 @@ def channel_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
 SESSION_ID_HEADER = "x-session-id"  # gRPC metadata a consistent-hash proxy routes on (the server ignores it)
 
 Metadata = tuple[tuple[str, str], ...]
+MAX_ROUTED_ID_CHARS = 1024  # far above any id a server accepts, far below gRPC's 8 KiB of metadata
 
 
 def routing_metadata(session_id: str | None) -> Metadata:
     """The metadata that routes a call about `session_id` to the replica holding the session, through a
     proxy that hashes `x-session-id` (HAProxy `balance hdr(x-session-id)`, Envoy `ring_hash`). Empty when
     the id is unknown (an open whose id the server will assign: the proxy balances it as it likes; the
-    client sends the assigned id on every later call) or cannot be a header value (the server then
-    refuses the id itself, as it would without a proxy)."""
-    if session_id and session_id.isascii() and session_id.isprintable():
+    client sends the assigned id on every later call) or cannot be a header value, or is too long to be
+    one (the server then refuses the id itself, as it would without a proxy)."""
+    if session_id and len(session_id) <= MAX_ROUTED_ID_CHARS and session_id.isascii() \
+            and session_id.isprintable():
         return ((SESSION_ID_HEADER, session_id),)
     return ()
 

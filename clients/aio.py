@@ -70,7 +70,7 @@ class AsyncSinkStreamClient:
     async def _unary(self, call: UnaryCall[T]) -> T:
         rpc = protocol.unary_callable(self.channel, call)
         try:
-            return call.interpret(await rpc(call.request, timeout=self.timeout, metadata=self.metadata))
+            return call.interpret(await rpc(call.request, timeout=self.timeout, metadata=tuple(self.metadata) + tuple(call.metadata)))
         except grpc.RpcError as exc:
             raise protocol.rpc_error(exc) from None
 
@@ -126,8 +126,10 @@ class AsyncSession(SessionProtocol):
     @classmethod
     async def start(cls, stub: pb_grpc.SinkStreamStub, first: pb.StreamRequest,
                     timeout: float | None, metadata: tuple = ()) -> AsyncSession:
-        """Open the stream, send `first` (open or resume) and wait for SessionOpened."""
-        self = cls(stub.Stream(timeout=timeout, metadata=metadata))
+        """Open the stream (with `x-session-id` when the id is known, after `metadata`), send `first`
+        (open or resume) and wait for SessionOpened."""
+        self = cls(stub.Stream(timeout=timeout,
+                               metadata=tuple(metadata) + tuple(protocol.stream_metadata(first))))
         await self._send(first)
         self._on_opened(await self._next())
         return self

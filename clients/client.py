@@ -78,7 +78,7 @@ class SinkStreamClient:
     def _unary(self, call: UnaryCall[T]) -> T:
         rpc = protocol.unary_callable(self.channel, call)
         try:
-            return call.interpret(rpc(call.request, timeout=self.timeout, metadata=self.metadata))
+            return call.interpret(rpc(call.request, timeout=self.timeout, metadata=tuple(self.metadata) + tuple(call.metadata)))
         except grpc.RpcError as exc:
             raise protocol.rpc_error(exc) from None
 
@@ -134,10 +134,13 @@ class Session(SessionProtocol):
     @classmethod
     def start(cls, stub: pb_grpc.SinkStreamStub, first: pb.StreamRequest, timeout: float | None,
               metadata: tuple = ()) -> Session:
-        """Open the stream, send `first` (open or resume) and wait for SessionOpened."""
+        """Open the stream (with `x-session-id` when the id is known, after `metadata`), send `first`
+        (open or resume) and wait for SessionOpened."""
         requests: queue.Queue = queue.Queue(SEND_QUEUE)
         requests.put(first)
-        self = cls(stub.Stream(iter(requests.get, _END), timeout=timeout, metadata=metadata), requests)
+        self = cls(stub.Stream(iter(requests.get, _END), timeout=timeout,
+                               metadata=tuple(metadata) + tuple(protocol.stream_metadata(first))),
+                   requests)
         self._on_opened(self._next())
         return self
 

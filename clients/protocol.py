@@ -81,6 +81,54 @@ def channel_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     ]
 
 
+# ---------------------------------------------------------------------- routing
+SESSION_ID_HEADER = "x-session-id"  # gRPC metadata a consistent-hash proxy routes on (the server ignores it)
+
+Metadata = tuple[tuple[str, str], ...]
+MAX_ROUTED_ID_CHARS = 1024  # far above any id a server accepts, far below gRPC's 8 KiB of metadata
+
+
+def routing_metadata(session_id: str | None) -> Metadata:
+    """The metadata that routes a call about `session_id` to the replica holding the session, through a
+    proxy that hashes `x-session-id` (HAProxy `balance hdr(x-session-id)`, Envoy `ring_hash`). Empty when
+    the id is unknown (an open whose id the server will assign: the proxy balances it as it likes; the
+    client sends the assigned id on every later call) or cannot be a header value, or is too long to be
+    one (the server then refuses the id itself, as it would without a proxy)."""
+    if session_id and len(session_id) <= MAX_ROUTED_ID_CHARS and session_id.isascii() \
+            and session_id.isprintable():
+        return ((SESSION_ID_HEADER, session_id),)
+    return ()
+
+
+# grpc-python (C-core, gRFC A76) hashes a request header in its client-side `ring_hash` policy only while
+# this is "true" in the environment of the process when gRPC reads it (set it before the first channel)
+RING_HASH_ENV = "GRPC_EXPERIMENTAL_RING_HASH_SET_REQUEST_HASH_KEY"
+
+
+def ring_hash_channel_options(retry_attempts: int = 5, **options) -> list[tuple[str, int | str]]:
+    """channel_options for one channel to every replica, without a proxy: gRPC's client-side `ring_hash`
+    places each call on a consistent ring of the channel's addresses by its `x-session-id` (calls without
+    it go to a random replica). The target lists the replicas, e.g. "ipv4:10.0.0.1:50051,10.0.0.2:50051"
+    or "dns:///sinkstream-replicas.ns.svc.cluster.local:50051"; the ring hashes their IP addresses. Needs
+    RING_HASH_ENV=true (see above)."""
+    merged = dict(channel_options(retry_attempts=retry_attempts, **options))
+    config = json.loads(str(merged.get("grpc.service_config", "{}")))
+    config["loadBalancingConfig"] = [{"ring_hash_experimental": {"requestHashHeader": SESSION_ID_HEADER}}]
+    merged["grpc.service_config"] = json.dumps(config)
+    return list(merged.items())
+
+
+def stream_metadata(first: pb.StreamRequest) -> Metadata:
+    """Routing metadata of a `Stream` call opened by `first`: the id of a resume, or of an open whose id
+    the client chose."""
+    kind = first.WhichOneof("kind")
+    if kind == "open":
+        return routing_metadata(first.open.session_id)
+    if kind == "resume":
+        return routing_metadata(first.resume.session_id)
+    return ()
+
+
 # ---------------------------------------------------------------------- requests
 def settings_to_pb(s: SessionSettings) -> pb.SessionSettings:
     msg = pb.SessionSettings(
@@ -157,12 +205,13 @@ SERVICE_PATH = "/sinkstream.v1.SinkStream/"
 @dataclass(frozen=True)
 class UnaryCall(Generic[T]):
     """One unary call, ready for any transport: the method's full path, the request, the response type,
-    and how the response becomes the caller's result."""
+    how the response becomes the caller's result, and the metadata to send (routing)."""
 
     path: str
     request: Message
     response_type: type[Message]
     interpret: Callable[[Any], T]
+    metadata: Metadata = ()
 
 
 def tokenize_call(text: str, add_bos: bool) -> UnaryCall[list[int]]:
@@ -177,7 +226,7 @@ def model_info_call() -> UnaryCall[ModelInfo]:
 
 def get_session_call(session_id: str) -> UnaryCall[SessionInfo]:
     return UnaryCall(SERVICE_PATH + "GetSession", pb.GetSessionRequest(session_id=session_id),
-                     pb.SessionInfo, session_info_from_pb)
+                     pb.SessionInfo, session_info_from_pb, routing_metadata(session_id))
 
 
 def list_sessions_call() -> UnaryCall[list[SessionInfo]]:
@@ -187,7 +236,7 @@ def list_sessions_call() -> UnaryCall[list[SessionInfo]]:
 
 def delete_session_call(session_id: str) -> UnaryCall[int]:
     return UnaryCall(SERVICE_PATH + "DeleteSession", pb.DeleteSessionRequest(session_id=session_id),
-                     pb.DeleteSessionResponse, lambda r: r.tokens_seen)
+                     pb.DeleteSessionResponse, lambda r: r.tokens_seen, routing_metadata(session_id))
 
 
 def health_call(service: str) -> UnaryCall[str]:

@@ -8,8 +8,9 @@
 // --tls-key add a client certificate (mutual TLS); --token (or $SINKSTREAM_TOKEN) is sent as the
 // `authorization: Bearer TOKEN` metadata.
 //
-// Opens a session, streams the file in pieces of about --piece-bytes bytes (default 64 KiB, in bounded
-// memory), then appends the prompt and generates. Prints one JSON object per line: {"type":"opened"},
+// Opens a session (--session-id: with that id, also sent as `x-session-id` metadata for a proxy to route
+// on), streams the file in pieces of about --piece-bytes bytes (default 64 KiB, in bounded memory), then
+// appends the prompt and generates. Prints one JSON object per line: {"type":"opened"},
 // one {"type":"chunk"} per processed chunk, {"type":"flushed"}, {"type":"token"} per generated token,
 // {"type":"generation"}, {"type":"closed"}.
 'use strict';
@@ -28,6 +29,7 @@ function parseArgs(argv) {
     server: '127.0.0.1:50051', file: null, prompt: null, maxNewTokens: 32, deadline: 600, pieceBytes: PIECE_BYTES,
     tlsCa: process.env.SINKSTREAM_TLS_CA || null, tlsCert: null, tlsKey: null,
     token: process.env.SINKSTREAM_TOKEN || null,
+    sessionId: '',
   };
   for (let i = 0; i < argv.length; i += 1) {
     const value = argv[i + 1];
@@ -42,10 +44,11 @@ function parseArgs(argv) {
       case '--tls-cert': args.tlsCert = value; i += 1; break;
       case '--tls-key': args.tlsKey = value; i += 1; break;
       case '--token': args.token = value; i += 1; break;
+      case '--session-id': args.sessionId = value; i += 1; break;
       case '-h': case '--help':
         console.log('usage: node client.js [--server HOST:PORT] [--file PATH] [--prompt TEXT] '
           + '[--max-new-tokens N] [--deadline SECONDS] [--piece-bytes N] '
-          + '[--tls-ca PEM [--tls-cert PEM --tls-key PEM]] [--token TOKEN]');
+          + '[--tls-ca PEM [--tls-cert PEM --tls-key PEM]] [--token TOKEN] [--session-id ID]');
         process.exit(0);
         break;
       default:
@@ -158,7 +161,10 @@ function main() {
     'grpc.max_receive_message_length': 64 << 20,
     'grpc.max_send_message_length': 64 << 20,
   });
-  const call = client.Stream(callMetadata(args), { deadline: Date.now() + args.deadline * 1000 });
+  // A consistent-hash proxy in front of several replicas routes on x-session-id (the server ignores it).
+  const metadata = callMetadata(args);
+  if (args.sessionId) metadata.set('x-session-id', args.sessionId);
+  const call = client.Stream(metadata, { deadline: Date.now() + args.deadline * 1000 });
 
   // Requests are written in order; the server answers them in order.
   const steps = [];
@@ -237,7 +243,7 @@ function main() {
 
   call.write({
     request_id: 'open',
-    open: { settings: { analysis: { logprobs: true } } },
+    open: { session_id: args.sessionId, settings: { analysis: { logprobs: true } } },
   });
 }
 

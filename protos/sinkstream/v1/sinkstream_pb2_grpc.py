@@ -27,6 +27,14 @@ if _version_not_supported:
 
 class SinkStreamStub:
     """The sinkstream inference service.
+
+    Routing over several replicas: clients send the session id as the gRPC metadata `x-session-id` on
+    every call about one session: `Stream` when it resumes a session or opens one with an id the client
+    chose (an open without an id carries none; the client sends the id the server assigned on every later
+    call), `GetSession` and `DeleteSession`. A consistent-hash proxy in front of the replicas (HAProxy
+    `balance hdr(x-session-id)`, Envoy `ring_hash` on the header) routes on it, so every call about a
+    session reaches the same replica. The server itself ignores it: the id in the request is the one that
+    counts.
     """
 
     def __init__(self, channel):
@@ -69,6 +77,14 @@ class SinkStreamStub:
 
 class SinkStreamServicer:
     """The sinkstream inference service.
+
+    Routing over several replicas: clients send the session id as the gRPC metadata `x-session-id` on
+    every call about one session: `Stream` when it resumes a session or opens one with an id the client
+    chose (an open without an id carries none; the client sends the id the server assigned on every later
+    call), `GetSession` and `DeleteSession`. A consistent-hash proxy in front of the replicas (HAProxy
+    `balance hdr(x-session-id)`, Envoy `ring_hash` on the header) routes on it, so every call about a
+    session reaches the same replica. The server itself ignores it: the id in the request is the one that
+    counts.
     """
 
     def Stream(self, request_iterator, context):
@@ -174,6 +190,14 @@ def add_SinkStreamServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class SinkStream:
     """The sinkstream inference service.
+
+    Routing over several replicas: clients send the session id as the gRPC metadata `x-session-id` on
+    every call about one session: `Stream` when it resumes a session or opens one with an id the client
+    chose (an open without an id carries none; the client sends the id the server assigned on every later
+    call), `GetSession` and `DeleteSession`. A consistent-hash proxy in front of the replicas (HAProxy
+    `balance hdr(x-session-id)`, Envoy `ring_hash` on the header) routes on it, so every call about a
+    session reaches the same replica. The server itself ignores it: the id in the request is the one that
+    counts.
     """
 
     @staticmethod

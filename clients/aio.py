@@ -70,7 +70,8 @@ class AsyncSinkStreamClient:
     async def _unary(self, call: UnaryCall[T]) -> T:
         rpc = protocol.unary_callable(self.channel, call)
         try:
-            return call.interpret(await rpc(call.request, timeout=self.timeout, metadata=tuple(self.metadata) + tuple(call.metadata)))
+            metadata = tuple(self.metadata) + tuple(call.metadata)  # auth, then routing
+            return call.interpret(await rpc(call.request, timeout=self.timeout, metadata=metadata))
         except grpc.RpcError as exc:
             raise protocol.rpc_error(exc) from None
 

@@ -122,7 +122,9 @@ def markdown(data: dict) -> str:
     lines = [
         "# SmolLM2-135M-Instruct: NLL per 1k-token segment over a long document",
         "",
-        f"Command: `{data['command']}`",
+        "Commands (each setup's result is kept in the JSON file as it finishes; `--only` reruns some):",
+        "",
+        *[f"- {name}: `{s.get('command', data['command'])}`" for name, s in data["setups"].items()],
         "",
         f"Model `{data['model']}` (fp32 from the Q4_1 GGUF), trained context {TRAINED_CONTEXT}. Text: the "
         f"first {data['tokens']:,} tokens of sotu.txt. Equal budget of {BUDGET} cache slots for the "
@@ -149,6 +151,13 @@ def markdown(data: dict) -> str:
         lines.append(f"| {k + 1} | " + " | ".join(cells) + " |")
     lines += ["", "Plot: `smollm2_long_nll.png`."]
     return "\n".join(lines) + "\n"
+
+
+def rewrite(json_path: Path) -> None:
+    """Write the markdown and the plot again from a results file."""
+    data = json.loads(json_path.read_text())
+    json_path.with_suffix(".md").write_text(markdown(data))
+    plot(data, json_path.with_suffix(".png"))
 
 
 def plot(data: dict, path: Path) -> None:
@@ -179,7 +188,11 @@ def main() -> None:
     ap.add_argument("--only", action="append", help="run only this setup (repeatable); keep the others")
     ap.add_argument("--out", default=str(RESULTS / "smollm2_long_nll"))
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--rewrite", action="store_true", help="only rewrite the report from the JSON file")
     args = ap.parse_args()
+    if args.rewrite:
+        rewrite(Path(args.out).with_suffix(".json"))
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -204,7 +217,8 @@ def main() -> None:
             logprobs, seconds = run_streaming(model, config, ids)
             shape = f"S={config.sink_tokens} W={config.window}" + (f" tiers {TIERS}" if config.tiers else "")
         data["setups"][name] = {"shape": shape, "tokens": len(logprobs), "seconds": seconds,
-                                "segment_nll": segment_means(logprobs)}
+                                "segment_nll": segment_means(logprobs), "command": data["command"],
+                                "load_after": " ".join(f"{x:.1f}" for x in os.getloadavg())}
         json_path.write_text(json.dumps(data, indent=1))
         out.with_suffix(".md").write_text(markdown(data))
         plot(data, out.with_suffix(".png"))

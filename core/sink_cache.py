@@ -6,10 +6,12 @@ Slot layout of each row (a row is one stream; all rows have the same fixed shape
     [S, S+T)          memory tier slots (filled by core.tiers; absent when T = 0)
     [S+T, S+T+W+C)    a ring holding the window of the W most recent tokens plus the chunk in flight
 
-Keys are stored position-free (RoPE removed). At each forward pass every kept token is rotated to its
-slot position: sinks 0..s-1, then tier slots, then the window in stream order, then the chunk, numbered
-contiguously, so positions never exceed S + T + W + C - 1 however long the stream runs (StreamingLLM's
-re-numbering). The ring means eviction never moves data: a token leaves by having its slot count zeroed.
+Keys are stored position-free (RoPE removed), in the format of `config.kv_dtype` (core.kv_quant: the
+model's dtype, bfloat16 or int8, de-quantised when read). At each forward pass every kept token is
+rotated to its slot position: sinks 0..s-1, then tier slots, then the window in stream order, then the
+chunk, numbered contiguously, so positions never exceed S + T + W + C - 1 however long the stream runs
+(StreamingLLM's re-numbering). The ring means eviction never moves data: a token leaves by having its
+slot count zeroed.
 
 Update contract (Hugging Face `Cache`): `begin_step` -> model forward, whose attention layers call
 `update(k, v, layer)` with the chunk's rotated keys [b, kv_heads, n, head_dim] and get back the keys and
@@ -28,6 +30,7 @@ import torch
 from transformers.cache_utils import Cache
 
 from sinkstream.core.config import StreamConfig
+from sinkstream.core.kv_quant import KVStorage
 from sinkstream.core.rope import RopeTable, apply_rotation, remove_rotation
 
 
@@ -50,13 +53,15 @@ class ForwardStep:
 class CacheRowState:
     """One row's whole cache state (see SinkCache.row_state)."""
 
-    keys: torch.Tensor  # [L, kv_heads, num_slots, head_dim] position-free
+    keys: torch.Tensor  # [L, kv_heads, num_slots, head_dim] position-free, stored format
     values: torch.Tensor  # [L, kv_heads, num_slots, head_dim]
     count: torch.Tensor  # [num_slots] float32, tokens each slot stands for
     token_ids: torch.Tensor  # [num_slots] long
     tokens_seen: int
     sink_used: int
     window_used: int
+    key_scales: torch.Tensor | None = None  # [L, kv_heads, num_slots, 1] float32 (int8 storage only)
+    value_scales: torch.Tensor | None = None
 
 
 class CacheHooks:
@@ -103,8 +108,7 @@ class SinkCache(Cache):
         self.ring_size = config.window + config.chunk
         self.num_slots = self.ring_start + self.ring_size
         shape = (num_layers, max_rows, kv_heads, self.num_slots, head_dim)
-        self.keys = torch.zeros(shape, dtype=dtype, device=device)  # position-free
-        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        self.storage = KVStorage(shape, config.kv_dtype, dtype, device)  # position-free keys
         # Tokens each slot stands for (1 for a plain token, n for a merged tier slot, 0 = empty).
         self.count = torch.zeros(max_rows, self.num_slots, dtype=torch.float32, device=device)
         # Token id held by each slot (sinks and ring), used for repetition penalties and snapshots.
@@ -117,6 +121,16 @@ class SinkCache(Cache):
         self.window_used = [0] * max_rows
         self.hooks = CacheHooks()
         self._step: ForwardStep | None = None
+
+    @property
+    def keys(self) -> torch.Tensor:
+        """Stored position-free keys [L, R, kv_heads, num_slots, head_dim] (int8 data for int8 storage)."""
+        return self.storage.keys
+
+    @property
+    def values(self) -> torch.Tensor:
+        """Stored values [L, R, kv_heads, num_slots, head_dim]."""
+        return self.storage.values
 
     def set_hooks(self, hooks: CacheHooks) -> None:
         """Register the cache's one hooks object (see CacheHooks); a second registration is an error."""
@@ -158,7 +172,7 @@ class SinkCache(Cache):
         slot_tokens = torch.cat((torch.full_like(prefix_len.expand(b, self.ring_start), -1),
                                  ring_tokens), dim=1)
         sees_chunk = is_chunk[:, None, :] & (slot_tokens[:, None, :] <= chunk_tokens[:, :, None])
-        dtype = self.keys.dtype
+        dtype = self.rotated_keys.dtype
         neg = torch.finfo(dtype).min
         kept = torch.where(count > 0, count.clamp(min=1).log(), neg)  # [b, N]
         mask = torch.where(sees_chunk, 0.0, kept[:, None, :]).to(dtype)[:, None]  # [b, 1, n, N]
@@ -185,17 +199,11 @@ class SinkCache(Cache):
         if st is None:
             raise RuntimeError("SinkCache.update called outside begin_step/end_step")
         b, heads, n, _ = key_states.shape
-        layer_keys, layer_values = self.keys[layer_idx], self.values[layer_idx]
         raw = remove_rotation(key_states, st.chunk_cos, st.chunk_sin, self.rope.inv_scale2)
         index = (st.rows[:, None, None], torch.arange(heads, device=raw.device)[None, :, None],
                  st.chunk_slots[:, None, :])
-        layer_keys.index_put_(index, raw.to(layer_keys.dtype))
-        layer_values.index_put_(index, value_states.to(layer_values.dtype))
-        if st.all_rows:
-            keys, values = layer_keys, layer_values
-        else:
-            keys = layer_keys.index_select(0, st.rows)
-            values = layer_values.index_select(0, st.rows)
+        self.storage.put(layer_idx, index, raw, value_states)
+        keys, values = self.storage.read(layer_idx, None if st.all_rows else st.rows)
         return apply_rotation(keys, st.slot_cos, st.slot_sin, out=self.rotated_keys[:b]), values
 
     def end_step(self) -> None:
@@ -230,8 +238,7 @@ class SinkCache(Cache):
         if to_sinks > 0:
             dst = slice(self.sink_used[row], self.sink_used[row] + to_sinks)
             src = slots[:to_sinks]
-            self.keys[:, row, :, dst] = self.keys[:, row, :, src]
-            self.values[:, row, :, dst] = self.values[:, row, :, src]
+            self.storage.move(row, dst, src)
             self.token_ids[row, dst] = self.token_ids[row, src]
             self.count[row, dst] = 1.0
             self.sink_used[row] += to_sinks
@@ -257,13 +264,18 @@ class SinkCache(Cache):
 
     def row_state(self, row: int) -> CacheRowState:
         """The row's state; its tensors are views of the cache's storage (clone them to keep them)."""
+        st = self.storage
+        scales = (st.key_scales[:, row], st.value_scales[:, row]) if st.quantized else (None, None)
         return CacheRowState(self.keys[:, row], self.values[:, row], self.count[row], self.token_ids[row],
-                             self.tokens_seen[row], self.sink_used[row], self.window_used[row])
+                             self.tokens_seen[row], self.sink_used[row], self.window_used[row], *scales)
 
     def load_row_state(self, row: int, state: CacheRowState) -> None:
         """Overwrite the row with `state` (shapes and dtypes as `row_state` gives them)."""
         self.keys[:, row].copy_(state.keys)
         self.values[:, row].copy_(state.values)
+        if self.storage.quantized:
+            self.storage.key_scales[:, row].copy_(state.key_scales)
+            self.storage.value_scales[:, row].copy_(state.value_scales)
         self.count[row].copy_(state.count)
         self.token_ids[row].copy_(state.token_ids)
         self.tokens_seen[row], self.sink_used[row] = state.tokens_seen, state.sink_used
@@ -288,8 +300,8 @@ class SinkCache(Cache):
     @property
     def nbytes(self) -> int:
         """Bytes of all preallocated storage; constant for the cache's lifetime."""
-        storage = (self.keys, self.values, self.rotated_keys, self.count, self.token_ids)
-        return sum(t.nbytes for t in storage)
+        bookkeeping = (self.rotated_keys, self.count, self.token_ids)
+        return self.storage.nbytes + sum(t.nbytes for t in bookkeeping)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.used_slots(0)

@@ -49,7 +49,8 @@ HUB_ID = re.compile(r"[A-Za-z0-9](?:[\w.-]*[A-Za-z0-9])?(?:/[A-Za-z0-9](?:[\w.-]
 def stream_config(args: argparse.Namespace) -> StreamConfig:
     """StreamConfig from the cache-shape options (options.add_cache_shape_options; --tiers already parsed)."""
     return StreamConfig(sink_tokens=args.sink_tokens, window=args.window, chunk=args.chunk,
-                        tiers=args.tiers, merge_policy=args.merge_policy)
+                        tiers=args.tiers, merge_policy=args.merge_policy,
+                        kv_dtype=args.kv_dtype or "model")
 
 
 def load(args: argparse.Namespace) -> LoadedModel:
@@ -89,6 +90,8 @@ def analyze(args: argparse.Namespace, sink: ChunkSink) -> AnalysisSummary:
         settings = {"sink_tokens": config.sink_tokens, "window": config.window, "chunk": config.chunk}
         if config.tiers:
             settings.update(tiers=",".join(map(str, config.tiers)), merge_policy=config.merge_policy)
+        if config.kv_dtype != "model":
+            settings["kv_dtype"] = config.kv_dtype
 
         def append(ids: list[int]) -> Iterator:
             return engine.append(row, ids)

@@ -12,6 +12,7 @@ import torch
 from sinkstream.clients.cli.options import (
     add_cache_shape_options,
     add_dtype_option,
+    add_kv_dtype_option,
     add_offload_options,
     check_offload_options,
 )
@@ -60,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grace", type=float, default=d.grace_s, metavar="SECONDS",
                    help="on SIGTERM, time open streams get to finish")
     add_cache_shape_options(p, title="session defaults")
+    add_kv_dtype_option(p)
     add_dtype_option(p)
     add_offload_options(p)
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
@@ -80,7 +82,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         min_client_ping_interval_ms=args.min_client_ping_interval_ms, max_new_tokens=args.max_new_tokens,
         max_top_k=args.max_top_k, grace_s=args.grace, decode_input_budget=args.decode_input_budget,
         defaults=StreamConfig(sink_tokens=args.sink_tokens, window=args.window, chunk=args.chunk,
-                              tiers=args.tiers, merge_policy=args.merge_policy))
+                              tiers=args.tiers, merge_policy=args.merge_policy,
+                              kv_dtype=args.kv_dtype or "model"))
 
 
 def serve_main(argv: list[str] | None = None) -> int:

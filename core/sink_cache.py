@@ -47,6 +47,7 @@ class ForwardStep:
     chunk_cos: torch.Tensor  # [b, 1, n, rotary_dim]
     chunk_sin: torch.Tensor
     all_rows: bool  # rows == 0..R-1: storage views can be returned without a gather
+    backup: list[torch.Tensor] | None = None  # tentative steps: the chunk slots' storage before the pass
 
 
 @dataclass
@@ -140,9 +141,12 @@ class SinkCache(Cache):
 
     # ----------------------------------------------------------------- the forward-pass protocol
     def begin_step(
-        self, rows: list[int], input_ids: torch.Tensor, lengths: list[int]
+        self, rows: list[int], input_ids: torch.Tensor, lengths: list[int], *, tentative: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Prepare a forward pass of input_ids [b, n] (row i has lengths[i] real tokens).
+
+        `tentative`: `end_step(keep=...)` may commit only a prefix of each row's chunk; the storage of the
+        chunk slots is saved first so the rest can be put back as it was (see end_step).
 
         Returns position_ids [b, n] and the additive attention mask [b, 1, n, num_slots]: a chunk token
         sees every kept slot (with +log(count) for merged slots) and the chunk tokens up to itself.
@@ -180,8 +184,13 @@ class SinkCache(Cache):
         slot_cos, slot_sin = self.rope.gather(slot_pos)
         chunk_cos, chunk_sin = self.rope.gather(position_ids)
         all_rows = rows == list(range(self.keys.shape[1]))
+        backup = None
+        if tentative:  # [L, b, H, n, *] per stored tensor: a few slots, not the cache
+            heads = torch.arange(self.keys.shape[2], device=device)
+            index = (rows_t[:, None, None], heads[None, :, None], chunk_slots[:, None, :])
+            backup = [t[:, index[0], index[1], index[2]].clone() for t in self.storage.tensors()]
         self._step = ForwardStep(rows_t, lengths, chunk_slots, chunk_tokens, slot_cos, slot_sin,
-                                 chunk_cos, chunk_sin, all_rows)
+                                 chunk_cos, chunk_sin, all_rows, backup)
         self._step_ids = input_ids
         self.hooks.step_started(self._step)
         return position_ids, mask
@@ -206,11 +215,22 @@ class SinkCache(Cache):
         keys, values = self.storage.read(layer_idx, None if st.all_rows else st.rows)
         return apply_rotation(keys, st.slot_cos, st.slot_sin, out=self.rotated_keys[:b]), values
 
-    def end_step(self) -> None:
-        """Commit the real chunk tokens into the window and evict what no longer fits."""
+    def end_step(self, keep: list[int] | None = None) -> None:
+        """Commit the real chunk tokens into the window and evict what no longer fits.
+
+        keep (tentative steps only): commit just the first keep[i] (1..lengths[i]) tokens of row i; the
+        storage of the other chunk slots is restored, so the cache is as if only those tokens had been fed.
+        """
         st = self._step
         if st is None:
             raise RuntimeError("end_step without begin_step")
+        if keep is not None:
+            if st.backup is None:
+                raise RuntimeError("end_step(keep=...) needs a tentative step")
+            if not all(1 <= k <= n for k, n in zip(keep, st.lengths, strict=True)):
+                raise ValueError(f"keep {keep} must be within 1..lengths {st.lengths}")
+            self._restore_rejected(st, keep)
+            st.lengths = list(keep)
         self.hooks.step_ending(st)
         for i, row in enumerate(st.rows.tolist()):
             n = st.lengths[i]
@@ -225,9 +245,22 @@ class SinkCache(Cache):
         self._step = None
 
     def abort_step(self) -> None:
-        """Forget a forward pass that failed: chunk slots were never counted, so nothing else changes."""
+        """Forget a forward pass that failed: chunk slots were never counted, so nothing else changes
+        (a tentative step also gets its chunk slots' storage back)."""
+        st = self._step
+        if st is not None and st.backup is not None:
+            self._restore_rejected(st, [0] * len(st.lengths))
         self.hooks.step_aborted()
         self._step = None
+
+    def _restore_rejected(self, st: ForwardStep, keep: list[int]) -> None:
+        """Put back the saved storage of each row's chunk slots from keep[i] on."""
+        heads = torch.arange(self.keys.shape[2], device=st.rows.device)
+        for i, row in enumerate(st.rows.tolist()):
+            k = keep[i]
+            slots = st.chunk_slots[i, k:]
+            for stored, saved in zip(self.storage.tensors(), st.backup, strict=True):
+                stored[:, row, heads[:, None], slots[None, :]] = saved[:, i, :, k:]
 
     # ----------------------------------------------------------------- eviction
     def _evict_oldest(self, row: int, e: int) -> None:

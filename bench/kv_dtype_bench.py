@@ -10,7 +10,8 @@ with the cache stored as float32, bfloat16 and int8 at a window W, and as float3
 
 "Equal bytes" compares int8 at 4W with float32 at W: is quantising better than a shorter window?
 
-  SINKSTREAM_CACHE_DIR=/tmp/ggufcache python bench/kv_dtype_bench.py [--tokens 3000]
+  SINKSTREAM_CACHE_DIR=/tmp/ggufcache python bench/kv_dtype_bench.py [--tokens 3000] [--models stories]
+  (results: bench/results/kv_dtype_<models>.md and .json)
 """
 
 from __future__ import annotations
@@ -96,9 +97,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     rows = [r for name in args.models.split(",") for r in bench_model(name, args.tokens, args.threads)]
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "kv_dtype.json").write_text(json.dumps(rows, indent=1))
+    stem = "kv_dtype_" + args.models.replace(",", "_")
+    (RESULTS / f"{stem}.json").write_text(json.dumps(rows, indent=1))
     command = f"python bench/kv_dtype_bench.py --tokens {args.tokens} --models {args.models}"
-    (RESULTS / "kv_dtype.md").write_text(
+    (RESULTS / f"{stem}.md").write_text(
         f"# KV cache storage formats (--kv-dtype)\n\n`{command}` ({args.threads} threads; first "
         f"{args.tokens} tokens of sotu.txt; S = 4; the machine was shared, so tokens/s compare only "
         f"within one model's rows)\n\n{table(rows)}\n")

@@ -20,7 +20,6 @@ from sinkstream.clients.cli.output import new_summary
 from sinkstream.clients.cli.text_file import TextBlocks
 from sinkstream.core.config import ConfigError, StreamConfig
 from sinkstream.core.dense import DenseInference
-from sinkstream.core.generation import generate
 from sinkstream.core.gguf_loading import GgufFileError, is_gguf
 from sinkstream.core.model_loading import LoadedModel, load_model
 from sinkstream.core.model_support import UnsupportedModelError
@@ -28,6 +27,7 @@ from sinkstream.core.offload.checkpoint import CheckpointError
 from sinkstream.core.offload.config import offload_from_args
 from sinkstream.core.offload.prefetch import OffloadError
 from sinkstream.core.sampling import SamplingError, SamplingParams
+from sinkstream.core.speculative import generate_speculative
 from sinkstream.core.streaming import StreamingInference
 from sinkstream.core.text import IncrementalEncoder
 from sinkstream.service.allocator import keep_freed_memory
@@ -139,5 +139,5 @@ def generate_text(args: argparse.Namespace) -> Iterator[str]:
                                 repetition_penalty=args.repetition_penalty, seed=args.seed,
                                 max_new_tokens=args.max_new_tokens,
                                 stop_sequences=tuple(args.stop or ()))
-        for token in generate(engine, row, params, loaded.tokenizer):
+        for token in generate_speculative(engine, row, params, loaded.tokenizer, k=args.speculate):
             yield token.text

@@ -18,7 +18,7 @@ from sinkstream.core.offload.config import add_offload_options, check_offload_op
 
 __all__ = ["CACHE_SHAPE_OPTIONS", "MODEL_DTYPES", "add_cache_shape_options", "add_dtype_option",
            "add_kv_dtype_option", "add_offload_options", "add_server_option", "check_offload_options",
-           "tier_specs"]
+           "count", "tier_specs"]
 
 DEFAULT_SERVER = os.environ.get("SINKSTREAM_SERVER")
 CACHE_SHAPE_OPTIONS = ("sink_tokens", "window", "chunk", "tiers", "merge_policy")

@@ -37,7 +37,7 @@ SHARED = Path(os.environ.get("SINKSTREAM_SHARED", ROOT.parent / "shared"))
 SOTU = SHARED / "data" / "sotu.txt"
 MODELS = {  # name: (path, window, chunk); 4 * window + chunk + 4 sinks fits the trained context
     "stories": (SHARED / "models" / "stories260K", 96, 32),
-    "smollm2": (SHARED / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf", 252, 64),
+    "smollm2": (SHARED / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf", 128, 64),
 }
 RUNS = (("float32", 1), ("bfloat16", 1), ("int8", 1), ("float32", 4), ("int8", 4))
 

@@ -99,7 +99,7 @@ def main() -> None:
     (RESULTS / f"{stem}.json").write_text(json.dumps(rows, indent=1))
     (RESULTS / f"{stem}.md").write_text(
         f"# Speculative decoding (--speculate {args.k})\n\n`python bench/speculative_bench.py --k {args.k} "
-        f"--repeats {args.repeats} --models {args.models}` ({args.threads} threads, greedy, median of "
+        f"--repeats {args.repeats} --models {args.models} --threads {args.threads}` (greedy, median of "
         f"{args.repeats}; plain and speculative alternate; the machine was shared)\n\n"
         + "\n".join(lines) + "\n")
     print("\n".join(lines))

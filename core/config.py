@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 MERGE_POLICIES = ("mean", "attention", "heavy-hitters")
+# How the cache stores keys and values (core.kv_quant): "model" is the model's own dtype.
+KV_DTYPES = ("model", "float32", "bfloat16", "int8")
 
 
 class ConfigError(ValueError):
@@ -44,6 +46,7 @@ class StreamConfig:
 
     Slots, in position order: ``sink_tokens`` sinks, the tier slots (coarsest first), a window of the
     ``window`` most recent tokens, and room for one chunk of up to ``chunk`` new tokens per forward pass.
+    ``kv_dtype`` is how keys and values are stored (see core.kv_quant).
     """
 
     sink_tokens: int = 4
@@ -51,6 +54,7 @@ class StreamConfig:
     chunk: int = 64
     tiers: tuple[TierSpec, ...] = field(default_factory=tuple)
     merge_policy: str = "mean"
+    kv_dtype: str = "model"
 
     @property
     def tier_slots(self) -> int:
@@ -88,6 +92,8 @@ class StreamConfig:
             raise ConfigError(
                 "merge_policy", f"unknown policy {self.merge_policy!r}; choose from {MERGE_POLICIES}"
             )
+        if self.kv_dtype not in KV_DTYPES:
+            raise ConfigError("kv_dtype", f"unknown KV dtype {self.kv_dtype!r}; choose from {KV_DTYPES}")
         if max_position_embeddings is not None and self.max_positions > max_position_embeddings:
             raise self._too_many_positions(max_position_embeddings)
 

@@ -74,11 +74,16 @@ class Sampler:
         Sampling works in float64 log-space relative to the best score, so every valid parameter gives a
         proper distribution (the best token keeps weight 1); ValueError if no log-probability is finite.
         """
-        p = self.params
-        if p.temperature == 0.0:  # greedy: float32 as it always was, so ties resolve exactly as before
+        if self.params.temperature == 0.0:  # greedy: float32 as it always was, so ties resolve as before
             scores = logprobs.float().clone()
             self._penalize(scores, context_ids)
             return int(scores.argmax())
+        return int(torch.multinomial(self.distribution(logprobs, context_ids), 1, generator=self.generator))
+
+    def distribution(self, logprobs: torch.Tensor, context_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """The probabilities [vocab] float64 that `sample` draws from when temperature > 0 (temperature,
+        top-k, top-p and the repetition penalty applied); ValueError if no log-probability is finite."""
+        p = self.params
         scores = logprobs.double().clone()
         scores = self._penalize(scores, context_ids).nan_to_num(nan=-math.inf)
         best = scores.max()
@@ -95,7 +100,7 @@ class Sampler:
             drop = probs.cumsum(-1) - probs >= p.top_p
             drop[0] = False
             scores[order[drop]] = -math.inf
-        return int(torch.multinomial(scores.softmax(-1), 1, generator=self.generator))
+        return scores.softmax(-1)
 
     def _penalize(self, scores: torch.Tensor, context_ids: torch.Tensor | None) -> torch.Tensor:
         """Apply the repetition penalty to `scores` [vocab] in place; returns them."""

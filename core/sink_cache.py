@@ -6,10 +6,12 @@ Slot layout of each row (a row is one stream; all rows have the same fixed shape
     [S, S+T)          memory tier slots (filled by core.tiers; absent when T = 0)
     [S+T, S+T+W+C)    a ring holding the window of the W most recent tokens plus the chunk in flight
 
-Keys are stored position-free (RoPE removed). At each forward pass every kept token is rotated to its
-slot position: sinks 0..s-1, then tier slots, then the window in stream order, then the chunk, numbered
-contiguously, so positions never exceed S + T + W + C - 1 however long the stream runs (StreamingLLM's
-re-numbering). The ring means eviction never moves data: a token leaves by having its slot count zeroed.
+Keys are stored position-free (RoPE removed), in the format of `config.kv_dtype` (core.kv_quant: the
+model's dtype, bfloat16 or int8, de-quantised when read). At each forward pass every kept token is
+rotated to its slot position: sinks 0..s-1, then tier slots, then the window in stream order, then the
+chunk, numbered contiguously, so positions never exceed S + T + W + C - 1 however long the stream runs
+(StreamingLLM's re-numbering). The ring means eviction never moves data: a token leaves by having its
+slot count zeroed.
 
 Update contract (Hugging Face `Cache`): `begin_step` -> model forward, whose attention layers call
 `update(k, v, layer)` with the chunk's rotated keys [b, kv_heads, n, head_dim] and get back the keys and
@@ -28,6 +30,7 @@ import torch
 from transformers.cache_utils import Cache
 
 from sinkstream.core.config import StreamConfig
+from sinkstream.core.kv_quant import KVStorage
 from sinkstream.core.rope import RopeTable, apply_rotation, remove_rotation
 
 
@@ -44,19 +47,22 @@ class ForwardStep:
     chunk_cos: torch.Tensor  # [b, 1, n, rotary_dim]
     chunk_sin: torch.Tensor
     all_rows: bool  # rows == 0..R-1: storage views can be returned without a gather
+    backup: list[torch.Tensor] | None = None  # tentative steps: the chunk slots' storage before the pass
 
 
 @dataclass
 class CacheRowState:
     """One row's whole cache state (see SinkCache.row_state)."""
 
-    keys: torch.Tensor  # [L, kv_heads, num_slots, head_dim] position-free
+    keys: torch.Tensor  # [L, kv_heads, num_slots, head_dim] position-free, stored format
     values: torch.Tensor  # [L, kv_heads, num_slots, head_dim]
     count: torch.Tensor  # [num_slots] float32, tokens each slot stands for
     token_ids: torch.Tensor  # [num_slots] long
     tokens_seen: int
     sink_used: int
     window_used: int
+    key_scales: torch.Tensor | None = None  # [L, kv_heads, num_slots, 1] float32 (int8 storage only)
+    value_scales: torch.Tensor | None = None
 
 
 class CacheHooks:
@@ -103,8 +109,7 @@ class SinkCache(Cache):
         self.ring_size = config.window + config.chunk
         self.num_slots = self.ring_start + self.ring_size
         shape = (num_layers, max_rows, kv_heads, self.num_slots, head_dim)
-        self.keys = torch.zeros(shape, dtype=dtype, device=device)  # position-free
-        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        self.storage = KVStorage(shape, config.kv_dtype, dtype, device)  # position-free keys
         # Tokens each slot stands for (1 for a plain token, n for a merged tier slot, 0 = empty).
         self.count = torch.zeros(max_rows, self.num_slots, dtype=torch.float32, device=device)
         # Token id held by each slot (sinks and ring), used for repetition penalties and snapshots.
@@ -118,6 +123,16 @@ class SinkCache(Cache):
         self.hooks = CacheHooks()
         self._step: ForwardStep | None = None
 
+    @property
+    def keys(self) -> torch.Tensor:
+        """Stored position-free keys [L, R, kv_heads, num_slots, head_dim] (int8 data for int8 storage)."""
+        return self.storage.keys
+
+    @property
+    def values(self) -> torch.Tensor:
+        """Stored values [L, R, kv_heads, num_slots, head_dim]."""
+        return self.storage.values
+
     def set_hooks(self, hooks: CacheHooks) -> None:
         """Register the cache's one hooks object (see CacheHooks); a second registration is an error."""
         if type(self.hooks) is not CacheHooks:
@@ -126,9 +141,12 @@ class SinkCache(Cache):
 
     # ----------------------------------------------------------------- the forward-pass protocol
     def begin_step(
-        self, rows: list[int], input_ids: torch.Tensor, lengths: list[int]
+        self, rows: list[int], input_ids: torch.Tensor, lengths: list[int], *, tentative: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Prepare a forward pass of input_ids [b, n] (row i has lengths[i] real tokens).
+
+        `tentative`: `end_step(keep=...)` may commit only a prefix of each row's chunk; the storage of the
+        chunk slots is saved first so the rest can be put back as it was (see end_step).
 
         Returns position_ids [b, n] and the additive attention mask [b, 1, n, num_slots]: a chunk token
         sees every kept slot (with +log(count) for merged slots) and the chunk tokens up to itself.
@@ -158,7 +176,7 @@ class SinkCache(Cache):
         slot_tokens = torch.cat((torch.full_like(prefix_len.expand(b, self.ring_start), -1),
                                  ring_tokens), dim=1)
         sees_chunk = is_chunk[:, None, :] & (slot_tokens[:, None, :] <= chunk_tokens[:, :, None])
-        dtype = self.keys.dtype
+        dtype = self.rotated_keys.dtype
         neg = torch.finfo(dtype).min
         kept = torch.where(count > 0, count.clamp(min=1).log(), neg)  # [b, N]
         mask = torch.where(sees_chunk, 0.0, kept[:, None, :]).to(dtype)[:, None]  # [b, 1, n, N]
@@ -166,8 +184,13 @@ class SinkCache(Cache):
         slot_cos, slot_sin = self.rope.gather(slot_pos)
         chunk_cos, chunk_sin = self.rope.gather(position_ids)
         all_rows = rows == list(range(self.keys.shape[1]))
+        backup = None
+        if tentative:  # [L, b, H, n, *] per stored tensor: a few slots, not the cache
+            heads = torch.arange(self.keys.shape[2], device=device)
+            index = (rows_t[:, None, None], heads[None, :, None], chunk_slots[:, None, :])
+            backup = [t[:, index[0], index[1], index[2]].clone() for t in self.storage.tensors()]
         self._step = ForwardStep(rows_t, lengths, chunk_slots, chunk_tokens, slot_cos, slot_sin,
-                                 chunk_cos, chunk_sin, all_rows)
+                                 chunk_cos, chunk_sin, all_rows, backup)
         self._step_ids = input_ids
         self.hooks.step_started(self._step)
         return position_ids, mask
@@ -185,24 +208,29 @@ class SinkCache(Cache):
         if st is None:
             raise RuntimeError("SinkCache.update called outside begin_step/end_step")
         b, heads, n, _ = key_states.shape
-        layer_keys, layer_values = self.keys[layer_idx], self.values[layer_idx]
         raw = remove_rotation(key_states, st.chunk_cos, st.chunk_sin, self.rope.inv_scale2)
         index = (st.rows[:, None, None], torch.arange(heads, device=raw.device)[None, :, None],
                  st.chunk_slots[:, None, :])
-        layer_keys.index_put_(index, raw.to(layer_keys.dtype))
-        layer_values.index_put_(index, value_states.to(layer_values.dtype))
-        if st.all_rows:
-            keys, values = layer_keys, layer_values
-        else:
-            keys = layer_keys.index_select(0, st.rows)
-            values = layer_values.index_select(0, st.rows)
+        self.storage.put(layer_idx, index, raw, value_states)
+        keys, values = self.storage.read(layer_idx, None if st.all_rows else st.rows)
         return apply_rotation(keys, st.slot_cos, st.slot_sin, out=self.rotated_keys[:b]), values
 
-    def end_step(self) -> None:
-        """Commit the real chunk tokens into the window and evict what no longer fits."""
+    def end_step(self, keep: list[int] | None = None) -> None:
+        """Commit the real chunk tokens into the window and evict what no longer fits.
+
+        keep (tentative steps only): commit just the first keep[i] (1..lengths[i]) tokens of row i; the
+        storage of the other chunk slots is restored, so the cache is as if only those tokens had been fed.
+        """
         st = self._step
         if st is None:
             raise RuntimeError("end_step without begin_step")
+        if keep is not None:
+            if st.backup is None:
+                raise RuntimeError("end_step(keep=...) needs a tentative step")
+            if not all(1 <= k <= n for k, n in zip(keep, st.lengths, strict=True)):
+                raise ValueError(f"keep {keep} must be within 1..lengths {st.lengths}")
+            self._restore_rejected(st, keep)
+            st.lengths = list(keep)
         self.hooks.step_ending(st)
         for i, row in enumerate(st.rows.tolist()):
             n = st.lengths[i]
@@ -217,9 +245,22 @@ class SinkCache(Cache):
         self._step = None
 
     def abort_step(self) -> None:
-        """Forget a forward pass that failed: chunk slots were never counted, so nothing else changes."""
+        """Forget a forward pass that failed: chunk slots were never counted, so nothing else changes
+        (a tentative step also gets its chunk slots' storage back)."""
+        st = self._step
+        if st is not None and st.backup is not None:
+            self._restore_rejected(st, [0] * len(st.lengths))
         self.hooks.step_aborted()
         self._step = None
+
+    def _restore_rejected(self, st: ForwardStep, keep: list[int]) -> None:
+        """Put back the saved storage of each row's chunk slots from keep[i] on."""
+        heads = torch.arange(self.keys.shape[2], device=st.rows.device)
+        for i, row in enumerate(st.rows.tolist()):
+            k = keep[i]
+            slots = st.chunk_slots[i, k:]
+            for stored, saved in zip(self.storage.tensors(), st.backup, strict=True):
+                stored[:, row, heads[:, None], slots[None, :]] = saved[:, i, :, k:]
 
     # ----------------------------------------------------------------- eviction
     def _evict_oldest(self, row: int, e: int) -> None:
@@ -230,8 +271,7 @@ class SinkCache(Cache):
         if to_sinks > 0:
             dst = slice(self.sink_used[row], self.sink_used[row] + to_sinks)
             src = slots[:to_sinks]
-            self.keys[:, row, :, dst] = self.keys[:, row, :, src]
-            self.values[:, row, :, dst] = self.values[:, row, :, src]
+            self.storage.move(row, dst, src)
             self.token_ids[row, dst] = self.token_ids[row, src]
             self.count[row, dst] = 1.0
             self.sink_used[row] += to_sinks
@@ -257,13 +297,18 @@ class SinkCache(Cache):
 
     def row_state(self, row: int) -> CacheRowState:
         """The row's state; its tensors are views of the cache's storage (clone them to keep them)."""
+        st = self.storage
+        scales = (st.key_scales[:, row], st.value_scales[:, row]) if st.quantized else (None, None)
         return CacheRowState(self.keys[:, row], self.values[:, row], self.count[row], self.token_ids[row],
-                             self.tokens_seen[row], self.sink_used[row], self.window_used[row])
+                             self.tokens_seen[row], self.sink_used[row], self.window_used[row], *scales)
 
     def load_row_state(self, row: int, state: CacheRowState) -> None:
         """Overwrite the row with `state` (shapes and dtypes as `row_state` gives them)."""
         self.keys[:, row].copy_(state.keys)
         self.values[:, row].copy_(state.values)
+        if self.storage.quantized:
+            self.storage.key_scales[:, row].copy_(state.key_scales)
+            self.storage.value_scales[:, row].copy_(state.value_scales)
         self.count[row].copy_(state.count)
         self.token_ids[row].copy_(state.token_ids)
         self.tokens_seen[row], self.sink_used[row] = state.tokens_seen, state.sink_used
@@ -288,8 +333,8 @@ class SinkCache(Cache):
     @property
     def nbytes(self) -> int:
         """Bytes of all preallocated storage; constant for the cache's lifetime."""
-        storage = (self.keys, self.values, self.rotated_keys, self.count, self.token_ids)
-        return sum(t.nbytes for t in storage)
+        bookkeeping = (self.rotated_keys, self.count, self.token_ids)
+        return self.storage.nbytes + sum(t.nbytes for t in bookkeeping)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.used_slots(0)

@@ -44,10 +44,13 @@ def _fingerprint(engine: StreamingInference) -> dict[str, Any]:
 
 def _tensors(state: RowState) -> dict[str, torch.Tensor]:
     """A row state's tensors under their snapshot names: keys/values [L, kv_heads, slots, D],
-    count/token_ids [slots], next_logprobs [vocab], rng_state [bytes]."""
+    key_scales/value_scales [L, kv_heads, slots, 1] (int8 storage only), count/token_ids [slots],
+    next_logprobs [vocab], rng_state [bytes]."""
     cache = state.cache
-    return {"keys": cache.keys, "values": cache.values, "count": cache.count, "token_ids": cache.token_ids,
-            "next_logprobs": state.next_logprobs, "rng_state": state.rng_state}
+    scales = ({"key_scales": cache.key_scales, "value_scales": cache.value_scales}
+              if cache.key_scales is not None else {})
+    return {"keys": cache.keys, "values": cache.values, **scales, "count": cache.count,
+            "token_ids": cache.token_ids, "next_logprobs": state.next_logprobs, "rng_state": state.rng_state}
 
 
 def snapshot_row(engine: StreamingInference, row: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -132,7 +135,9 @@ def _check(engine: StreamingInference, current: RowState, tensors: dict[str, tor
         tiers = engine.tier_memory.check_state(
             {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}, meta["tiers"],
             count, evicted - sink_used)
-    cache_state = replace(current.cache, keys=checked["keys"], values=checked["values"], count=count,
+    cache_state = replace(current.cache, keys=checked["keys"], values=checked["values"],
+                          key_scales=checked.get("key_scales"), value_scales=checked.get("value_scales"),
+                          count=count,
                           token_ids=ids, tokens_seen=tokens_seen, sink_used=sink_used,
                           window_used=window_used)
     state = replace(current, cache=cache_state, next_logprobs=checked["next_logprobs"],

@@ -8,7 +8,7 @@ the LM head scores every chunk token -> SinkCache.end_step commits the chunk and
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -148,26 +148,13 @@ class StreamingInference:
         """One forward pass over 1..chunk new tokens for each given row (rows are batched together)."""
         if not inputs:
             return {}
-        rows = list(inputs)
-        lengths = [len(inputs[r]) for r in rows]
-        for row, n in zip(rows, lengths, strict=True):
-            self._check_row(row)
-            if not 1 <= n <= self.config.chunk:
-                raise ValueError(f"row {row}: a step takes 1..{self.config.chunk} tokens, got {n}")
+        rows, lengths, ids = self._input_ids(inputs)
         if top_k < 0 or top_k > self.vocab_size:
             raise ValueError(f"top_k must be in 0..{self.vocab_size}, got {top_k}")
-        ids = torch.zeros(len(rows), max(lengths), dtype=torch.long)
-        for i, row in enumerate(rows):
-            ids[i, : lengths[i]] = torch.as_tensor(inputs[row], dtype=torch.long)
-        if int(ids.min()) < 0 or int(ids.max()) >= self.vocab_size:
-            raise ValueError(f"token ids must be in 0..{self.vocab_size - 1}")
-        ids = ids.to(self.device)
 
         position_ids, mask = self.cache.begin_step(rows, ids, lengths)
         try:  # everything that can fail runs before the commit, so a failed pass changes no row
-            hidden = self.base(input_ids=ids, attention_mask=mask, position_ids=position_ids,
-                               past_key_values=self.cache, use_cache=True).last_hidden_state
-            logprobs = torch.log_softmax(self.lm_head(hidden).float(), dim=-1).cpu()  # [b, n, V]
+            hidden, logprobs = self._forward(ids, position_ids, mask)
             scored = [self._score(row, ids[i, : lengths[i]].cpu(), logprobs[i, : lengths[i]],
                                   hidden[i, : lengths[i]], top_k, embeddings)
                       for i, row in enumerate(rows)]
@@ -177,6 +164,56 @@ class StreamingInference:
         self.cache.end_step()
         return {row: self._commit(row, result, logprobs[i, lengths[i] - 1])
                 for i, (row, result) in enumerate(zip(rows, scored, strict=True))}
+
+    @torch.inference_mode()
+    def step_prefix(self, row: int, token_ids: Sequence[int],
+                    keep: Callable[[torch.Tensor], int]) -> ChunkResult:
+        """One forward pass over token_ids [n] (1..chunk) of one row that commits only a prefix of them.
+
+        keep(logprobs) gets the pass's log-probabilities [n, vocab] (row i: the distribution after token
+        i) and returns how many tokens to keep, 1..n. The row then is exactly as if only those tokens had
+        been appended: the others leave no count, no token id, no counter change, and their slots' storage
+        is put back (speculative decoding verifies a draft this way). Not with an attention merge policy,
+        whose record would hear the dropped tokens' queries.
+        """
+        if self.tier_memory is not None and self.tier_memory.observes:
+            raise ValueError(f"step_prefix does not support merge policy {self.config.merge_policy!r}")
+        _, lengths, ids = self._input_ids({row: token_ids})
+        position_ids, mask = self.cache.begin_step([row], ids, lengths, tentative=True)
+        try:
+            hidden, logprobs = self._forward(ids, position_ids, mask)
+            kept = keep(logprobs[0])
+            if not 1 <= kept <= lengths[0]:
+                raise ValueError(f"keep must return 1..{lengths[0]}, got {kept}")
+            result = self._score(row, ids[0, :kept].cpu(), logprobs[0, :kept], hidden[0, :kept], 0, False)
+        except BaseException:
+            self.cache.abort_step()
+            raise
+        self.cache.end_step(keep=[kept])
+        return self._commit(row, result, logprobs[0, kept - 1])
+
+    def _input_ids(self, inputs: Mapping[int, Sequence[int]]) -> tuple[list[int], list[int], torch.Tensor]:
+        """Validated (rows, lengths, ids [b, n] on the device, zero-padded) of a step's inputs."""
+        rows = list(inputs)
+        lengths = [len(inputs[r]) for r in rows]
+        for row, n in zip(rows, lengths, strict=True):
+            self._check_row(row)
+            if not 1 <= n <= self.config.chunk:
+                raise ValueError(f"row {row}: a step takes 1..{self.config.chunk} tokens, got {n}")
+        ids = torch.zeros(len(rows), max(lengths), dtype=torch.long)
+        for i, row in enumerate(rows):
+            ids[i, : lengths[i]] = torch.as_tensor(inputs[row], dtype=torch.long)
+        if int(ids.min()) < 0 or int(ids.max()) >= self.vocab_size:
+            raise ValueError(f"token ids must be in 0..{self.vocab_size - 1}")
+        return rows, lengths, ids.to(self.device)
+
+    def _forward(self, ids: torch.Tensor, position_ids: torch.Tensor,
+                 mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The model over ids [b, n] inside a begun cache step: (final hidden states [b, n, hidden],
+        log-probabilities [b, n, V] float32 on the CPU)."""
+        hidden = self.base(input_ids=ids, attention_mask=mask, position_ids=position_ids,
+                           past_key_values=self.cache, use_cache=True).last_hidden_state
+        return hidden, torch.log_softmax(self.lm_head(hidden).float(), dim=-1).cpu()
 
     def _score(self, row: int, ids: torch.Tensor, logprobs: torch.Tensor, hidden: torch.Tensor,
                top_k: int, embeddings: bool) -> ChunkResult:

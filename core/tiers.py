@@ -282,16 +282,15 @@ class TierMemory(CacheHooks):
     # ----------------------------------------------------------------- storage access
     def _read(self, row: int, slots: torch.Tensor) -> Units:
         c = self.cache
-        return Units(c.keys[:, row].index_select(2, slots).float(),
-                     c.values[:, row].index_select(2, slots).float(),
-                     c.count[row].index_select(0, slots), self.attention[row].index_select(0, slots))
+        keys, values = c.storage.gather(row, slots)
+        return Units(keys, values, c.count[row].index_select(0, slots),
+                     self.attention[row].index_select(0, slots))
 
     def _write(self, row: int, start: int, units: Units, clear_to: int | None = None) -> None:
         """Store units at slots [start, start+n); with clear_to, empty the slots after them up to
         start + clear_to."""
         c, n = self.cache, len(units)
-        c.keys[:, row, :, start : start + n] = units.keys.to(c.keys.dtype)
-        c.values[:, row, :, start : start + n] = units.values.to(c.values.dtype)
+        c.storage.assign(row, start, units.keys, units.values)
         c.count[row, start : start + n] = units.count
         self.attention[row, start : start + n] = units.attention
         if clear_to is not None and clear_to > n:

@@ -84,6 +84,7 @@ def stream_config_from_pb(settings: pb.SessionSettings, defaults: StreamConfig, 
         chunk=settings.chunk if settings.HasField("chunk") else defaults.chunk,
         tiers=tuple(TierSpec(t.slots, t.ratio) for t in settings.tiers),
         merge_policy=settings.merge_policy or defaults.merge_policy,
+        kv_dtype=defaults.kv_dtype,  # the server's (serve --kv-dtype); not a per-session setting
     )
     try:
         config.validate(limits.max_positions, chunk_within_window=True)

@@ -14,11 +14,12 @@ PROMPT = "Once upon a time"
 REFERENCE_NEW_TOKENS = 57  # tokens of REFERENCE_CONTINUATION after the prompt's 5 (BOS included)
 
 
-def run_generate(model_dir, prompt: str, max_new_tokens: int, tmp_path) -> subprocess.CompletedProcess:
+def run_generate(model_dir, prompt: str, max_new_tokens: int, tmp_path,
+                 *extra: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "XDG_CONFIG_HOME": str(tmp_path / "config")}
     env.pop("SINKSTREAM_SERVER", None)  # --model wins anyway; keep the run independent of the caller's env
     args = ["generate", "--model", str(model_dir), "--prompt", prompt,
-            "--max-new-tokens", str(max_new_tokens)]
+            "--max-new-tokens", str(max_new_tokens), *extra]
     return subprocess.run([sys.executable, "-m", "sinkstream", *args], cwd=REPO_ROOT, env=env,
                           capture_output=True, text=True, timeout=240)
 
@@ -33,3 +34,12 @@ def test_prompt_ending_in_a_word_keeps_the_next_words_space(model_dir, tmp_path)
     proc = run_generate(model_dir, "Once upon a time, there", 9, tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == "Once upon a time, there was a little girl named Lily.\n"
+
+
+def test_speculative_and_int8_cache_runs_print_the_published_continuation(model_dir, tmp_path):
+    """--speculate 4 (prompt-lookup drafts verified per pass) gives plain greedy's output; so does an
+    int8 KV cache on this short continuation."""
+    for extra in (("--speculate", "4"), ("--speculate", "4", "--kv-dtype", "int8")):
+        proc = run_generate(model_dir, PROMPT, REFERENCE_NEW_TOKENS, tmp_path, *extra)
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout == REFERENCE_CONTINUATION + "\n", extra

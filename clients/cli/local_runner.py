@@ -20,7 +20,6 @@ from sinkstream.clients.cli.output import new_summary
 from sinkstream.clients.cli.text_file import TextBlocks
 from sinkstream.core.config import ConfigError, StreamConfig
 from sinkstream.core.dense import DenseInference
-from sinkstream.core.generation import generate
 from sinkstream.core.gguf_loading import GgufFileError, is_gguf
 from sinkstream.core.model_loading import LoadedModel, load_model
 from sinkstream.core.model_support import UnsupportedModelError
@@ -28,6 +27,7 @@ from sinkstream.core.offload.checkpoint import CheckpointError
 from sinkstream.core.offload.config import offload_from_args
 from sinkstream.core.offload.prefetch import OffloadError
 from sinkstream.core.sampling import SamplingError, SamplingParams
+from sinkstream.core.speculative import generate_speculative
 from sinkstream.core.streaming import StreamingInference
 from sinkstream.core.text import IncrementalEncoder
 from sinkstream.service.allocator import keep_freed_memory
@@ -49,7 +49,8 @@ HUB_ID = re.compile(r"[A-Za-z0-9](?:[\w.-]*[A-Za-z0-9])?(?:/[A-Za-z0-9](?:[\w.-]
 def stream_config(args: argparse.Namespace) -> StreamConfig:
     """StreamConfig from the cache-shape options (options.add_cache_shape_options; --tiers already parsed)."""
     return StreamConfig(sink_tokens=args.sink_tokens, window=args.window, chunk=args.chunk,
-                        tiers=args.tiers, merge_policy=args.merge_policy)
+                        tiers=args.tiers, merge_policy=args.merge_policy,
+                        kv_dtype=args.kv_dtype or "model")
 
 
 def load(args: argparse.Namespace) -> LoadedModel:
@@ -89,6 +90,8 @@ def analyze(args: argparse.Namespace, sink: ChunkSink) -> AnalysisSummary:
         settings = {"sink_tokens": config.sink_tokens, "window": config.window, "chunk": config.chunk}
         if config.tiers:
             settings.update(tiers=",".join(map(str, config.tiers)), merge_policy=config.merge_policy)
+        if config.kv_dtype != "model":
+            settings["kv_dtype"] = config.kv_dtype
 
         def append(ids: list[int]) -> Iterator:
             return engine.append(row, ids)
@@ -136,5 +139,5 @@ def generate_text(args: argparse.Namespace) -> Iterator[str]:
                                 repetition_penalty=args.repetition_penalty, seed=args.seed,
                                 max_new_tokens=args.max_new_tokens,
                                 stop_sequences=tuple(args.stop or ()))
-        for token in generate(engine, row, params, loaded.tokenizer):
+        for token in generate_speculative(engine, row, params, loaded.tokenizer, k=args.speculate):
             yield token.text

@@ -15,9 +15,11 @@ from sinkstream.clients.cli.errors import RUN_FAILURE, USAGE, CliError, report
 from sinkstream.clients.cli.options import (
     add_cache_shape_options,
     add_dtype_option,
+    add_kv_dtype_option,
     add_offload_options,
     add_server_option,
     check_offload_options,
+    count,
 )
 from sinkstream.clients.cli.output import (
     add_output_options,
@@ -47,7 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--repetition-penalty", type=float, default=1.0)
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--stop", action="append", help="stop sequence (repeatable)")
+    gen.add_argument("--speculate", type=count, default=0, metavar="N",
+                     help="speculative decoding: verify up to N prompt-lookup draft tokens per forward "
+                          "pass, same output (0 = off; in-process only)")
     add_cache_shape_options(gen)
+    add_kv_dtype_option(gen)
     add_dtype_option(gen)
     add_offload_options(gen)
 
@@ -58,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     ana.add_argument("--dense", action="store_true", help="plain full-cache baseline for comparison")
     add_output_options(ana)
     add_cache_shape_options(ana)
+    add_kv_dtype_option(ana)
     add_dtype_option(ana)
     add_offload_options(ana)
 
@@ -100,6 +107,11 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         if args.offload != "none":  # the server's weights are its own: `sinkstream serve --offload`
             parser.error(f"--offload {args.offload} runs the model in-process: give --model PATH, or start "
                          "the server with `sinkstream serve --offload ...`")
+        if args.command == "generate" and args.speculate:
+            parser.error("--speculate runs in-process: give --model PATH")
+        if args.kv_dtype is not None:  # the cache is the server's: `sinkstream serve --kv-dtype`
+            parser.error(f"--kv-dtype {args.kv_dtype} sets the cache of an in-process run: give --model "
+                         "PATH, or start the server with `sinkstream serve --kv-dtype ...`")
         from sinkstream.clients.cli import remote_runner
 
         remote_runner.run(args, files)

@@ -7,12 +7,18 @@ from __future__ import annotations
 import argparse
 import os
 
-from sinkstream.core.config import MERGE_POLICIES, ConfigError, StreamConfig, TierSpec  # torch-free
+from sinkstream.core.config import (  # torch-free
+    KV_DTYPES,
+    MERGE_POLICIES,
+    ConfigError,
+    StreamConfig,
+    TierSpec,
+)
 from sinkstream.core.offload.config import add_offload_options, check_offload_options  # torch-free
 
 __all__ = ["CACHE_SHAPE_OPTIONS", "MODEL_DTYPES", "add_cache_shape_options", "add_dtype_option",
-           "add_offload_options", "add_server_option", "check_offload_options", "connection_options",
-           "tier_specs"]
+           "add_kv_dtype_option", "add_offload_options", "add_server_option", "check_offload_options",
+           "connection_options", "count", "tier_specs"]
 
 DEFAULT_SERVER = os.environ.get("SINKSTREAM_SERVER")
 CACHE_SHAPE_OPTIONS = ("sink_tokens", "window", "chunk", "tiers", "merge_policy")
@@ -44,6 +50,13 @@ def add_dtype_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=MODEL_DTYPES, default=MODEL_DTYPES[0],
                    help="weights dtype with --model; a .gguf file is de-quantised to it "
                         f"(default {MODEL_DTYPES[0]})")
+
+
+def add_kv_dtype_option(p: argparse.ArgumentParser) -> None:
+    """--kv-dtype: how the KV cache stores keys and values (core.kv_quant); None = the model's dtype."""
+    p.add_argument("--kv-dtype", choices=KV_DTYPES[1:], default=None,
+                   help="KV cache storage: float32, bfloat16 or int8 (per-token scales, de-quantised for "
+                        "attention); default: the model's dtype (in-process and serve only)")
 
 
 def tier_specs(text: str) -> tuple[TierSpec, ...]:

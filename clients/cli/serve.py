@@ -12,6 +12,7 @@ import torch
 from sinkstream.clients.cli.options import (
     add_cache_shape_options,
     add_dtype_option,
+    add_kv_dtype_option,
     add_offload_options,
     check_offload_options,
 )
@@ -63,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="on SIGTERM, time open streams get to finish")
     add_security_options(p, d)
     add_cache_shape_options(p, title="session defaults")
+    add_kv_dtype_option(p)
     add_dtype_option(p)
     add_offload_options(p)
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
@@ -121,7 +123,8 @@ def config_from_args(args: argparse.Namespace, tls: TLSFiles | None = None) -> S
         min_client_ping_interval_ms=args.min_client_ping_interval_ms, max_new_tokens=args.max_new_tokens,
         max_top_k=args.max_top_k, grace_s=args.grace, decode_input_budget=args.decode_input_budget,
         defaults=StreamConfig(sink_tokens=args.sink_tokens, window=args.window, chunk=args.chunk,
-                              tiers=args.tiers, merge_policy=args.merge_policy),
+                              tiers=args.tiers, merge_policy=args.merge_policy,
+                              kv_dtype=args.kv_dtype or "model"),
         tls=tls, auth_tokens=args.auth_tokens, health_port=args.health_port,
         insecure_allow_remote=args.insecure_allow_remote,
         quotas=TenantQuotas(max_sessions=args.tenant_max_sessions, max_rows=args.tenant_max_rows),

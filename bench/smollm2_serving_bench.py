@@ -11,7 +11,8 @@ as a conversation grows.
           Generate; the question was already processed), ms/token of the reply (median gap between
           tokens), and the time to append and process the question (it re-renders the conversation).
 
-Both use S = 4, W = 1020, C = 64 and the same number of torch threads (2) in the server and in-process.
+Both use S = 4, W = 1020, C = 64 and the same number of torch threads (--threads, default 1: on a shared
+machine two threads per process oversubscribe the cores) in the server and in-process.
 
   SINKSTREAM_CACHE_DIR=/tmp/ggufcache python bench/smollm2_serving_bench.py     # about 10 minutes here
 """
@@ -47,7 +48,6 @@ SOTU = SHARED / "data" / "sotu.txt"
 RESULTS = ROOT / "bench" / "results"
 CONFIG = StreamConfig(sink_tokens=4, window=1020, chunk=64)
 SETTINGS = SessionSettings(sink_tokens=4, window=1020, chunk=64, logprobs=True)
-THREADS = 2
 SYSTEM = "You are a concise assistant. Answer in one short sentence."
 QUESTION = "In one sentence, what was the last message about?"
 
@@ -131,8 +131,8 @@ def markdown(d: dict) -> str:
         f"Command: `{d['command']}` ({d['wall_s']:.0f} s in all; load average {d['load_before']} before, "
         f"{d['load_after']} after, on a 2-core machine shared with other jobs).",
         "",
-        f"Model `{GGUF.name}` de-quantised to fp32; S = 4, W = 1020, C = 64; {THREADS} torch threads in the "
-        f"server and in-process.",
+        f"Model `{GGUF.name}` de-quantised to fp32; S = 4, W = 1020, C = 64; {d['threads']} torch "
+        f"thread(s) in the server and in-process.",
         "",
         f"## Ingest, one stream ({ing['chars']:,} characters of sotu.txt, best of {len(ing['grpc'])} "
         f"alternating runs; target gRPC >= 0.95 of in-process)",
@@ -169,13 +169,14 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--marks", default="1000,10000,50000")
     ap.add_argument("--reply-tokens", type=int, default=32)
+    ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
-    torch.set_num_threads(THREADS)
+    torch.set_num_threads(args.threads)
     started = time.perf_counter()
     load_before = " ".join(f"{x:.2f}" for x in os.getloadavg())
     text = SOTU.read_text()
     loaded = load_model(str(GGUF))
-    proc, address = start_server(str(GGUF), rows=4, threads=THREADS)
+    proc, address = start_server(str(GGUF), rows=4, threads=args.threads)
     try:
         asyncio.run(grpc_ingest(address, text[:4000]))  # warm-up: engine allocation
         in_process_ingest(loaded, text[:4000])
@@ -195,7 +196,7 @@ def main() -> None:
         proc.terminate()
         proc.wait(timeout=60)
     data = {"command": "python bench/smollm2_serving_bench.py " + " ".join(sys.argv[1:]),
-            "ingest": ingest, "chat": chat, "reply_tokens": args.reply_tokens,
+            "ingest": ingest, "chat": chat, "reply_tokens": args.reply_tokens, "threads": args.threads,
             "wall_s": time.perf_counter() - started, "load_before": load_before,
             "load_after": " ".join(f"{x:.2f}" for x in os.getloadavg())}
     (RESULTS / "smollm2_serving.json").write_text(json.dumps(data, indent=1))

@@ -54,12 +54,19 @@ def in_process_ingest(model_dir: str, text: str) -> tuple[int, float]:
     for _ in engine.append(row, list(range(3, 3 + 256))):  # warm-up
         pass
     engine.reset_row(row)
+    return ingest_pieces(engine, row, loaded.tokenizer, text)
+
+
+def ingest_pieces(engine: StreamingInference, row: int, tokenizer, text: str) -> tuple[int, float]:
+    """(tokens, seconds) to feed `text` to one row as the server does: pieces tokenized incrementally,
+    whole chunks run as they come, the rest at the end."""
+    chunk = engine.config.chunk
     started = time.perf_counter()
-    encoder = IncrementalEncoder(loaded.tokenizer)
+    encoder = IncrementalEncoder(tokenizer)
     tokens, pending = 0, []
     for piece in pieces(text):
         pending += encoder.push(piece)
-        whole = len(pending) - len(pending) % CONFIG.chunk
+        whole = len(pending) - len(pending) % chunk
         for result in engine.append(row, pending[:whole]):
             tokens += len(result.token_ids)
             result.logprobs.tolist()  # the server converts these for the wire; so does this baseline

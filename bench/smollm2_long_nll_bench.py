@@ -33,6 +33,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from smollm2_speed_bench import sotu_ids  # noqa: E402  (bench/ is on sys.path when run as a script)
+
 from sinkstream.core.config import StreamConfig, TierSpec  # noqa: E402
 from sinkstream.core.model_loading import load_model  # noqa: E402
 from sinkstream.core.streaming import StreamingInference  # noqa: E402
@@ -47,17 +49,6 @@ CHUNK = 256
 TIERS = "64x4,32x16"
 DENSE_CHUNK = 512
 TRAINED_CONTEXT = 8192
-
-
-def sotu_ids(tokenizer, n: int) -> list[int]:
-    """The first n tokens of sotu.txt, tokenizing only as much of the text as needed."""
-    text = SOTU.read_text()
-    chars = 6 * n
-    while True:
-        ids = tokenizer(text[:chars], add_special_tokens=False)["input_ids"]
-        if len(ids) >= n or chars >= len(text):
-            return ids[:n]
-        chars *= 2
 
 
 def setups() -> dict[str, StreamConfig]:

@@ -33,14 +33,13 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from grpc_bench import pieces, start_server  # noqa: E402  (bench/ is on sys.path when run as a script)
+from grpc_bench import ingest_pieces, pieces, start_server  # noqa: E402  (bench/ is on sys.path when run as a script)
 
 from sinkstream.clients.aio import AsyncSinkStreamClient  # noqa: E402
 from sinkstream.clients.results import GenerateParams, SessionSettings  # noqa: E402
 from sinkstream.core.config import StreamConfig  # noqa: E402
 from sinkstream.core.model_loading import load_model  # noqa: E402
 from sinkstream.core.streaming import StreamingInference  # noqa: E402
-from sinkstream.core.text import IncrementalEncoder  # noqa: E402
 
 SHARED = Path(os.environ.get("SINKSTREAM_SHARED", ROOT.parent / "shared"))
 GGUF = SHARED / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -56,20 +55,7 @@ QUESTION = "In one sentence, what was the last message about?"
 def in_process_ingest(loaded, text: str) -> tuple[int, float]:
     """(tokens, seconds) for the core alone: tokenizing pieces incrementally, whole chunks as they come."""
     engine = StreamingInference(loaded.model, CONFIG)
-    row = engine.open_row()
-    started = time.perf_counter()
-    encoder = IncrementalEncoder(loaded.tokenizer)
-    tokens, pending = 0, []
-    for piece in pieces(text):
-        pending += encoder.push(piece)
-        whole = len(pending) - len(pending) % CONFIG.chunk
-        for result in engine.append(row, pending[:whole]):
-            tokens += len(result.token_ids)
-            result.logprobs.tolist()  # the server converts these for the wire; so does this baseline
-        pending = pending[whole:]
-    for result in engine.append(row, pending + encoder.flush()):
-        tokens += len(result.token_ids)
-    return tokens, time.perf_counter() - started
+    return ingest_pieces(engine, engine.open_row(), loaded.tokenizer, text)
 
 
 async def grpc_ingest(address: str, text: str) -> tuple[int, float]:

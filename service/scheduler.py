@@ -257,7 +257,10 @@ class Scheduler:
         g = s.generation
         limit = g.work.time_limit_s
         if g.work.seq <= s.cancel_upto:
-            s.finish_generation("CANCELLED")
+            if s.outbox is None and g.work.client_seq:  # its call ended: the client may repeat it
+                s.suspend_generation()
+            else:
+                s.finish_generation("CANCELLED")
             self._progressed = True
         elif limit is not None and time.perf_counter() - g.work.arrived >= limit:
             s.finish_generation("TIME_LIMIT")

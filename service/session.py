@@ -458,6 +458,11 @@ class Session:
             self.generation = g
         return True
 
+    def suspend_generation(self) -> None:
+        """The call of a numbered generation ended: keep it, not running, to be continued when its Generate
+        comes again (as after a crash) instead of cancelling it."""
+        self.suspended, self.generation = self.generation, None
+
     def cancel_suspended(self) -> None:
         """End a generation a crash interrupted (its Generate did not come again) as CANCELLED."""
         if self.suspended is not None:

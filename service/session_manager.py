@@ -154,7 +154,10 @@ class SessionManager:
                                    f"session {shown_id(session_id)} is attached to another stream",
                                    "resume.session_id")
             if session.generation is not None:  # cancelled by the previous call's end
-                session.finish_generation("CANCELLED")
+                if session.generation.work.client_seq:  # numbered: continued if the client repeats it
+                    session.suspend_generation()
+                else:
+                    session.finish_generation("CANCELLED")
             if not session.resident:
                 try:
                     await self.residency.restore(session)

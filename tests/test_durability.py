@@ -264,3 +264,35 @@ def test_many_logged_sessions_start_without_recovering_any(model_dir, tmp_path, 
         assert [s.session_id for s in listed if s.HasField("settings")] == ["copy"]
     finally:
         server.stop()
+
+
+def test_a_numbered_generation_whose_call_ended_continues_when_repeated(model_dir, tmp_path):
+    server = start_server(model_dir, state_dir=tmp_path)
+    channel = grpc.insecure_channel(server.address)
+    generate = pb.Generate(max_new_tokens=300, ignore_eos=True)
+    try:
+        results = {}
+        for session_id in ("whole", "cut"):
+            stream = RawStream(channel, open_request(session_id, chunk=CHUNK))
+            stream.next()
+            stream.send(append(1, "Once upon a time there was a little girl named Lily.", flush=True))
+            stream.send(pb.StreamRequest(seq=2, request_id="g", generate=generate))
+            if session_id == "cut":  # the call ends (e.g. a proxy's backend died) a few tokens in
+                stream.until(lambda r: r.WhichOneof("kind") == "token" and r.token.index == 3)
+                stream.cancel()
+                stream = RawStream(channel, resume_request(session_id))
+                assert stream.next().session_opened.acked_seq == 1
+                stream.send(pb.StreamRequest(seq=2, request_id="g-again", generate=generate))
+            got = stream.until(acked(2))
+            results[session_id] = ([(r.token.index, r.token.token_id, r.token.logprob) for r in got
+                                    if r.HasField("token")],
+                                   [r.generation_complete for r in got if r.HasField("generation_complete")])
+            stream.close()
+        tokens, (complete,) = results["cut"]
+        assert complete.stop_reason == pb.STOP_REASON_MAX_TOKENS and complete.generated_tokens == 300
+        assert tokens == results["whole"][0]  # from index 0, continued exactly where it stopped
+        assert complete.text == results["whole"][1][0].text
+        assert info(channel, "cut").tokens_seen == info(channel, "whole").tokens_seen
+    finally:
+        channel.close()
+        server.stop()

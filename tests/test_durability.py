@@ -296,3 +296,33 @@ def test_a_numbered_generation_whose_call_ended_continues_when_repeated(model_di
     finally:
         channel.close()
         server.stop()
+
+
+def test_a_numbered_append_applied_in_part_is_completed_not_repeated(model_dir, tmp_path):
+    """An append bigger than the input budget is admitted slice by slice; if its call ends mid-request
+    and the client sends it again, only the slices not applied yet are applied."""
+    server = start_server(model_dir, state_dir=tmp_path)
+    channel = grpc.insecure_channel(server.address)
+    ids = [random.Random(3).randrange(3, 512) for _ in range(100_000)]
+    request = pb.StreamRequest(seq=1, append_tokens=pb.AppendTokens(ids=ids, flush=True))
+    try:
+        for session_id in ("whole", "cut"):
+            stream = RawStream(channel, open_request(session_id, chunk=64, window=252))
+            stream.next()
+            stream.send(request)
+            if session_id == "cut":
+                stream.until(lambda r: r.HasField("chunk") and r.chunk.tokens_seen >= 640)
+                stream.cancel()
+                stream = RawStream(channel, resume_request(session_id))
+                assert stream.next().session_opened.acked_seq == 0  # not all of it was applied
+                assert 0 < info(channel, session_id).pending_tokens + info(channel, session_id).tokens_seen \
+                    < len(ids)
+                stream.send(request)
+            stream.until(lambda r: r.HasField("flushed"))
+            stream.close()
+        whole, cut = info(channel, "whole"), info(channel, "cut")
+        assert (cut.tokens_seen, cut.mean_nll, cut.acked_seq) == (whole.tokens_seen, whole.mean_nll, 1)
+        assert cut.tokens_seen == len(ids)
+    finally:
+        channel.close()
+        server.stop()

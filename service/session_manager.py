@@ -257,7 +257,8 @@ class SessionManager:
             try:
                 tensors, meta = self.store.load(session_id, previous=previous)
             except SnapshotError as exc:
-                if previous or self.store.path(session_id).exists():
+                path = self.store.previous_path(session_id) if previous else self.store.path(session_id)
+                if path.exists():  # a damaged file (a missing one is normal: no snapshot yet)
                     log.warning("snapshot unusable for recovery: %s", exc, extra={"session": session_id})
                 continue
             lsn = snapshot_lsn(meta)

@@ -80,6 +80,12 @@ def resume_request(session_id: str) -> pb.StreamRequest:
     return pb.StreamRequest(resume=pb.ResumeSession(session_id=session_id))
 
 
+def _server_log():
+    """Where the server's log goes: $SINKSTREAM_TEST_SERVER_LOG (appended) when set, else nowhere."""
+    path = os.environ.get("SINKSTREAM_TEST_SERVER_LOG")
+    return open(path, "a") if path else subprocess.DEVNULL  # noqa: SIM115 (the child keeps it open)
+
+
 class ServeProcess:
     """`sinkstream serve` on an OS-picked port; `kill9` ends it with SIGKILL."""
 
@@ -88,7 +94,7 @@ class ServeProcess:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "sinkstream", "serve", "--model", str(model_dir), "--port", "0",
              "--state-dir", str(state_dir), "--log-level", "warning", "--threads", "1", *extra],
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+            stdout=subprocess.PIPE, stderr=_server_log(), text=True, env=env)
         for line in self.proc.stdout:
             found = re.search(r"listening on (\S+)", line)
             if found:

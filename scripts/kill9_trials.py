@@ -56,7 +56,9 @@ def main() -> int:
         problems = mismatches(got, want)
         if state_after != want_state:
             problems.append(f"final state {state_after} != {want_state}")
-        if not run["killed"]:
+        if run["died"]:
+            problems.append("the call ended with an error before the kill")
+        elif not run["killed"]:
             problems.append("the run ended before the kill")
         ok = not problems
         failures += not ok

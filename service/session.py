@@ -177,7 +177,8 @@ class Session:
     def rewind_text_input(self, tokenizer) -> None:
         """A new call: the text input continues from the input applied (a slice the ended call had
         tokenized but not queued is forgotten with its request, which the client sends again)."""
-        if self.journal is not None and self.text is not None and self.applied_text_state is not None:
+        numbered = self.journal is not None or self.seqs.received
+        if numbered and self.text is not None and self.applied_text_state is not None:
             self.text = TextInput(tokenizer, self.applied_text_state)
 
     def set_analysis(self, analysis: AnalysisOptions) -> None:
@@ -285,10 +286,19 @@ class Session:
         if self.flush_request is not None:
             dropped.append((self.flush_request, None))
             self._flush_gone()
+        # Numbered requests after a dropped numbered Generate are dropped too: acknowledging them would
+        # say the Generate before them is durable (acks are cumulative). The client sends them again.
+        gap = self.generation is not None and bool(self.generation.work.client_seq)  # suspended, not done
         if isinstance(self.current, GenerateWork):
             dropped.append((self.current.request_id, None))
+            gap = bool(self.current.client_seq)
             self.drop_current()
         for item in self.inbox.drop_all():
+            if gap and getattr(item, "seq", 0) and isinstance(item, AppendWork | MessageWork):
+                dropped.append((item.request_id, None))
+                continue
+            if isinstance(item, GenerateWork):
+                gap = gap or bool(item.client_seq)
             if isinstance(item, AppendWork):
                 self.add_input(item)
                 self.input_unsaved |= not self.resident and bool(item.ids)

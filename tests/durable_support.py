@@ -213,10 +213,13 @@ def killed_run(model_dir: Path, state_dir: Path, requests: list[pb.StreamRequest
     try:
         stream = RawStream(server.channel, open_request("s", chunk=chunk, seed=seed))
         stream.next()
-        finished = drive(stream, requests, 0, outcome, kill_at, server.kill9)
+        killed = []
+        finished = drive(stream, requests, 0, outcome, kill_at, lambda: (killed.append(1), server.kill9()))
     finally:
         server.stop()
-    info = {"killed": int(not finished), "acked_before": 0, "responses_before": outcome.responses}
+    # "killed": the server was killed as planned; "died": the call ended without the kill (a failure)
+    info = {"killed": len(killed), "died": int(not finished and not killed),
+            "responses_before": outcome.responses}
     server = ServeProcess(model_dir, state_dir)
     try:
         stream = RawStream(server.channel, resume_request("s"))

@@ -375,7 +375,10 @@ class AsyncSession(SessionProtocol):
     async def close(self) -> Closed:
         """End the session for good (its state is deleted)."""
         await self._send(protocol.close_request())
-        closed = await self._collect_chunks_until(Closed)
+        try:
+            closed = await self._collect_chunks_until(Closed)
+        except SinkStreamError as exc:
+            return self._closed_anyway(exc)
         await self._drain()
         return closed
 

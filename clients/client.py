@@ -386,7 +386,10 @@ class Session(SessionProtocol):
     def close(self) -> Closed:
         """End the session for good (its state is deleted)."""
         self._send(protocol.close_request())
-        closed = self._collect_chunks_until(Closed)
+        try:
+            closed = self._collect_chunks_until(Closed)
+        except SinkStreamError as exc:
+            return self._closed_anyway(exc)
         self._ended = True
         self._outbox.queue.put(_END)
         self._drain()

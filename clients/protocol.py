@@ -343,6 +343,7 @@ class SessionProtocol:
         self._delivered = Delivered(0)
         self._cancel_pending = False  # a CancelGeneration was sent and its generation has not ended
         self._stream_no = 0  # how many times the session was resumed on a new call by this object
+        self._gone = False  # a resume found the session gone
         self.opened: SessionOpened | None = None
         self.id = ""
         self.last_flush: Flushed | None = None  # set by append_*/flush/stream_*
@@ -415,6 +416,7 @@ class SessionProtocol:
         last attempt's failure; gave_up: the policy's time ran out."""
         if last is not None and last.code == grpc.StatusCode.NOT_FOUND:
             why = "the session is gone from the server (unknown, closed or expired)"
+            self._gone = True
         elif gave_up:
             why = f"gave up after {self.policy.resume_timeout_s:g} s"
             why += f"; last attempt: {last}" if last else ""
@@ -441,6 +443,13 @@ class SessionProtocol:
         if isinstance(result, SinkStreamError):
             raise result
         return result
+
+    def _closed_anyway(self, error: SinkStreamError) -> Closed:
+        """A close interrupted by a server failure: the session being gone on resume means the close was
+        done (or the session expired, which is what close asked for); anything else is raised."""
+        if not self._gone:
+            raise error
+        return Closed(session_id=self.id, tokens_seen=self._delivered.position)
 
     def _failed(self, error: SinkStreamError) -> SinkStreamError:
         """Mark the stream ended by `error` and return it, for the transport to raise."""

@@ -129,3 +129,14 @@ def test_resuming_gives_up_after_the_resume_timeout():
         with pytest.raises(SinkStreamError) as caught:
             session.append_text("defgh")
     assert caught.value.code == grpc.StatusCode.UNAVAILABLE and "gave up after 0.5 s" in caught.value.message
+
+
+@pytest.mark.parametrize("runner", [run_sync, run_async], ids=["sync", "asyncio"])
+def test_a_close_whose_answer_is_lost_still_closes(uninterrupted, runner):
+    want, responses = uninterrupted
+    servicer, server, address = scripted([responses - 1])  # the crash swallows the Closed answer
+    try:
+        got, resumes = runner(address)
+    finally:
+        server.stop(0)
+    assert got == want and resumes == 0 and not servicer.sessions

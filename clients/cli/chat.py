@@ -40,6 +40,7 @@ from sinkstream.clients.cli.options import (
     add_dtype_option,
     add_offload_options,
     add_server_option,
+    resume_policy,
 )
 from sinkstream.clients.client import SinkStreamClient
 from sinkstream.clients.results import SinkStreamError
@@ -151,7 +152,7 @@ def converse(args: argparse.Namespace, address: str, key: str, again: str) -> in
         with contextlib.suppress(ImportError):  # line editing and history for input(), where available
             import readline  # noqa: F401
     try:
-        with SinkStreamClient(address) as client:
+        with SinkStreamClient(address, resume=resume_policy(args)) as client:
             chat = Conversation(client, args, key, again)
             chat.start()
             if interactive:

@@ -25,6 +25,7 @@ from sinkstream.service.servicer import SinkStreamServicer
 from sinkstream.service.session_manager import SessionManager, ShutdownReport
 from sinkstream.service.session_store import SessionStore
 from sinkstream.service.wire import add_servicer
+from sinkstream.service.write_ahead_log import Done, GroupCommitter
 from sinkstream.v1 import sinkstream_pb2 as pb
 from sinkstream.v1 import sinkstream_pb2_grpc as pb_grpc
 
@@ -57,6 +58,8 @@ class ServerConfig:
     max_stop_sequences: int = 16
     grace_s: float = 10.0
     decode_input_budget: int = 64
+    durability: bool = True  # with a state_dir: numbered requests are logged and acknowledged once durable
+    wal_sync: bool = True  # fsync the write-ahead log (off only for benchmarks measuring its cost)
     defaults: StreamConfig = field(default_factory=StreamConfig)
 
 
@@ -92,8 +95,12 @@ class SinkStreamServer:
         pool = EnginePool(loaded.model, loaded.tokenizer, config.max_resident, config.max_cache_shapes,
                           self.metrics)
         store = SessionStore(Path(config.state_dir)) if config.state_dir is not None else None
+        self.committer = (GroupCommitter(self._post_durable, sync=config.wal_sync) if store is not None
+                          else None)
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.manager = SessionManager(pool, store, self.metrics, max_sessions=config.max_sessions,
-                                      session_ttl_s=config.session_ttl_s, idle_evict_s=config.idle_evict_s)
+                                      session_ttl_s=config.session_ttl_s, idle_evict_s=config.idle_evict_s,
+                                      committer=self.committer, durable=config.durability)
         self.scheduler = Scheduler(self.manager, self.metrics, config.decode_input_budget)
         self.servicer = SinkStreamServicer(self.manager, self.scheduler, self.metrics, self.limits,
                                            config.defaults, loaded.name)
@@ -102,9 +109,15 @@ class SinkStreamServer:
         self.port = 0
         self._metrics_http = None
 
+    def _post_durable(self, results: list[tuple[Done, BaseException | None]]) -> None:
+        """Log committer thread: hand a round's durable records to the event loop (acks are sent there)."""
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(_run_durable, results)
+
     @classmethod
     async def start(cls, config: ServerConfig, loaded: LoadedModel) -> SinkStreamServer:
         self = cls(config, loaded)
+        self._loop = asyncio.get_running_loop()
         add_servicer(pb_grpc.add_SinkStreamServicer_to_server, self.servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
@@ -143,6 +156,8 @@ class SinkStreamServer:
             "input is kept with the session: resume it on a server with the same state directory)"))
         await stopping
         report = await self.manager.persist_all()
+        if self.committer is not None:
+            await asyncio.to_thread(self.committer.stop)  # everything logged is on disk
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
             self._metrics_http.server_close()
@@ -152,6 +167,14 @@ class SinkStreamServer:
             log.error("stopped; some sessions could not be persisted",
                       extra={"persisted_sessions": len(report.saved), "failed_sessions": report.failed})
         return report
+
+
+def _run_durable(results: list[tuple[Done, BaseException | None]]) -> None:
+    for done, error in results:
+        try:
+            done(error)
+        except Exception:  # one session's ack must not stop the others'
+            log.exception("acknowledging a durable record failed")
 
 
 class ServerThread:

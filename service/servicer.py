@@ -154,12 +154,12 @@ class SinkStreamServicer(pb_grpc.SinkStreamServicer):
     async def GetSession(self, request: pb.GetSessionRequest, context) -> pb.SessionInfo:  # noqa: N802
         try:
             session_id = convert.check_session_id(request.session_id, "session_id")
-            return convert.session_info_to_pb(self.manager.get(session_id))
+            return convert.session_info_to_pb(await self.manager.lookup(session_id))
         except RequestError as exc:
             await self._abort(context, exc)
 
     async def ListSessions(self, request, context) -> pb.ListSessionsResponse:  # noqa: N802
-        return convert.list_sessions_to_pb(self.manager.all())
+        return convert.list_sessions_to_pb(self.manager.all(), list(self.manager.unrecovered))
 
     async def DeleteSession(self, request: pb.DeleteSessionRequest, context) -> pb.DeleteSessionResponse:  # noqa: N802
         try:

@@ -15,23 +15,34 @@ import asyncio
 import logging
 import secrets
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass, field
 
 import grpc
 
 from sinkstream.core.config import StreamConfig
+from sinkstream.core.snapshot import SnapshotError
 from sinkstream.service.backpressure import Outbox
 from sinkstream.service.chat_input import ChatInput
 from sinkstream.service.engine_pool import EnginePool, Residency
-from sinkstream.service.errors import Busy, RequestError, shown_id
+from sinkstream.service.errors import Busy, RequestError, server_failure, shown_id
 from sinkstream.service.metrics import ServerMetrics
 from sinkstream.service.options import AnalysisOptions
+from sinkstream.service.recovery import (
+    Replay,
+    complete_prefix,
+    covers,
+    restore_bookkeeping,
+    session_from_open,
+    snapshot_lsn,
+)
 from sinkstream.service.replies import ErrorReply, StreamEnd
 from sinkstream.service.session import Session
+from sinkstream.service.session_journal import SessionJournal, rng_from_text, rng_to_text
 from sinkstream.service.session_store import SessionStore, session_from_meta
 from sinkstream.service.text_input import TextInput
 from sinkstream.service.work import AppendWork
+from sinkstream.service.write_ahead_log import GroupCommitter, recover_log, truncate_log
 
 log = logging.getLogger("sinkstream.sessions")
 RECENTLY_CLOSED = 1024  # closed ids remembered for a clearer NOT_FOUND message
@@ -42,8 +53,16 @@ class SessionManager:
     """All live sessions; opening, resuming, evicting, restoring, expiring and deleting them."""
 
     def __init__(self, pool: EnginePool, store: SessionStore | None, metrics: ServerMetrics, *,
-                 max_sessions: int, session_ttl_s: float, idle_evict_s: float) -> None:
+                 max_sessions: int, session_ttl_s: float, idle_evict_s: float,
+                 committer: GroupCommitter | None = None, durable: bool = False) -> None:
+        """`committer`: writes the sessions' write-ahead logs (given with a store); `durable`: numbered
+        requests start a session's log (else they are acknowledged when applied, not durable)."""
         self.pool, self.store, self.metrics = pool, store, metrics
+        self.committer, self.durable = committer, durable and committer is not None
+        # Logged sessions found at start, recovered on first use (id -> None, in id order).
+        self.unrecovered: dict[str, None] = {}
+        # Runs a replay's forward passes; the scheduler gives its compute thread.
+        self.compute: Callable[[Callable[[], None]], Awaitable[None]] = asyncio.to_thread
         self.max_sessions = max_sessions
         self.session_ttl_s, self.idle_evict_s = session_ttl_s, idle_evict_s
         self.sessions: dict[str, Session] = {}
@@ -54,7 +73,9 @@ class SessionManager:
         self.residency = Residency(pool, store, self.sessions, metrics, self._update_gauges)
         self.on_work: Callable[[], None] = lambda: None  # the scheduler's wake-up
         if store is not None:
-            metas, self.damaged = store.scan()
+            if committer is not None:
+                self.unrecovered = dict.fromkeys(store.logged_ids())
+            metas, self.damaged = store.scan(skip=self.unrecovered)
             for meta in metas:
                 try:
                     session = session_from_meta(meta, pool.tokenizer)
@@ -72,10 +93,16 @@ class SessionManager:
                                f"session {shown_id(session_id)} is lost: its persisted state is damaged "
                                f"({self.damaged[session_id]}); delete it", "session_id")
         if session is None:
-            why = "was closed" if session_id in self.recently_closed else "is unknown or expired"
-            raise RequestError(grpc.StatusCode.NOT_FOUND, f"session {shown_id(session_id)} {why}",
-                               "session_id")
+            raise self._not_found(session_id)
         return session
+
+    async def lookup(self, session_id: str) -> Session:
+        """A session, recovered from its log first if it has not been since the restart."""
+        if session_id in self.unrecovered:
+            async with self.lock:
+                if session_id in self.unrecovered:
+                    await self._recover(session_id)
+        return self.get(session_id)
 
     def all(self) -> list[Session]:
         """The live sessions, resident or persisted."""
@@ -95,12 +122,12 @@ class SessionManager:
         started (e.g. with a system message) and `first_ids`: that start's ids, the stream's first input."""
         session_id = session_id or secrets.token_hex(8)
         async with self.lock:
-            if session_id in self.sessions or session_id in self.damaged:
+            if session_id in self.sessions or session_id in self.damaged or session_id in self.unrecovered:
                 raise RequestError(grpc.StatusCode.ALREADY_EXISTS, f"session {shown_id(session_id)} exists",
                                    "open.session_id")
-            if len(self.sessions) >= self.max_sessions:
+            if len(self.sessions) + len(self.unrecovered) >= self.max_sessions:
                 self._expire(time.time())
-                if len(self.sessions) >= self.max_sessions:
+                if len(self.sessions) + len(self.unrecovered) >= self.max_sessions:
                     raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                        f"the server holds its maximum of {self.max_sessions} sessions")
             text = TextInput(self.pool.tokenizer) if self.pool.tokenizer is not None else None
@@ -108,7 +135,8 @@ class SessionManager:
             session.chat = chat
             if first_ids:
                 ids = text.push_ids(first_ids) if text is not None else first_ids
-                session.add_input(AppendWork(request_id, ids, False))
+                session.add_input(AppendWork(request_id, ids, False,
+                                             text_state=text.state() if text is not None else None))
             await self.residency.take_row(session, seed=seed)
             self.sessions[session_id] = session
             self.recently_closed.pop(session_id, None)
@@ -118,6 +146,8 @@ class SessionManager:
     async def resume(self, session_id: str, analysis: AnalysisOptions | None) -> Session:
         """An existing session, resident again, for a new call."""
         async with self.lock:
+            if session_id in self.unrecovered:
+                await self._recover(session_id)
             session = self.get(session_id)
             if session.attached:
                 raise RequestError(grpc.StatusCode.ABORTED,
@@ -149,6 +179,99 @@ class SessionManager:
             return
         self._update_gauges()
         self.on_work()
+
+    # ------------------------------------------------------------------ write-ahead log
+    async def start_journal(self, session: Session) -> None:
+        """A numbered request is about to change a session without a log: start its log (durability on).
+        A fresh session's log opens with its creation; one with state first gets a snapshot the log
+        continues. Lock held, the session resident."""
+        if not self.durable or self.store is None:
+            return
+        journal = SessionJournal(self.committer, self.store.log_path(session.id))
+        engine, row = session.engine, session.row
+        if engine.stats(row).tokens_seen == 0 and session.generation is None:
+            meta = session.meta()
+            meta["text"] = session.applied_text_state if session.text is not None else None
+            session.journal = journal
+            journal.opened(asdict(session.config), asdict(session.analysis), session.created, meta,
+                           rng_to_text(engine.generators[row]))
+        else:
+            session.journal = journal
+            await self.residency.save(session)
+            journal.based()
+
+    async def _recover(self, session_id: str) -> None:
+        """Rebuild a logged session after a restart: its newest valid snapshot (or its log's opening),
+        then the log after it replayed through the model. DATA_LOSS if neither snapshot nor log can
+        rebuild it; NOT_FOUND if its log holds nothing. Lock held."""
+        store = self.store
+        path = store.log_path(session_id)
+        started = time.perf_counter()
+        try:
+            contents = await asyncio.to_thread(recover_log, path)
+            records, cut = complete_prefix(contents)
+            if cut is not None:
+                log.warning("write-ahead log: dropping a request cut short by the crash",
+                            extra={"session": session_id, "offset": cut})
+                await asyncio.to_thread(truncate_log, path, cut)
+            base = await asyncio.to_thread(self._base_snapshot, session_id, records)
+        except OSError as exc:
+            raise server_failure(exc, f"cannot read the write-ahead log of session {shown_id(session_id)}",
+                                 "session_id") from exc
+        if base is None and not (records and records[0].get("k") == "open"):
+            self.unrecovered.pop(session_id, None)
+            if not records and not store.path(session_id).exists():  # an empty log: nothing was ever kept
+                self.committer.delete(path)
+                raise self._not_found(session_id)
+            why = "no valid snapshot and its write-ahead log does not reach back to the session's start"
+            self.damaged[session_id] = why
+            raise RequestError(grpc.StatusCode.DATA_LOSS, f"session {shown_id(session_id)} cannot be "
+                               f"recovered: {why}; delete it", "session_id")
+        if base is None:
+            session = session_from_open(session_id, records[0], self.pool.tokenizer)
+            await self.residency.take_row(session)
+            session.engine.generators[session.row].set_state(rng_from_text(records[0]["rng"]))
+            lsn, replay = 0, records
+        else:
+            tensors, meta, lsn = base
+            session = session_from_meta(meta, self.pool.tokenizer)
+            restore_bookkeeping(session, meta)
+            await self.residency.restore_from(session, tensors, meta)
+            session.snapshot_lsn = lsn
+            replay = [r for r in records if int(r["lsn"]) > lsn]
+        try:
+            await self.compute(lambda: Replay(session, self.pool.tokenizer).run(replay))
+        except BaseException:
+            session.release_row()
+            raise
+        session.journal = SessionJournal(self.committer, path, int(records[-1]["lsn"]) if records else lsn)
+        self.sessions[session_id] = session
+        self.unrecovered.pop(session_id, None)
+        self.metrics.recoveries.inc()
+        self._update_gauges()
+        log.info("session recovered", extra={"session": session_id, "replayed_records": len(replay),
+                                             "seconds": round(time.perf_counter() - started, 4)})
+
+    def _base_snapshot(self, session_id: str, records: list[dict]) -> tuple[dict, dict, int] | None:
+        """Worker thread: the newest snapshot that is valid and that the log continues (tensors, meta,
+        lsn); a damaged newest one is replaced by the previous one when that one is used."""
+        for previous in (False, True):
+            try:
+                tensors, meta = self.store.load(session_id, previous=previous)
+            except SnapshotError as exc:
+                if previous or self.store.path(session_id).exists():
+                    log.warning("snapshot unusable for recovery: %s", exc, extra={"session": session_id})
+                continue
+            lsn = snapshot_lsn(meta)
+            if covers(lsn, records):
+                if previous:
+                    self.store.promote_previous(session_id)
+                return tensors, meta, lsn
+        return None
+
+    def _not_found(self, session_id: str) -> RequestError:
+        why = "was closed" if session_id in self.recently_closed else "is unknown or expired"
+        return RequestError(grpc.StatusCode.NOT_FOUND, f"session {shown_id(session_id)} {why}", "session_id")
 
     # ------------------------------------------------------------------ restore / failure
     async def ensure_resident(self, session: Session) -> bool:
@@ -204,15 +327,20 @@ class SessionManager:
             self.recently_closed.pop(next(iter(self.recently_closed)))
         if self.store is not None:
             self.store.delete(session.id)
+            if session.journal is not None:
+                session.journal.delete()
         self._update_gauges()
 
     async def delete(self, session_id: str) -> int:
         """Delete a detached session; returns the tokens it had seen."""
         async with self.lock:
-            if session_id in self.damaged:
-                self.damaged.pop(session_id)
+            if session_id in self.damaged or session_id in self.unrecovered:
+                self.damaged.pop(session_id, None)
+                self.unrecovered.pop(session_id, None)
                 if self.store is not None:
                     self.store.delete(session_id)
+                if self.committer is not None:
+                    self.committer.delete(self.store.log_path(session_id))
                 return 0
             session = self.get(session_id)
             if session.attached:
@@ -273,6 +401,7 @@ class SessionManager:
             for session in [s for s in self.sessions.values() if s.resident or s.input_unsaved]:
                 if session.generation is not None:
                     session.finish_generation("CANCELLED")
+                session.cancel_suspended()
                 try:
                     if session.resident:
                         await self.residency.evict(session)

@@ -1,11 +1,17 @@
-"""The state directory: persisted sessions as core snapshots (safetensors + JSON, no pickle), and the
-session state read back from their metadata."""
+"""The state directory: persisted sessions as core snapshots (safetensors + JSON, no pickle), the session
+state read back from their metadata, and where each session's write-ahead log and previous snapshot live.
+
+Files of session `<id>` (every name derives from `path`): `<id>.safetensors` (the newest snapshot),
+`<id>.safetensors.prev` (the one before, kept for a logged session so a damaged newest one can fall back
+to it) and `<id>.wal` (its write-ahead log, see write_ahead_log.py). No file of one id ends like another's.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
 import os
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +26,8 @@ from sinkstream.service.session import Session, is_valid_session_id
 from sinkstream.service.text_input import TextInput
 
 log = logging.getLogger("sinkstream.sessions")
+SNAPSHOT_SUFFIX = ".safetensors"
+LOG_SUFFIX = ".wal"
 
 
 def prepare_state_dir(root: Path) -> None:
@@ -49,15 +57,29 @@ class SessionStore:
             raise ValueError(f"not a valid session id: {shown_id(session_id)}")
         return self.root / f"{session_id}.safetensors"
 
-    def save(self, session_id: str, tensors: dict, meta: dict) -> int:
-        """Write one session's snapshot; returns its size in bytes."""
+    def previous_path(self, session_id: str) -> Path:
+        """The previous snapshot of a logged session."""
         path = self.path(session_id)
-        save_snapshot(path, tensors, meta)
+        return path.with_name(path.name + ".prev")
+
+    def log_path(self, session_id: str) -> Path:
+        """The write-ahead log of a session."""
+        path = self.path(session_id)
+        return path.with_name(path.name.removesuffix(SNAPSHOT_SUFFIX) + LOG_SUFFIX)
+
+    def save(self, session_id: str, tensors: dict, meta: dict, keep_previous: bool = False) -> int:
+        """Write one session's snapshot durably (fsync'd, renamed in, directory fsync'd); returns its size
+        in bytes. `keep_previous`: the snapshot it replaces becomes the previous one."""
+        path = self.path(session_id)
+        save_snapshot(path, tensors, meta, keep_previous=self.previous_path(session_id) if keep_previous
+                      else None)
         return path.stat().st_size
 
-    def load(self, session_id: str) -> tuple[dict, dict]:
+    def load(self, session_id: str, previous: bool = False) -> tuple[dict, dict]:
+        """A session's newest snapshot (or its previous one); SnapshotError if it is damaged or missing."""
+        path = self.previous_path(session_id) if previous else self.path(session_id)
         try:
-            return load_snapshot(self.path(session_id))
+            return load_snapshot(path)
         except (SnapshotError, MemoryError):  # out of memory says nothing about the file
             raise
         except Exception as exc:  # e.g. safetensors' own error for a damaged header
@@ -72,13 +94,27 @@ class SessionStore:
         return size
 
     def delete(self, session_id: str) -> None:
+        """Remove a session's snapshots (its log is removed through the log committer, in order)."""
         self.path(session_id).unlink(missing_ok=True)
+        self.previous_path(session_id).unlink(missing_ok=True)
 
-    def scan(self) -> tuple[list[dict[str, Any]], dict[str, str]]:
+    def promote_previous(self, session_id: str) -> None:
+        """The newest snapshot is damaged: the previous one takes its place (the damaged one is gone)."""
+        os.replace(self.previous_path(session_id), self.path(session_id))
+
+    def logged_ids(self) -> list[str]:
+        """Ids of the sessions with a write-ahead log (a directory listing: nothing is read)."""
+        ids = (p.name.removesuffix(LOG_SUFFIX) for p in self.root.glob(f"*{LOG_SUFFIX}"))
+        return sorted(i for i in ids if is_valid_session_id(i))
+
+    def scan(self, skip: Collection[str] = ()) -> tuple[list[dict[str, Any]], dict[str, str]]:
         """Metadata of every readable snapshot, and why each unreadable one is (by session id, from its
-        file name): a damaged file must not stop the server from starting, nor make its session vanish."""
+        file name): a damaged file must not stop the server from starting, nor make its session vanish.
+        Sessions in `skip` (logged ones, recovered lazily) are not read."""
         metas, damaged = [], {}
         for path in sorted(self.root.glob("*.safetensors")):
+            if path.stem in skip:
+                continue
             try:
                 with safe_open(str(path), framework="pt") as f:
                     meta = json.loads((f.metadata() or {})["sinkstream"])

@@ -95,7 +95,7 @@ def acknowledges(address: str) -> bool:
 
 @pytest.fixture(scope="module")
 def document(sotu_path) -> str:
-    return sotu_path.read_text(encoding="utf-8")[:60000]
+    return sotu_path.read_text(encoding="utf-8")[:12000]
 
 
 @pytest.fixture(scope="module")
@@ -191,13 +191,13 @@ def run_async(address: str, text: str, kill_at: tuple[str, int] | None, server: 
     return asyncio.run(main())
 
 
-@pytest.mark.parametrize("runner", [run_sync, run_async], ids=["sync", "asyncio"])
-@pytest.mark.parametrize("seed", [1, 2])
-def test_kill_9_mid_stream_is_invisible_to_the_client(durable_server, document, runner, seed):
+@pytest.mark.parametrize(("runner", "where"), [(run_sync, "ingest"), (run_async, "generate")],
+                         ids=["sync-ingest", "asyncio-generate"])
+def test_kill_9_mid_stream_is_invisible_to_the_client(durable_server, document, runner, where):
     want = runner(durable_server.address, document, None, None)
-    rng = random.Random(seed)
+    rng = random.Random(where)
     n_chunks = len(want["ids"]) // SETTINGS.chunk
-    kill_at = ("ingest", rng.randrange(1, n_chunks - 1)) if seed % 2 else ("generate", rng.randrange(1, 100))
+    kill_at = (where, rng.randrange(1, n_chunks - 1) if where == "ingest" else rng.randrange(1, 100))
     got = runner(durable_server.address, document, kill_at, durable_server)
     assert got == want
 

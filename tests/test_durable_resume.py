@@ -249,3 +249,34 @@ def test_a_session_lost_in_a_crash_fails_clearly_instead_of_retrying_for_ever(mo
         assert "gone from the server" in caught.value.message
     finally:
         server.stop()
+
+
+def test_chat_cli_survives_a_restart_mid_conversation(durable_server, tmp_path):
+    """`sinkstream chat --server`: kill -9 and restart between two turns (the next message arrives while
+    the server is still starting); the replies equal an uninterrupted conversation's."""
+    lines = ["Once upon a time there was a cat.", "What did the cat do?", "And then?"]
+
+    def chat(name: str, kill_after: int | None) -> list[str]:
+        env = {**os.environ, "XDG_CONFIG_HOME": str(tmp_path / name), "XDG_STATE_HOME": str(tmp_path / name)}
+        args = ["chat", "--server", durable_server.address, "--new", "--seed", "11", "--max-new-tokens", "40",
+                "--resume-timeout", "120"]
+        proc = subprocess.Popen([sys.executable, "-m", "sinkstream", *args],
+                                cwd=REPO_ROOT, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        replies, restart = [], None
+        for i, line in enumerate(lines):
+            proc.stdin.write(line + "\n")
+            proc.stdin.flush()
+            while not (out := proc.stdout.readline()).startswith("model> "):
+                assert out, proc.stderr.read()
+            replies.append(out)
+            if i == kill_after:
+                restart = durable_server.restart_in_background()
+        proc.stdin.close()
+        rest = proc.stdout.read()
+        assert proc.wait(timeout=120) == 0, proc.stderr.read()
+        if restart is not None:
+            restart.join()
+        return replies + [rest.split(" continues session ")[0]]
+
+    assert chat("killed", kill_after=0) == chat("whole", kill_after=None)

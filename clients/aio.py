@@ -7,6 +7,8 @@ coroutines.
             ...
         result = await session.generate(GenerateParams(max_new_tokens=32))
         await session.detach()
+
+Sessions resume on their own after a server failure, as the sync client's (client.py, resume.py).
 """
 
 from __future__ import annotations

@@ -7,8 +7,11 @@
             print(session.generate(GenerateParams(max_new_tokens=32)).text)
         # leaving the `with` detaches: the session stays on the server, resumable by id
 
-Each Session is one bidirectional `Stream` call. Its methods are meant to be called from one thread
-(cancel_generation may be called from any thread).
+Each Session is one bidirectional `Stream` call at a time. Its methods are meant to be called from one
+thread (cancel_generation may be called from any thread). When the call fails with UNAVAILABLE (or
+CANCELLED / INTERNAL the caller did not cause) the session resumes on a new call within
+`ResumePolicy.resume_timeout_s` and re-sends what the server had not acknowledged; results it delivers
+again are dropped, so the caller sees one uninterrupted run (guarantees and bounds: resume.py).
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
 """The client's protocol, independent of transport: channel options, request building, response
-interpretation, error mapping and a session stream's bookkeeping. The sync (client.py) and asyncio (aio.py)
+interpretation, error mapping and a session's bookkeeping across its calls (numbering, replay and
+de-duplication after an automatic resume, with resume.py). The sync (client.py) and asyncio (aio.py)
 clients are thin transports over it, so they cannot drift apart."""
 
 from __future__ import annotations

@@ -39,7 +39,7 @@ from sinkstream.clients.results import (
     SessionSettings,
     SinkStreamError,
 )
-from sinkstream.clients.resume import RETRY_RESUME, ResumePolicy
+from sinkstream.clients.resume import RETRY_RESUME, ResumePolicy, is_sequenced
 from sinkstream.v1 import sinkstream_pb2 as pb
 from sinkstream.v1 import sinkstream_pb2_grpc as pb_grpc
 
@@ -161,7 +161,8 @@ class AsyncSession(SessionProtocol):
 
     # ------------------------------------------------------------------ transport
     async def _send(self, request: pb.StreamRequest) -> str:
-        await self._wait_for_room()
+        if is_sequenced(request):  # only numbered requests fill the replay buffer (cancel never waits)
+            await self._wait_for_room()
         stream_no = self._stamp(request)
         while True:
             if self._resending is not None and asyncio.current_task() is not self._resending:

@@ -17,6 +17,7 @@ again are dropped, so the caller sees one uninterrupted run (guarantees and boun
 from __future__ import annotations
 
 import collections
+import contextlib
 import itertools
 import os
 import queue
@@ -42,7 +43,7 @@ from sinkstream.clients.results import (
     SessionSettings,
     SinkStreamError,
 )
-from sinkstream.clients.resume import RETRY_RESUME, ResumePolicy
+from sinkstream.clients.resume import RETRY_RESUME, ResumePolicy, is_sequenced
 from sinkstream.v1 import sinkstream_pb2 as pb
 from sinkstream.v1 import sinkstream_pb2_grpc as pb_grpc
 
@@ -192,7 +193,8 @@ class Session(SessionProtocol):
 
     # ------------------------------------------------------------------ transport
     def _send(self, request: pb.StreamRequest) -> str:
-        self._wait_for_room()
+        if is_sequenced(request):  # only numbered requests fill the replay buffer (cancel never waits)
+            self._wait_for_room()
         stream_no = self._stamp(request)
         while True:  # blocks while the server applies backpressure, but not past the call's end
             with self._ids_lock:
@@ -259,6 +261,8 @@ class Session(SessionProtocol):
             if not self._may_resume(error):
                 raise self._failed(error)
             failed.cancel()
+            with contextlib.suppress(queue.Full):  # let the dead call's request thread end
+                self._outbox.queue.put_nowait(_END)
             last = None
             for delay in itertools.chain([0.0], self.policy.delays()):
                 time.sleep(delay)

@@ -53,7 +53,9 @@ RETRY_RESUME = (*RESUMABLE, grpc.StatusCode.ABORTED)
 class ResumePolicy:
     """How a session survives a server failure. resume_timeout_s: how long to keep trying to resume
     (0 = never resume: failures reach the caller as before); backoff between attempts grows from
-    initial_backoff_s by `multiplier` up to max_backoff_s. max_unacked_*: the replay buffer's cap."""
+    initial_backoff_s by `multiplier` up to max_backoff_s. max_unacked_*: the replay buffer's cap.
+    first_ack_timeout_s: how long a sender waits at the cap for a session's very first ack before taking
+    the server not to acknowledge at all (see ReplayBuffer.give_up_if_never_acked)."""
 
     resume_timeout_s: float = 60.0
     initial_backoff_s: float = 0.1
@@ -61,6 +63,7 @@ class ResumePolicy:
     multiplier: float = 2.0
     max_unacked_bytes: int = 32 << 20
     max_unacked_requests: int = 4096
+    first_ack_timeout_s: float = 10.0
 
     def delays(self) -> Iterator[float]:
         """Sleep before each further resume attempt, until resume_timeout_s has passed (then stops)."""
@@ -107,6 +110,7 @@ class ReplayBuffer:
         self._sent: OrderedDict[str, _Sent] = OrderedDict()  # by request id, in send order
         self._unacked_bytes = 0
         self._unacked = 0
+        self._full_since: float | None = None  # when the buffer was first seen full with no ack yet
 
     def number(self, request: pb.StreamRequest) -> None:
         """Give a state-changing request its seq (others stay 0) and keep what a resume needs."""
@@ -128,9 +132,15 @@ class ReplayBuffer:
             self._unacked > self.policy.max_unacked_requests
 
     def give_up_if_never_acked(self) -> bool:
-        """When full and nothing was ever acknowledged, stop numbering and drop the buffer (the server
-        does not acknowledge); True if that happened."""
+        """When the buffer has been full for first_ack_timeout_s and nothing was ever acknowledged, stop
+        numbering and drop the buffer (the server does not acknowledge); True if that happened."""
         if not self.full() or self.ever_acked:
+            self._full_since = None
+            return False
+        now = time.monotonic()
+        if self._full_since is None:
+            self._full_since = now
+        if now - self._full_since < self.policy.first_ack_timeout_s:
             return False
         log.warning("no acknowledgement after %d requests (%d bytes): the server keeps no write-ahead log "
                     "(serve --state-dir?); this session will not resume on its own",

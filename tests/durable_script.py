@@ -38,7 +38,10 @@ class DurableScript(pb_grpc.SinkStreamServicer):
     """crash_at: crash when about to send this many responses in total (None: never);
     log_before_crash: whether the request being handled when the crash hits is in the log."""
 
-    def __init__(self, crash_at: list[int], crash_code=grpc.StatusCode.UNAVAILABLE) -> None:
+    def __init__(self, crash_at: list[int], crash_code=grpc.StatusCode.UNAVAILABLE,
+                 acks: bool = True) -> None:
+        """acks False: a server that never acknowledges (an older one)."""
+        self.acks = acks
         self.crash_at = sorted(crash_at)
         self.crash_code = crash_code
         self.sent = 0
@@ -65,7 +68,7 @@ class DurableScript(pb_grpc.SinkStreamServicer):
         """Process one request on `s`, emitting its responses (the generation's tokens are kept)."""
         if request.WhichOneof("kind") == "generate":
             n = request.generate.max_new_tokens or 8
-            out = s.generations.setdefault(request.seq, [])
+            out = s.generations.setdefault(request.seq, []) if request.seq else []
             for i in range(n):
                 if i >= len(out):
                     out.append((sum(s.stream) + i) % 97)
@@ -131,12 +134,12 @@ class DurableScript(pb_grpc.SinkStreamServicer):
                     elif request.seq <= acked:  # a duplicate: a generate is answered again
                         if request.WhichOneof("kind") == "generate":
                             self.run(s, request, rid, emit)
-                        emit(pb.StreamResponse(ack=pb.Acknowledged(seq=request.seq)))
+                        self.ack(request.seq, emit)
                     else:
                         s.log.append(request)  # durable before anything is sent back
                         self.run(s, request, rid, emit)
-                        emit(pb.StreamResponse(ack=pb.Acknowledged(seq=request.seq)))
-                elif request.WhichOneof("kind") in ("append_text", "append_tokens"):
+                        self.ack(request.seq, emit)
+                elif request.WhichOneof("kind") in ("append_text", "append_tokens", "generate"):
                     self.run(s, request, rid, emit)
                 elif request.HasField("close"):
                     del self.sessions[sid]
@@ -150,6 +153,10 @@ class DurableScript(pb_grpc.SinkStreamServicer):
             s.recovered = False
             context.abort(self.crash_code, "backend died")
 
+    def ack(self, seq: int, emit) -> None:
+        if self.acks:
+            emit(pb.StreamResponse(ack=pb.Acknowledged(seq=seq)))
+
     @staticmethod
     def flush(out: list):
         while out:
@@ -157,7 +164,9 @@ class DurableScript(pb_grpc.SinkStreamServicer):
 
 
 def serve(servicer: DurableScript) -> tuple[grpc.Server, str]:
-    server = grpc.server(futures.ThreadPoolExecutor(8))
+    # the clients ping every 30 s (protocol.channel_options): allow it, as the real server does
+    server = grpc.server(futures.ThreadPoolExecutor(8), options=[
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000), ("grpc.keepalive_permit_without_calls", 1)])
     pb_grpc.add_SinkStreamServicer_to_server(servicer, server)
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()

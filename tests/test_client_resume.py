@@ -7,6 +7,7 @@ End to end against the real server (kill -9, restart): tests/test_durable_resume
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
 import random
 
@@ -31,8 +32,8 @@ def summary(chunks, generations) -> tuple:
     return ids, lps, gens, [c.tokens_seen for c in chunks][-1:]
 
 
-def run_sync(address: str) -> tuple[tuple, int]:
-    with SinkStreamClient(address, timeout=60, resume=FAST) as client:
+def run_sync(address: str, policy: ResumePolicy = FAST) -> tuple[tuple, int]:
+    with SinkStreamClient(address, timeout=60, resume=policy) as client:
         session = client.open_session()
         chunks = list(session.stream_text(PIECES))
         chunks += session.append_tokens([5, 6, 7])
@@ -46,9 +47,9 @@ def run_sync(address: str) -> tuple[tuple, int]:
     return summary(chunks, gens), session.resumes
 
 
-def run_async(address: str) -> tuple[tuple, int]:
+def run_async(address: str, policy: ResumePolicy = FAST) -> tuple[tuple, int]:
     async def main():
-        async with AsyncSinkStreamClient(address, timeout=60, resume=FAST) as client:
+        async with AsyncSinkStreamClient(address, timeout=60, resume=policy) as client:
             session = await client.open_session()
             chunks = [c async for c in session.stream_text(PIECES)]
             chunks += await session.append_tokens([5, 6, 7])
@@ -64,8 +65,8 @@ def run_async(address: str) -> tuple[tuple, int]:
     return asyncio.run(main())
 
 
-def scripted(crash_at: list[int], code=grpc.StatusCode.UNAVAILABLE):
-    servicer = DurableScript(crash_at, code)
+def scripted(crash_at: list[int], code=grpc.StatusCode.UNAVAILABLE, acks: bool = True):
+    servicer = DurableScript(crash_at, code, acks)
     server, address = serve(servicer)
     return servicer, server, address
 
@@ -140,3 +141,32 @@ def test_a_close_whose_answer_is_lost_still_closes(uninterrupted, runner):
     finally:
         server.stop(0)
     assert got == want and resumes == 0 and not servicer.sessions
+
+
+@pytest.mark.parametrize("runner", [run_sync, run_async], ids=["sync", "asyncio"])
+def test_a_tiny_replay_buffer_applies_backpressure_and_changes_nothing(uninterrupted, runner):
+    want, responses = uninterrupted
+    tiny = dataclasses.replace(FAST, max_unacked_requests=1)  # every send waits for the previous ack
+    servicer, server, address = scripted([responses // 3, 2 * responses // 3])
+    try:
+        got, resumes = runner(address, tiny)
+    finally:
+        server.stop(0)
+    assert got == want and resumes == 2
+
+
+@pytest.mark.parametrize("runner", [run_sync, run_async], ids=["sync", "asyncio"])
+def test_a_server_that_never_acknowledges_bounds_the_buffer_and_ends_auto_resume(uninterrupted, runner,
+                                                                                 caplog):
+    want, responses = uninterrupted
+    capped = dataclasses.replace(FAST, max_unacked_requests=3, first_ack_timeout_s=0.2)
+    servicer, server, address = scripted([], acks=False)
+    try:
+        assert runner(address, capped) == (want, 0)  # numbering stops, nothing else changes
+        assert "no acknowledgement after 4 requests" in caplog.text  # the cap, not more
+        servicer.crash_at = [servicer.sent + responses // 2]
+        with pytest.raises(SinkStreamError) as caught:
+            runner(address, capped)
+        assert caught.value.code == grpc.StatusCode.UNAVAILABLE  # not resumed: nothing could be replayed
+    finally:
+        server.stop(0)

@@ -4,6 +4,7 @@ de-duplication of chunk results and generated tokens a resumed stream delivers a
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 
@@ -103,7 +104,7 @@ IDS = iter(range(1 << 30))
 
 
 def test_the_buffer_is_capped_backpressure_once_acked_and_given_up_if_never_acked():
-    policy = ResumePolicy(max_unacked_bytes=1000, max_unacked_requests=5)
+    policy = ResumePolicy(max_unacked_bytes=1000, max_unacked_requests=5, first_ack_timeout_s=0)
     acking = ReplayBuffer(policy)
     silent = ReplayBuffer(policy)
     for buffer in (acking, silent):
@@ -118,6 +119,10 @@ def test_the_buffer_is_capped_backpressure_once_acked_and_given_up_if_never_acke
     assert acking.full() and not acking.give_up_if_never_acked()  # the sender waits for acks
     acking.on_ack(3)
     assert not acking.full()
+    patient = ReplayBuffer(dataclasses.replace(policy, first_ack_timeout_s=1e9))
+    for i in range(6):
+        patient.number(tokens(i))
+    assert patient.full() and not patient.give_up_if_never_acked()  # waits for the first ack a while
     # a server that never acknowledged: numbering stops, the buffer is emptied, no replay is possible
     assert silent.full() and silent.give_up_if_never_acked()
     assert not silent.durable and silent.unacked_count() == 0 and not silent.full()

@@ -63,10 +63,11 @@ class Intake:
             text_input = _text_input(session)
             session.seqs.receive(seq)
             text = request.text
-            for start in range(0, len(text), INPUT_SLICE):
-                ids = text_input.push(text[start:start + INPUT_SLICE])
-                if ids:
-                    yield AppendWork(request.request_id, ids, False, seq, False, text_input.state())
+            for start in range(session.applied_from(seq), len(text), INPUT_SLICE):
+                end = min(start + INPUT_SLICE, len(text))
+                ids = text_input.push(text[start:end])
+                if ids or seq:  # a numbered request logs every slice: where it got to is known
+                    yield AppendWork(request.request_id, ids, False, seq, False, text_input.state(), upto=end)
                 await asyncio.sleep(0)  # other sessions, health checks and the scheduler run between slices
             yield AppendWork(request.request_id, text_input.flush() if request.flush else [], request.flush,
                              seq, True, text_input.state())
@@ -74,14 +75,15 @@ class Intake:
             await self._check_ids(request.ids)
             session.seqs.receive(seq)
             ids = request.ids
-            for start in range(0, len(ids), INPUT_SLICE) or [0]:
+            for start in range(session.applied_from(seq), len(ids), INPUT_SLICE) or [len(ids)]:
                 piece = list(ids[start:start + INPUT_SLICE])
                 state = None
                 if session.text is not None:
                     piece = session.text.push_ids(piece)  # held text first; later text at a token boundary
                     state = session.text.state()
                 last = start + INPUT_SLICE >= len(ids)
-                yield AppendWork(request.request_id, piece, request.flush and last, seq, last, state)
+                yield AppendWork(request.request_id, piece, request.flush and last, seq, last, state,
+                                 upto=min(start + INPUT_SLICE, len(ids)))
         elif isinstance(request, AppendMessage):
             self.chat(session)
             if request.role not in ROLES:

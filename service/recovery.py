@@ -25,30 +25,10 @@ from sinkstream.service.session import ActiveGeneration, KeptGeneration, Session
 from sinkstream.service.session_journal import params_from_record, rng_from_text
 from sinkstream.service.text_input import TextInput
 from sinkstream.service.work import AppendWork, GenerateWork
-from sinkstream.service.write_ahead_log import LogContents
 
 
 class RecoveryError(ValueError):
     """The log and snapshots of a session cannot rebuild it (damaged beyond the last good record)."""
-
-
-def complete_prefix(contents: LogContents) -> tuple[list[dict[str, Any]], int | None]:
-    """The records to replay: all good ones, except a numbered request a crash cut before its last slice
-    (it was never acknowledged; the client sends it again) and everything after it. Returns the records
-    and the byte offset to cut the file at (None: keep it whole)."""
-    open_at: int | None = None
-    open_seq = 0
-    for i, record in enumerate(contents.records):
-        if record.get("k") != "in" or not record.get("part"):
-            continue
-        if record.get("seq"):
-            if record["seq"] == open_seq:
-                open_at, open_seq = None, 0
-        elif open_at is None:
-            open_at, open_seq = i, record["part"]
-    if open_at is None:
-        return contents.records, None
-    return contents.records[:open_at], contents.offsets[open_at]
 
 
 def snapshot_lsn(meta: dict[str, Any]) -> int | None:
@@ -119,8 +99,10 @@ class Replay:
             s.chat = ChatInput(self.tokenizer, record["chat"])
         if record.get("text") is not None and self.tokenizer is not None:
             s.text = TextInput(self.tokenizer, record["text"])
-        s.add_input(AppendWork(record["rid"], list(record["ids"]), bool(record["flush"]), int(record["seq"]),
-                               text_state=record.get("text")))
+        seq, part = int(record["seq"]), int(record.get("part", 0))
+        s.add_input(AppendWork(record["rid"], list(record["ids"]), bool(record["flush"]), seq or part,
+                               final=bool(seq) or not part, text_state=record.get("text"),
+                               upto=int(record.get("upto", 0))))
 
     def _ran(self, record: dict[str, Any]) -> None:
         s, n = self.session, int(record["n"])

@@ -237,7 +237,7 @@ class Scheduler:
     async def _prepare_log(self, s: Session, item: Work) -> None:
         """Before a numbered request changes a session, start its write-ahead log (when durability is
         on); before anything but its repeated Generate, end a generation a crash interrupted."""
-        numbered = getattr(item, "seq", 0) or getattr(item, "client_seq", 0)
+        numbered = item.client_seq if isinstance(item, GenerateWork) else getattr(item, "seq", 0)
         if numbered and s.journal is None:
             await self.manager.start_journal(s)
         if s.suspended is not None and not (isinstance(item, RepeatWork) and item.generate is not None
@@ -257,7 +257,10 @@ class Scheduler:
         g = s.generation
         limit = g.work.time_limit_s
         if g.work.seq <= s.cancel_upto:
-            s.finish_generation("CANCELLED")
+            if s.outbox is None and g.work.client_seq:  # its call ended: the client may repeat it
+                s.suspend_generation()
+            else:
+                s.finish_generation("CANCELLED")
             self._progressed = True
         elif limit is not None and time.perf_counter() - g.work.arrived >= limit:
             s.finish_generation("TIME_LIMIT")

@@ -128,6 +128,9 @@ class Session:
         self.kept_generation: KeptGeneration | None = None
         self.suspended: ActiveGeneration | None = None
         self.snapshot_lsn: int | None = None
+        # A numbered append applied in part (its call or the server ended mid-request): (seq, where the
+        # applied slices end); when it is sent again only the rest is applied.
+        self.partial: tuple[int, int] | None = None
 
     @classmethod
     def persisted(cls, session_id: str, config: StreamConfig, analysis: AnalysisOptions,
@@ -166,6 +169,16 @@ class Session:
 
     def touch(self) -> None:
         self.last_used = time.time()
+
+    def applied_from(self, seq: int) -> int:
+        """Where to start a numbered append sent again after it was applied in part (0: from its start)."""
+        return self.partial[1] if self.partial is not None and self.partial[0] == seq else 0
+
+    def rewind_text_input(self, tokenizer) -> None:
+        """A new call: the text input continues from the input applied (a slice the ended call had
+        tokenized but not queued is forgotten with its request, which the client sends again)."""
+        if self.journal is not None and self.text is not None and self.applied_text_state is not None:
+            self.text = TextInput(tokenizer, self.applied_text_state)
 
     def set_analysis(self, analysis: AnalysisOptions) -> None:
         self.analysis = analysis
@@ -319,11 +332,14 @@ class Session:
             self.flush_request = work.request_id
         if work.text_state is not None:
             self.applied_text_state = work.text_state
+        if work.seq:
+            self.partial = (work.seq, work.upto) if not work.final else None
         if self.journal is not None:
             chat = self.chat.state() if work.chat_changed and self.chat is not None else None
             seq = work.seq if work.final else 0
             self.journal.input(work.request_id, list(work.ids), work.flush, seq, work.text_state, chat,
-                               self._acknowledge_when_durable(seq, work.request_id), part=work.seq)
+                               self._acknowledge_when_durable(seq, work.request_id), part=work.seq,
+                               upto=work.upto)
         elif work.final:
             self._acknowledge_when_durable(work.seq, work.request_id)
 
@@ -457,6 +473,11 @@ class Session:
             g.first_token_at = g.last_token_at = None
             self.generation = g
         return True
+
+    def suspend_generation(self) -> None:
+        """The call of a numbered generation ended: keep it, not running, to be continued when its Generate
+        comes again (as after a crash) instead of cancelling it."""
+        self.suspended, self.generation = self.generation, None
 
     def cancel_suspended(self) -> None:
         """End a generation a crash interrupted (its Generate did not come again) as CANCELLED."""

@@ -75,11 +75,12 @@ class SessionJournal:
         self.write({"k": "base"})
 
     def input(self, request_id: str, ids: list[int], flush: bool, seq: int, text: dict | None,
-              chat: dict | None, done: Done | None, part: int = 0) -> None:
-        """`seq`: the numbered request this completes (0: none); `part`: the numbered request these ids
-        belong to (a request cut short by a crash before its last slice is dropped at recovery)."""
+              chat: dict | None, done: Done | None, part: int = 0, upto: int = 0) -> None:
+        """`seq`: the numbered request this completes (0: none); `part`, `upto`: the numbered request
+        these ids belong to and where their slice ends in it (a request applied in part is completed,
+        not applied again, when it is sent again)."""
         record: dict[str, Any] = {"k": "in", "rid": request_id, "ids": ids, "flush": flush, "seq": seq,
-                                  "part": part}
+                                  "part": part, "upto": upto}
         if text is not None:
             record["text"] = text
         if chat is not None:

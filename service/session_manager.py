@@ -30,7 +30,6 @@ from sinkstream.service.metrics import ServerMetrics
 from sinkstream.service.options import AnalysisOptions
 from sinkstream.service.recovery import (
     Replay,
-    complete_prefix,
     covers,
     restore_bookkeeping,
     session_from_open,
@@ -42,7 +41,7 @@ from sinkstream.service.session_journal import SessionJournal, rng_from_text, rn
 from sinkstream.service.session_store import SessionStore, session_from_meta
 from sinkstream.service.text_input import TextInput
 from sinkstream.service.work import AppendWork
-from sinkstream.service.write_ahead_log import GroupCommitter, recover_log, truncate_log
+from sinkstream.service.write_ahead_log import GroupCommitter, recover_log
 
 log = logging.getLogger("sinkstream.sessions")
 RECENTLY_CLOSED = 1024  # closed ids remembered for a clearer NOT_FOUND message
@@ -154,7 +153,10 @@ class SessionManager:
                                    f"session {shown_id(session_id)} is attached to another stream",
                                    "resume.session_id")
             if session.generation is not None:  # cancelled by the previous call's end
-                session.finish_generation("CANCELLED")
+                if session.generation.work.client_seq:  # numbered: continued if the client repeats it
+                    session.suspend_generation()
+                else:
+                    session.finish_generation("CANCELLED")
             if not session.resident:
                 try:
                     await self.residency.restore(session)
@@ -164,6 +166,7 @@ class SessionManager:
                     raise
             if analysis is not None:
                 session.set_analysis(analysis)
+            session.rewind_text_input(self.pool.tokenizer)
             return session
 
     def attach(self, session: Session) -> Outbox:
@@ -208,12 +211,7 @@ class SessionManager:
         path = store.log_path(session_id)
         started = time.perf_counter()
         try:
-            contents = await asyncio.to_thread(recover_log, path)
-            records, cut = complete_prefix(contents)
-            if cut is not None:
-                log.warning("write-ahead log: dropping a request cut short by the crash",
-                            extra={"session": session_id, "offset": cut})
-                await asyncio.to_thread(truncate_log, path, cut)
+            records = (await asyncio.to_thread(recover_log, path)).records
             base = await asyncio.to_thread(self._base_snapshot, session_id, records)
         except OSError as exc:
             raise server_failure(exc, f"cannot read the write-ahead log of session {shown_id(session_id)}",

@@ -19,6 +19,7 @@ class AppendWork:
     final: bool = True  # the request's last slice (a numbered request is acknowledged with it)
     text_state: dict | None = None  # the session's text input state right after these ids were made
     chat_changed: bool = False  # made by the session's conversation (its state is logged with them)
+    upto: int = 0  # a numbered append's slice: where it ends in the request (characters or ids)
 
 
 @dataclass

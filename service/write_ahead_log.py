@@ -175,12 +175,6 @@ class GroupCommitter:
         """Queue removing the log (after every record queued before)."""
         self._put(_Delete(path))
 
-    def flush(self, timeout: float = 30.0) -> None:
-        """Wait until everything queued so far is on disk (a barrier for shutdown and tests)."""
-        reached = threading.Event()
-        self._put(_Append(Path(), b"", lambda _error: reached.set()))
-        reached.wait(timeout)
-
     def stop(self) -> None:
         """Write what is queued, then end the thread."""
         with self._cv:

@@ -158,9 +158,11 @@ def drive(stream: RawStream, requests: list[pb.StreamRequest], after: int, outco
           kill_at: int | None = None, kill: Callable[[], None] | None = None) -> bool:
     """Send every request numbered above `after`, read until the last is acknowledged. With `kill_at`,
     call `kill` once `outcome` holds that many responses; returns False if the call died."""
+    last = requests[-1].seq
+    if after >= last:
+        return True
     for request in requests[after:]:
         stream.send(request)
-    last = requests[-1].seq
     try:
         while True:
             response = stream.next()

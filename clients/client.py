@@ -272,6 +272,7 @@ class Session(SessionProtocol):
                 except (grpc.RpcError, StopIteration, SinkStreamError) as exc:
                     call.cancel()
                     outbox.start([])
+                    outbox.queue.put_nowait(_END)  # the attempt's request thread ends too
                     last = exc if isinstance(exc, SinkStreamError) else (
                         protocol.rpc_error(exc) if isinstance(exc, grpc.RpcError)
                         else protocol.stream_ended_error(None, None))

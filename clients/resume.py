@@ -111,6 +111,7 @@ class ReplayBuffer:
         self._unacked_bytes = 0
         self._unacked = 0
         self._full_since: float | None = None  # when the buffer was first seen full with no ack yet
+        self._reasked: dict[int, str] = {}  # seq -> request id of acknowledged generates asked again
 
     def number(self, request: pb.StreamRequest) -> None:
         """Give a state-changing request its seq (others stay 0) and keep what a resume needs."""
@@ -154,8 +155,13 @@ class ReplayBuffer:
         return True
 
     def on_ack(self, seq: int) -> None:
-        """Every numbered request up to `seq` is durable."""
+        """Every numbered request up to `seq` is durable. DATA_LOSS when this is the answer to a generate
+        asked again after a resume and its result did not come first (the server no longer holds it)."""
         self.ever_acked = True
+        if (rid := self._reasked.pop(seq, None)) in self._sent and not self.answered(rid):
+            raise SinkStreamError(grpc.StatusCode.DATA_LOSS, f"the generation of seq {seq} was cut by the "
+                                  "failure and the server no longer holds its result (it keeps only the last "
+                                  "generation's), so its remaining tokens cannot be delivered")
         if seq <= self.acked_seq:
             return
         if seq > self.last_seq:
@@ -211,6 +217,7 @@ class ReplayBuffer:
         if not self.durable and acked_seq < self.last_seq:
             raise SinkStreamError(grpc.StatusCode.DATA_LOSS, f"requests after seq {acked_seq} were never "
                                   "acknowledged and are no longer buffered; they cannot be replayed")
+        self._reasked.clear()  # asked again below if still unanswered
         if acked_seq:
             self.on_ack(acked_seq)
         out = []
@@ -222,6 +229,8 @@ class ReplayBuffer:
                     out.append(pb.StreamRequest(request_id=rid, append_text=pb.AppendText(flush=True)))
                 else:
                     out.append(entry.request)
+                    if kind == "generation_complete":
+                        self._reasked[entry.request.seq] = rid
         if cancel_pending:
             out.append(pb.StreamRequest(cancel=pb.CancelGeneration()))
         return out

@@ -206,3 +206,20 @@ def test_backoff_is_bounded_by_the_resume_timeout():
     assert list(ResumePolicy(resume_timeout_s=0).delays()) == []
     delays = ResumePolicy(resume_timeout_s=0.05, initial_backoff_s=0.01, max_backoff_s=0.02).delays()
     assert next(delays) == 0.01 and next(delays) <= 0.02
+
+
+def test_a_generation_the_server_no_longer_holds_is_data_loss_not_a_hang():
+    buffer = ReplayBuffer(ResumePolicy())
+    generate = pb.StreamRequest(request_id="g", generate=pb.Generate(max_new_tokens=4))
+    buffer.number(generate)
+    buffer.on_ack(1)  # acknowledged (the server had finished it) but its GenerationComplete was lost
+    assert buffer.resend_after(1, cancel_pending=False) == [generate]  # asked again
+    with pytest.raises(SinkStreamError) as caught:
+        buffer.on_ack(1)  # answered with ack only: the server kept a later generation's result
+    assert caught.value.code == grpc.StatusCode.DATA_LOSS and "seq 1" in caught.value.message
+    again = ReplayBuffer(ResumePolicy())
+    again.number(generate)
+    again.on_ack(1)
+    again.resend_after(1, cancel_pending=False)
+    assert again.on_answer("g", "generation_complete")
+    again.on_ack(1)  # the result came first: fine

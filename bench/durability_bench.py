@@ -91,7 +91,7 @@ def recovery_time(model: Path, text: str) -> tuple[int, int, int, float]:
         finally:
             server.kill9()
         log = Path(state) / "r.wal"
-        records = len(read_log(log).records)
+        records, size = len(read_log(log).records), log.stat().st_size
         server = ServeProcess(model, Path(state))
         try:
             stub = pb_grpc.SinkStreamStub(server.channel)
@@ -101,7 +101,7 @@ def recovery_time(model: Path, text: str) -> tuple[int, int, int, float]:
             assert info.tokens_seen == tokens
         finally:
             server.stop()
-    return tokens, records, log.stat().st_size if log.exists() else 0, elapsed
+    return tokens, records, size, elapsed
 
 
 def main() -> None:

@@ -107,6 +107,11 @@ class Intake:
             elif session.text is not None and session.text.needs_flush:
                 yield AppendWork(request.request_id, session.text.flush(), False, seq, False,
                                  session.text.state())
+            if session.text is not None:
+                # Text sent after it starts at a token boundary after the generated tokens. Set here, in
+                # request order: done when the generation ends, it raced with the reading of later text.
+                session.text.push_ids([])
+                work.text_state = session.text.state()
             yield work
         elif isinstance(request, CheckpointRequest):
             yield CheckpointWork(request.request_id)

@@ -121,7 +121,9 @@ class Replay:
         chat_reply = bool(record["chat_reply"])
         work = GenerateWork(record["rid"], params, None, time.perf_counter(), 0,
                             input_tokens=int(record["input_tokens"]), chat_reply=chat_reply, prompted=True,
-                            client_seq=int(record["seq"]))
+                            client_seq=int(record["seq"]), text_state=record.get("text"))
+        if record.get("text") is not None and self.tokenizer is not None:
+            s.text = TextInput(self.tokenizer, record["text"])
         stop_ids = s.chat.end_of_turn if chat_reply and s.chat is not None else ()
         gen = Generation(s.engine, s.row, params, self.tokenizer, stop_ids)
         if record.get("rng"):

@@ -410,13 +410,15 @@ class Session:
     def start_generation(self, generation: ActiveGeneration) -> None:
         self.generation = generation
         work, sampler = generation.work, generation.gen.sampler
+        if work.text_state is not None:
+            self.applied_text_state = work.text_state
         if work.client_seq:
             self.seqs.apply(work.client_seq)
             self.kept_generation = KeptGeneration(work.client_seq)
         if self.journal is not None:
             rng = rng_to_text(sampler.generator) if work.params.temperature > 0 else None
             self.journal.generation_started(work.request_id, work.client_seq, work.params, work.chat_reply,
-                                            generation.input_tokens, rng)
+                                            generation.input_tokens, rng, work.text_state)
 
     def record_token(self, reply: TokenReply) -> None:
         """A generated token was accepted: log it (with the sampler's RNG state when it samples), keep it
@@ -430,7 +432,7 @@ class Session:
         self.emit(reply)
 
     def finish_generation(self, reason: str, error: str = "", close_chat: bool = True) -> None:
-        """End the running generation: report it, and tell the text input the stream moved on.
+        """End the running generation and report it (the text input moved past it when it was read).
         `close_chat` False: leave a chat reply's closing to the caller (a log replay, whose next record
         holds the closing ids and the conversation's state)."""
         g = self.generation
@@ -440,9 +442,6 @@ class Session:
         if self.journal is not None:  # before the chat reply's tail: replay meets them in this order
             acknowledge = self._acknowledge_when_durable(seq, g.work.request_id)
             self.journal.generation_done(reason, error, acknowledge)
-        if self.text is not None:
-            self.text.push_ids([])  # later text starts at a token boundary after the generated tokens
-            self.applied_text_state = self.text.state()
         if close_chat and g.work.chat_reply and self.chat is not None and self.chat.reply_open:
             # the template's text after the reply (e.g. "\n" after <|im_end|>) runs with the next input
             tail = self.chat.close_reply(g.gen.generated, reason)

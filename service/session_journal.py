@@ -97,9 +97,9 @@ class SessionJournal:
         self.write({"k": "flushed"})
 
     def generation_started(self, request_id: str, seq: int, params: SamplingParams, chat_reply: bool,
-                           input_tokens: int, rng: str | None) -> None:
+                           input_tokens: int, rng: str | None, text: dict | None) -> None:
         self.write({"k": "gen", "rid": request_id, "seq": seq, "params": params_to_record(params),
-                    "chat_reply": chat_reply, "input_tokens": input_tokens, "rng": rng})
+                    "chat_reply": chat_reply, "input_tokens": input_tokens, "rng": rng, "text": text})
 
     def token(self, token_id: int, logprob: float, rng: str | None) -> None:
         self.write({"k": "tok", "id": token_id, "lp": logprob, "rng": rng})

@@ -35,6 +35,7 @@ class GenerateWork:
     chat_reply: bool = False  # the assistant's turn of the session's conversation
     prompted: bool = False  # its generation prompt has been added to the pending input
     client_seq: int = 0  # StreamRequest.seq (0: unsequenced)
+    text_state: dict | None = None  # the text input's state after it (text after it starts at a boundary)
 
 
 @dataclass

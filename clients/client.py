@@ -43,7 +43,7 @@ from sinkstream.clients.results import (
     SessionSettings,
     SinkStreamError,
 )
-from sinkstream.clients.resume import RETRY_RESUME, ResumePolicy, is_sequenced
+from sinkstream.clients.resume import RETRY_RESUME, Resend, ResumePolicy, is_sequenced
 from sinkstream.v1 import sinkstream_pb2 as pb
 from sinkstream.v1 import sinkstream_pb2_grpc as pb_grpc
 
@@ -243,7 +243,10 @@ class Session(SessionProtocol):
             except StopIteration:
                 self._recover(call, protocol.stream_ended_error(None, None))
                 continue
-            if (result := self._interpret(response)) is not None:
+            result = self._interpret(response)
+            if isinstance(result, Resend):
+                self._outbox.queue.put(result.request)
+            elif result is not None:
                 return result
 
     def _collect_chunks_until(self, kind: type):

@@ -55,6 +55,11 @@ class Intake:
         the next is made. A RequestError comes before any item (a refused request changes nothing). A
         numbered request (StreamRequest.seq) received before becomes one RepeatWork; a gap is refused."""
         seq = getattr(request, "seq", 0)
+        suspended = session.suspended
+        if seq and suspended is not None and suspended.work.client_seq == seq and not (
+                isinstance(request, GenerateRequest)
+                and self._generate_work(session, request, seq).params == suspended.work.params):
+            session.abandon_suspended(seq)  # not its repeat: the caller never saw that generation
         if session.seqs.check(seq) is Verdict.DUPLICATE:
             yield RepeatWork(request.request_id, seq, self._generate_work(session, request, seq)
                              if isinstance(request, GenerateRequest) else None)

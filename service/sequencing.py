@@ -52,6 +52,11 @@ class SeqState:
         self.acked = seq
         return True
 
+    def release(self, seq: int) -> None:
+        """`seq` (not acknowledged) was given up: it may come again as a new request."""
+        assert seq > self.acked
+        self.received = self.applied = min(self.applied, seq - 1)
+
     def forget_unapplied(self) -> None:
         """The call ended: numbers received but never applied (dropped requests) may come again."""
         self.received = self.applied

@@ -443,7 +443,8 @@ class Session:
             self.kept_generation.tokens.append(reply)
         self.emit(reply)
 
-    def finish_generation(self, reason: str, error: str = "", close_chat: bool = True) -> None:
+    def finish_generation(self, reason: str, error: str = "", close_chat: bool = True,
+                          report: bool = True) -> None:
         """End the running generation and report it (the text input moved past it when it was read).
         `close_chat` False: leave a chat reply's closing to the caller (a log replay, whose next record
         holds the closing ids and the conversation's state)."""
@@ -461,7 +462,8 @@ class Session:
         complete = g.complete(reason, self.tokens_seen(), error)
         if self.kept_generation is not None and seq == self.kept_generation.seq:
             self.kept_generation.complete = complete
-        self.emit(complete)
+        if report:  # False: nobody asked for it on this call (see abandon_suspended)
+            self.emit(complete)
         if self.journal is None:
             self._acknowledge_when_durable(seq, g.work.request_id)
 
@@ -489,6 +491,18 @@ class Session:
         """The call of a numbered generation ended: keep it, not running, to be continued when its Generate
         comes again (as after a crash) instead of cancelling it."""
         self.suspended, self.generation = self.generation, None
+
+    def abandon_suspended(self, seq: int) -> None:
+        """A request other than a repeat of its Generate came numbered `seq`, the number of a generation
+        whose call ended (a caller that never saw it, e.g. after a deadline): end that generation
+        unacknowledged and unreported (its tokens stay in the stream), and let `seq` be used again."""
+        g, self.suspended = self.suspended, None
+        assert g is not None and g.work.client_seq == seq > self.seqs.acked
+        g.work = dataclasses.replace(g.work, client_seq=0)
+        self.generation = g
+        self.finish_generation("CANCELLED", report=False)
+        self.kept_generation = None
+        self.seqs.release(seq)
 
     def cancel_suspended(self) -> None:
         """End a generation a crash interrupted (its Generate did not come again) as CANCELLED."""

@@ -7,6 +7,7 @@ of a session's state goes through a method here; the manager, the scheduler and 
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import re
 import time
@@ -126,6 +127,9 @@ class Session:
         # Generate is repeated) and the lsn the newest snapshot covers.
         self.journal: SessionJournal | None = None
         self.seqs = SeqState()
+        self.unacked_records = 0  # numbered requests applied whose log record is not durable yet
+        self._all_durable = asyncio.Event()
+        self._all_durable.set()
         self.applied_text_state: dict[str, Any] | None = text.state() if text is not None else None
         self.kept_generation: KeptGeneration | None = None
         self.suspended: ActiveGeneration | None = None
@@ -373,7 +377,22 @@ class Session:
         if self.journal is None:
             self.acknowledged(seq, request_id, None)
             return None
-        return lambda error: self.acknowledged(seq, request_id, error)
+        self.unacked_records += 1
+        self._all_durable.clear()
+
+        def durable(error: BaseException | None) -> None:
+            self.unacked_records -= 1
+            if not self.unacked_records:
+                self._all_durable.set()
+            self.acknowledged(seq, request_id, error)
+        return durable
+
+    async def wait_applied_durable(self) -> None:
+        """Wait until every numbered request applied so far is durable (or its log write failed), so
+        `seqs.acked` covers them: a resume reports it as SessionOpened.acked_seq, after which a new client
+        numbers its requests (one still in flight would make the new client's next request a duplicate,
+        taken for the old one and never processed)."""
+        await self._all_durable.wait()
 
     def acknowledged(self, seq: int, request_id: str, error: BaseException | None) -> None:
         """`seq` is durable (error None): answer `ack` on the attached call; a failed log write is

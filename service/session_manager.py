@@ -169,6 +169,8 @@ class SessionManager:
 
     async def resume(self, key: SessionKey, analysis: AnalysisOptions | None) -> Session:
         """An existing session, resident again, for a new call."""
+        if (known := self.sessions.get(key)) is not None:
+            await known.wait_applied_durable()  # mostly here, not under the lock (see below)
         async with self.lock:
             if key in self.unrecovered:
                 await self._recover(key)
@@ -192,6 +194,10 @@ class SessionManager:
             if analysis is not None:
                 session.set_analysis(analysis)
             session.rewind_text_input(self.pool.tokenizer)
+            # the ended call's last numbered requests may still be in the log committer's round: the
+            # SessionOpened built from this must acknowledge them (the new caller numbers after it); at
+            # once unless the session was recovered or changed since the wait above
+            await session.wait_applied_durable()
             return session
 
     def attach(self, session: Session) -> Outbox:

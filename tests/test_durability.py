@@ -4,7 +4,10 @@ recovers every acknowledged request: the resumed session equals an uninterrupted
 
 from __future__ import annotations
 
+import os
 import random
+import threading
+import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -27,6 +30,7 @@ from durable_support import (
 )
 from service_support import start_server
 
+from sinkstream.clients.client import SinkStreamClient
 from sinkstream.core.config import StreamConfig
 from sinkstream.service.backpressure import INPUT_SLICE, input_budget
 from sinkstream.service.options import AnalysisOptions
@@ -399,3 +403,57 @@ def test_a_tenants_logged_session_recovers_under_its_tenant_only(model_dir, tmp_
     finally:
         server.stop()
     assert not list((state_dir / "tenants" / "bob").iterdir())  # the log goes with the committer's stop
+
+
+# ---------------------------------------------------------------------------------- resume vs. acks in flight
+def test_a_resume_acknowledges_what_the_ended_call_applied_before_a_new_caller_numbers_after_it(
+        model_dir, tmp_path):
+    """A call ends (Flushed read, `with` left) while its append's log record is still in the committer's
+    round; a new caller resumes at once and numbers after SessionOpened.acked_seq. Reported before the
+    record was durable, acked_seq was 0: the new append got seq 1, was taken for a duplicate of the
+    applied one and never processed, and its caller waited for Flushed for ever. The log is held back with
+    a FIFO in another session's log path: the committer thread blocks opening it until the test reads it."""
+    server = start_server(model_dir, state_dir=tmp_path)
+    blocker_log = tmp_path / "blocker.wal"
+    os.mkfifo(blocker_log)
+    channel = grpc.insecure_channel(server.address)
+    released: list[bytes] = []
+    try:
+        blocker = RawStream(channel, open_request("blocker", chunk=CHUNK))
+        blocker.next()
+        blocker.send(append(1, "Once", flush=True))
+        blocker.until(lambda r: r.HasField("flushed"))  # applied; its log record holds the committer
+        with SinkStreamClient(server.address) as client:
+            with client.open_session(session_id="late-ack") as session:
+                first = session.append_text("Once upon a time")[-1].tokens_seen
+            assert info(channel, "late-ack").acked_seq == 0  # still in the held-back round
+
+            def release() -> None:  # the resume below is sent before the log is let go
+                time.sleep(0.5)
+                released.append(read_fifo_once(blocker_log))
+
+            releaser = threading.Thread(target=release, daemon=True)
+            releaser.start()
+            with client.resume_session("late-ack", timeout=60) as session:  # bounded: must be answered
+                assert session.opened.acked_seq == 1
+                assert session.opened.tokens_seen == first
+                after = session.append_text(" there was a cat.")[-1].tokens_seen
+            assert after > first
+            releaser.join(60)
+        assert released and released[0]  # the blocker's records went through the FIFO
+        assert info(channel, "late-ack").acked_seq == 2
+        blocker.cancel()
+    finally:
+        if not released:
+            threading.Thread(target=read_fifo_once, args=(blocker_log,), daemon=True).start()
+        channel.close()
+        server.stop()
+
+
+def read_fifo_once(path: Path) -> bytes:
+    """Open a FIFO for reading (a writer blocked opening it goes on) and take what one read gives."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return os.read(fd, 1 << 20)
+    finally:
+        os.close(fd)

@@ -266,20 +266,30 @@ class SessionManager:
             tensors, meta, lsn = base
             session = session_from_meta(key, meta, self.pool.tokenizer)
             restore_bookkeeping(session, meta)
-            await self.residency.restore_from(session, tensors, meta)
             session.snapshot_lsn = lsn
             replay = [r for r in records if int(r["lsn"]) > lsn]
+            if not replay:  # the snapshot is the whole history (a clean shutdown): no row until it is used
+                self._adopt(key, session, SessionJournal(self.committer, path, lsn), 0, started)
+                return
+            await self.residency.restore_from(session, tensors, meta)
         try:
             await self.compute(lambda: Replay(session, self.pool.tokenizer).run(replay))
         except BaseException:
             session.release_row()
             raise
-        session.journal = SessionJournal(self.committer, path, int(records[-1]["lsn"]) if records else lsn)
+        journal = SessionJournal(self.committer, path, int(records[-1]["lsn"]) if records else lsn)
+        self._adopt(key, session, journal, len(replay), started)
+
+    def _adopt(self, key: SessionKey, session: Session, journal: SessionJournal, replayed: int,
+               started: float) -> None:
+        """A recovered session joins the live ones, its log continued by `journal`."""
+        session.journal = journal
         self.sessions[key] = session
         self.unrecovered.pop(key, None)
         self.metrics.recoveries.inc()
         self._update_gauges()
-        log.info("session recovered", extra={"session": key.label, "replayed_records": len(replay),
+        log.info("session recovered", extra={"session": key.label, "replayed_records": replayed,
+                                             "resident": session.resident,
                                              "seconds": round(time.perf_counter() - started, 4)})
 
     def _base_snapshot(self, key: SessionKey, records: list[dict]) -> tuple[dict, dict, int] | None:

@@ -7,19 +7,25 @@ coroutines.
             ...
         result = await session.generate(GenerateParams(max_new_tokens=32))
         await session.detach()
+
+Sessions resume on their own after a server failure, as the sync client's (client.py, resume.py).
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
+import itertools
 import os
+import time
 from collections.abc import AsyncIterable, AsyncIterator, Iterable
 from typing import TypeVar
 
 import grpc
 
 from sinkstream.clients import protocol
-from sinkstream.clients.connection import Pem, auth_metadata, open_channel
+from sinkstream.clients.connection import Metadata, Pem, auth_metadata, open_channel
 from sinkstream.clients.protocol import Progress, SessionProtocol, UnaryCall
 from sinkstream.clients.results import (
     Checkpointed,
@@ -34,6 +40,7 @@ from sinkstream.clients.results import (
     SessionSettings,
     SinkStreamError,
 )
+from sinkstream.clients.resume import RETRY_RESUME, Resend, ResumePolicy, is_sequenced
 from sinkstream.v1 import sinkstream_pb2 as pb
 from sinkstream.v1 import sinkstream_pb2_grpc as pb_grpc
 
@@ -45,17 +52,18 @@ class AsyncSinkStreamClient:
 
     def __init__(self, address: str, *, timeout: float | None = None,
                  max_message_bytes: int = protocol.DEFAULT_MAX_MESSAGE_BYTES,
-                 retry_attempts: int = 5,
+                 retry_attempts: int = 5, resume: ResumePolicy | None = None,
                  channel: grpc.aio.Channel | None = None, token: str | None = None,
                  tls: bool = False, tls_ca: Pem | None = None, tls_cert: Pem | None = None,
                  tls_key: Pem | None = None) -> None:
-        """As SinkStreamClient's (channel, token and TLS arguments alike), on an asyncio channel."""
+        """As SinkStreamClient's (channel, resume, token and TLS arguments alike), on an asyncio channel."""
         self.metadata = auth_metadata(token)
         self.channel = channel or open_channel(
             address, protocol.channel_options(max_message_bytes, retry_attempts=retry_attempts), tls=tls,
             tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key, aio=True)
         self.stub = pb_grpc.SinkStreamStub(self.channel)
         self.timeout = timeout
+        self.resume = resume or ResumePolicy()
 
     async def __aenter__(self) -> AsyncSinkStreamClient:
         return self
@@ -108,32 +116,51 @@ class AsyncSinkStreamClient:
         `system_message` starts its conversation, kept in the cache unless `pin_system` is False."""
         request = protocol.open_request(settings, seed, session_id, system_message=system_message,
                                         pin_system=pin_system)
-        return await AsyncSession.start(self.stub, request, timeout, self.metadata)
+        return await AsyncSession.start(self.stub, request, timeout, self.resume, self.metadata)
 
     async def resume_session(self, session_id: str, settings: SessionSettings | None = None, *,
                              timeout: float | None = None) -> AsyncSession:
         """Attach to an existing session (settings given replace its analysis options)."""
         request = protocol.resume_request(session_id, settings)
-        return await AsyncSession.start(self.stub, request, timeout, self.metadata)
+        return await AsyncSession.start(self.stub, request, timeout, self.resume, self.metadata)
 
 
 class AsyncSession(SessionProtocol):
-    """One session on one `Stream` call; use from one task (cancel_generation from any)."""
+    """One session, on one `Stream` call at a time; use from one task (cancel_generation from any).
+    When the call fails with UNAVAILABLE (or CANCELLED / INTERNAL not of the caller's doing) the session
+    resumes on a new call and re-sends what the server has not acknowledged (see resume.py)."""
 
-    def __init__(self, call) -> None:
-        super().__init__()
-        self._call = call
+    def __init__(self, stub: pb_grpc.SinkStreamStub, first: pb.StreamRequest, timeout: float | None,
+                 policy: ResumePolicy | None = None, metadata: Metadata = ()) -> None:
+        """Open the stream `first` (open or resume, sent by start()) will go on."""
+        super().__init__(policy)
+        self._stub = stub
+        self._metadata = tuple(metadata)
+        self._deadline = None if timeout is None else time.monotonic() + timeout
+        self._resume_lock = asyncio.Lock()  # one resume at a time (the reader or a sender)
+        self._room = asyncio.Event()  # set on acks: a sender waiting for replay-buffer room
+        self._feeder: asyncio.Task | None = None  # stream_text's sending task (not the reader)
+        self._early: collections.deque = collections.deque()  # read by a sender waiting for room
+        self._resending: asyncio.Future | None = None  # writes what a resume re-sends
+        self._call = self._open_call(first)
 
     @classmethod
     async def start(cls, stub: pb_grpc.SinkStreamStub, first: pb.StreamRequest,
-                    timeout: float | None, metadata: tuple = ()) -> AsyncSession:
-        """Open the stream (with `x-session-id` when the id is known, after `metadata`), send `first`
-        (open or resume) and wait for SessionOpened."""
-        self = cls(stub.Stream(timeout=timeout,
-                               metadata=tuple(metadata) + tuple(protocol.stream_metadata(first))))
+                    timeout: float | None, policy: ResumePolicy | None = None,
+                    metadata: Metadata = ()) -> AsyncSession:
+        """Open the stream, send `first` (open or resume) and wait for SessionOpened. Every call of the
+        session (the first and each resume's) carries `metadata` (auth), then the routing metadata
+        (`x-session-id` when the id is known)."""
+        self = cls(stub, first, timeout, policy, metadata)
         await self._send(first)
         self._on_opened(await self._next())
         return self
+
+    def _open_call(self, first: pb.StreamRequest):
+        """A new Stream call whose first request will be `first`."""
+        timeout = None if self._deadline is None else max(self._deadline - time.monotonic(), 0.001)
+        metadata = self._metadata + tuple(protocol.stream_metadata(first))  # auth, then routing
+        return self._stub.Stream(timeout=timeout, metadata=metadata)
 
     async def __aenter__(self) -> AsyncSession:
         return self
@@ -146,27 +173,113 @@ class AsyncSession(SessionProtocol):
 
     # ------------------------------------------------------------------ transport
     async def _send(self, request: pb.StreamRequest) -> str:
-        self._stamp(request)
-        try:
-            await self._call.write(request)
-        except grpc.RpcError as exc:
-            raise self._failed(protocol.rpc_error(exc)) from None
-        except asyncio.InvalidStateError:
-            raise self._failed(await self._status_error()) from None
-        return request.request_id
+        if is_sequenced(request):  # only numbered requests fill the replay buffer (cancel never waits)
+            await self._wait_for_room()
+        stream_no = self._stamp(request)
+        while True:
+            if self._resending is not None and asyncio.current_task() is not self._resending:
+                await asyncio.shield(self._resending)  # what the resume re-sends goes first
+            if self._ended:
+                raise SinkStreamError(grpc.StatusCode.FAILED_PRECONDITION, "the session's stream has ended")
+            if request.seq and stream_no < self._stream_no:
+                return request.request_id  # numbered before a resume, which re-sent it
+            call, stream_no = self._call, self._stream_no
+            try:
+                await call.write(request)
+                return request.request_id
+            except grpc.RpcError as exc:
+                error = protocol.rpc_error(exc)
+            except asyncio.InvalidStateError:
+                error = await self._status_error(call)
+            await self._recover(call, error)
 
-    async def _status_error(self) -> SinkStreamError:
-        return protocol.stream_ended_error(await self._call.code(), await self._call.details())
+    async def _wait_for_room(self) -> None:
+        """Backpressure of the replay buffer: wait until acks make room. stream_text's sending task
+        waits for the reader; a caller that reads nothing meanwhile reads the responses itself."""
+        while self._replay_full():
+            if self._feeder is not None and asyncio.current_task() is self._feeder:
+                self._room.clear()
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._room.wait(), 0.1)
+                if self._ended:
+                    return
+            else:
+                self._early.append(await self._read())
+
+    def _acknowledged(self) -> None:
+        self._room.set()
+
+    @staticmethod
+    async def _status_error(call) -> SinkStreamError:
+        return protocol.stream_ended_error(await call.code(), await call.details())
 
     async def _next(self):
-        """The next response as a dataclass; raises SinkStreamError for an Error or a failed call."""
-        try:
-            response = await self._call.read()
-        except grpc.RpcError as exc:
-            raise self._failed(protocol.rpc_error(exc)) from None
-        if response is grpc.aio.EOF:
-            raise self._failed(await self._status_error())
-        return self._interpret(response)
+        """The next response as a dataclass; raises SinkStreamError for an Error or a failed call that
+        could not be resumed."""
+        return self._early.popleft() if self._early else await self._read()
+
+    async def _read(self):
+        while True:
+            call = self._call
+            try:
+                response = await call.read()
+            except grpc.RpcError as exc:
+                await self._recover(call, protocol.rpc_error(exc))
+                continue
+            if response is grpc.aio.EOF:
+                await self._recover(call, await self._status_error(call))
+                continue
+            result = self._interpret(response)
+            if isinstance(result, Resend):
+                await self._write_all(call, [result.request])
+            elif result is not None:
+                return result
+
+    async def _recover(self, failed, error: SinkStreamError) -> None:
+        """The call `failed` with `error`: resume the session on a new call (re-sending what the server
+        has not acknowledged), or raise `error` (or why resuming failed) when it cannot be resumed."""
+        async with self._resume_lock:
+            if failed is not self._call:
+                return  # resumed already
+            if not self._may_resume(error):
+                raise self._failed(error)
+            failed.cancel()
+            last = None
+            for delay in itertools.chain([0.0], self.policy.delays()):
+                await asyncio.sleep(delay)
+                resume = protocol.resume_request(self.id)
+                call = self._open_call(resume)
+                try:
+                    await call.write(resume)
+                    response = await call.read()
+                    if response is grpc.aio.EOF:
+                        raise await self._status_error(call)
+                    opened = self._interpret_opened(response)
+                except (grpc.RpcError, asyncio.InvalidStateError, SinkStreamError) as exc:
+                    call.cancel()
+                    last = exc if isinstance(exc, SinkStreamError) else (
+                        protocol.rpc_error(exc) if isinstance(exc, grpc.RpcError)
+                        else await self._status_error(call))
+                    if last.code in RETRY_RESUME:
+                        continue
+                    raise self._resume_failed(error, last, gave_up=False) from None
+                with self._ids_lock:
+                    try:
+                        resend = self._resumed(opened)
+                    except SinkStreamError as exc:
+                        call.cancel()
+                        raise self._resume_failed(error, exc, gave_up=False) from None
+                self._call = call
+                self._resending = asyncio.ensure_future(self._write_all(call, resend))
+                return
+            raise self._resume_failed(error, last, gave_up=True)
+
+    @staticmethod
+    async def _write_all(call, requests: list[pb.StreamRequest]) -> None:
+        """Re-send after a resume; a failure here shows on the reading side, which resumes again."""
+        with contextlib.suppress(grpc.RpcError, asyncio.InvalidStateError):
+            for request in requests:
+                await call.write(request)
 
     async def _collect_chunks_until(self, kind: type):
         """Read until the answer of `kind` (returned), keeping chunk results for the next append_*."""
@@ -234,6 +347,7 @@ class AsyncSession(SessionProtocol):
             await self.send_text("", flush=True)
 
         sender = asyncio.create_task(feed())
+        self._feeder = sender
         try:
             for chunk in self._take_chunks():
                 yield chunk
@@ -280,7 +394,10 @@ class AsyncSession(SessionProtocol):
     async def close(self) -> Closed:
         """End the session for good (its state is deleted)."""
         await self._send(protocol.close_request())
-        closed = await self._collect_chunks_until(Closed)
+        try:
+            closed = await self._collect_chunks_until(Closed)
+        except SinkStreamError as exc:
+            return self._closed_anyway(exc)
         await self._drain()
         return closed
 

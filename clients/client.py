@@ -7,22 +7,29 @@
             print(session.generate(GenerateParams(max_new_tokens=32)).text)
         # leaving the `with` detaches: the session stays on the server, resumable by id
 
-Each Session is one bidirectional `Stream` call. Its methods are meant to be called from one thread
-(cancel_generation may be called from any thread).
+Each Session is one bidirectional `Stream` call at a time. Its methods are meant to be called from one
+thread (cancel_generation may be called from any thread). When the call fails with UNAVAILABLE (or
+CANCELLED / INTERNAL the caller did not cause) the session resumes on a new call within
+`ResumePolicy.resume_timeout_s` and re-sends what the server had not acknowledged; results it delivers
+again are dropped, so the caller sees one uninterrupted run (guarantees and bounds: resume.py).
 """
 
 from __future__ import annotations
 
+import collections
+import contextlib
+import itertools
 import os
 import queue
 import threading
+import time
 from collections.abc import Iterable, Iterator
 from typing import TypeVar
 
 import grpc
 
 from sinkstream.clients import protocol
-from sinkstream.clients.connection import Pem, auth_metadata, open_channel
+from sinkstream.clients.connection import Metadata, Pem, auth_metadata, open_channel
 from sinkstream.clients.protocol import Progress, SessionProtocol, UnaryCall
 from sinkstream.clients.results import (
     Checkpointed,
@@ -37,6 +44,7 @@ from sinkstream.clients.results import (
     SessionSettings,
     SinkStreamError,
 )
+from sinkstream.clients.resume import RETRY_RESUME, Resend, ResumePolicy, is_sequenced
 from sinkstream.v1 import sinkstream_pb2 as pb
 from sinkstream.v1 import sinkstream_pb2_grpc as pb_grpc
 
@@ -50,11 +58,12 @@ class SinkStreamClient:
 
     def __init__(self, address: str, *, timeout: float | None = None,
                  max_message_bytes: int = protocol.DEFAULT_MAX_MESSAGE_BYTES,
-                 retry_attempts: int = 5,
+                 retry_attempts: int = 5, resume: ResumePolicy | None = None,
                  channel: grpc.Channel | None = None, token: str | None = None,
                  tls: bool = False, tls_ca: Pem | None = None, tls_cert: Pem | None = None,
                  tls_key: Pem | None = None) -> None:
         """`channel` given: use it (its options as they are) instead of opening one to `address`.
+        `resume`: how sessions survive a server failure (default ResumePolicy(); resume_timeout_s=0: off).
         `token`: sent as `authorization: Bearer TOKEN` on every call. TLS when `tls` or any TLS file is
         given: `tls_ca` the CA the server's certificate must chain to (PEM path or bytes; None: the
         system's roots), `tls_cert` and `tls_key` this client's certificate for mutual TLS."""
@@ -64,6 +73,7 @@ class SinkStreamClient:
             tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key, aio=False)
         self.stub = pb_grpc.SinkStreamStub(self.channel)
         self.timeout = timeout
+        self.resume = resume or ResumePolicy()
 
     def __enter__(self) -> SinkStreamClient:
         return self
@@ -116,34 +126,75 @@ class SinkStreamClient:
         `system_message` starts its conversation, kept in the cache unless `pin_system` is False."""
         request = protocol.open_request(settings, seed, session_id, system_message=system_message,
                                         pin_system=pin_system)
-        return Session.start(self.stub, request, timeout, self.metadata)
+        return Session.start(self.stub, request, timeout, self.resume, self.metadata)
 
     def resume_session(self, session_id: str, settings: SessionSettings | None = None, *,
                        timeout: float | None = None) -> Session:
         """Attach to an existing session (settings given replace its analysis options)."""
-        return Session.start(self.stub, protocol.resume_request(session_id, settings), timeout, self.metadata)
+        return Session.start(self.stub, protocol.resume_request(session_id, settings), timeout, self.resume,
+                             self.metadata)
+
+
+class _Outbox:
+    """The requests of one `Stream` call: `first` (open or resume), then `resend` once it is set (what a
+    resume re-sends; held in a list so re-sending never blocks on the queue), then the bounded queue."""
+
+    def __init__(self, first: pb.StreamRequest) -> None:
+        self.first = first
+        self.queue: queue.Queue = queue.Queue(SEND_QUEUE)
+        self.resend: list[pb.StreamRequest] = []
+        self.ready = threading.Event()
+
+    def __iter__(self) -> Iterator[pb.StreamRequest]:
+        yield self.first
+        self.ready.wait()
+        yield from self.resend
+        yield from iter(self.queue.get, _END)
+
+    def start(self, resend: list[pb.StreamRequest]) -> None:
+        self.resend = resend
+        self.ready.set()
 
 
 class Session(SessionProtocol):
-    """One session on one `Stream` call (requests go through a bounded queue the call reads)."""
+    """One session, on one `Stream` call at a time: requests go through a bounded queue the call reads.
+    When the call fails with UNAVAILABLE (or CANCELLED / INTERNAL not of the caller's doing) the session
+    resumes on a new call and re-sends what the server has not acknowledged (see resume.py)."""
 
-    def __init__(self, call, requests: queue.Queue) -> None:
-        super().__init__()
-        self._call = call
-        self._requests = requests
+    def __init__(self, stub: pb_grpc.SinkStreamStub, first: pb.StreamRequest, timeout: float | None,
+                 policy: ResumePolicy | None = None, metadata: Metadata = ()) -> None:
+        """Open the stream and send `first` (open or resume); start() also waits for SessionOpened."""
+        super().__init__(policy)
+        self._stub = stub
+        self._metadata = tuple(metadata)
+        self._deadline = None if timeout is None else time.monotonic() + timeout
+        self._resume_lock = threading.Lock()  # one resume at a time (the reader or a blocked sender)
+        self._room = threading.Condition()  # notified on acks: a sender waiting for replay-buffer room
+        self._feeder: threading.Thread | None = None  # stream_text's sending thread (not the reader)
+        self._early: collections.deque = collections.deque()  # read by a sender waiting for room
+        self._call, self._outbox = self._open_call(first)
+        self._outbox.start([])
 
     @classmethod
     def start(cls, stub: pb_grpc.SinkStreamStub, first: pb.StreamRequest, timeout: float | None,
-              metadata: tuple = ()) -> Session:
-        """Open the stream (with `x-session-id` when the id is known, after `metadata`), send `first`
-        (open or resume) and wait for SessionOpened."""
-        requests: queue.Queue = queue.Queue(SEND_QUEUE)
-        requests.put(first)
-        self = cls(stub.Stream(iter(requests.get, _END), timeout=timeout,
-                               metadata=tuple(metadata) + tuple(protocol.stream_metadata(first))),
-                   requests)
-        self._on_opened(self._next())
+              policy: ResumePolicy | None = None, metadata: Metadata = ()) -> Session:
+        """Open the stream, send `first` (open or resume) and wait for SessionOpened. Every call of the
+        session (the first and each resume's) carries `metadata` (auth), then the routing metadata
+        (`x-session-id` when the id is known)."""
+        self = cls(stub, first, timeout, policy, metadata)
+        try:
+            self._on_opened(self._interpret_opened(next(self._call)))
+        except grpc.RpcError as exc:
+            raise self._failed(protocol.rpc_error(exc)) from None
+        except StopIteration:
+            raise self._failed(protocol.stream_ended_error(None, None)) from None
         return self
+
+    def _open_call(self, first: pb.StreamRequest):
+        outbox = _Outbox(first)
+        timeout = None if self._deadline is None else max(self._deadline - time.monotonic(), 0.001)
+        metadata = self._metadata + tuple(protocol.stream_metadata(first))  # auth, then routing
+        return self._stub.Stream(iter(outbox), timeout=timeout, metadata=metadata), outbox
 
     def __enter__(self) -> Session:
         return self
@@ -156,31 +207,105 @@ class Session(SessionProtocol):
 
     # ------------------------------------------------------------------ transport
     def _send(self, request: pb.StreamRequest) -> str:
-        self._stamp(request)
+        if is_sequenced(request):  # only numbered requests fill the replay buffer (cancel never waits)
+            self._wait_for_room()
+        stream_no = self._stamp(request)
         while True:  # blocks while the server applies backpressure, but not past the call's end
+            with self._ids_lock:
+                if self._ended:
+                    raise SinkStreamError(grpc.StatusCode.FAILED_PRECONDITION,
+                                          "the session's stream has ended")
+                if request.seq and stream_no < self._stream_no:
+                    return request.request_id  # numbered before a resume, which re-sent it
+                call, outbox, stream_no = self._call, self._outbox, self._stream_no
             try:
-                self._requests.put(request, timeout=0.1)
+                outbox.queue.put(request, timeout=0.1)
                 return request.request_id
             except queue.Full:
-                if self._ended or not self._call.is_active():
-                    raise self._failed(SinkStreamError(grpc.StatusCode.CANCELLED,
-                                                       "the stream has ended")) from None
+                if not call.is_active():
+                    self._recover(call, protocol.stream_ended_error(call.code(), call.details()))
+
+    def _wait_for_room(self) -> None:
+        """Backpressure of the replay buffer: wait until acks make room. stream_text's sending thread
+        waits for the reader; a caller that reads nothing meanwhile reads the responses itself."""
+        while self._replay_full():
+            if self._feeder is threading.current_thread():
+                with self._room:
+                    self._room.wait(0.1)
+                if self._ended:
+                    return
+            else:
+                self._early.append(self._read())
+
+    def _acknowledged(self) -> None:
+        with self._room:
+            self._room.notify_all()
 
     def _next(self):
-        """The next response as a dataclass; raises SinkStreamError for an Error or a failed call."""
-        try:
-            response = next(self._call)
-        except grpc.RpcError as exc:
-            raise self._failed(protocol.rpc_error(exc)) from None
-        except StopIteration:
-            raise self._failed(protocol.stream_ended_error(None, None)) from None
-        return self._interpret(response)
+        """The next response as a dataclass; raises SinkStreamError for an Error or a failed call that
+        could not be resumed."""
+        return self._early.popleft() if self._early else self._read()
+
+    def _read(self):
+        while True:
+            call = self._call
+            try:
+                response = next(call)
+            except grpc.RpcError as exc:
+                self._recover(call, protocol.rpc_error(exc))
+                continue
+            except StopIteration:
+                self._recover(call, protocol.stream_ended_error(None, None))
+                continue
+            result = self._interpret(response)
+            if isinstance(result, Resend):
+                self._outbox.queue.put(result.request)
+            elif result is not None:
+                return result
 
     def _collect_chunks_until(self, kind: type):
         """Read until the answer of `kind` (returned), keeping chunk results for the next append_*."""
         while (answer := self._awaited(self._next(), kind)) is None:
             pass
         return answer
+
+    def _recover(self, failed, error: SinkStreamError) -> None:
+        """The call `failed` with `error`: resume the session on a new call (re-sending what the server
+        has not acknowledged), or raise `error` (or why resuming failed) when it cannot be resumed."""
+        with self._resume_lock:
+            if failed is not self._call:
+                return  # another thread resumed already
+            if not self._may_resume(error):
+                raise self._failed(error)
+            failed.cancel()
+            with contextlib.suppress(queue.Full):  # let the dead call's request thread end
+                self._outbox.queue.put_nowait(_END)
+            last = None
+            for delay in itertools.chain([0.0], self.policy.delays()):
+                time.sleep(delay)
+                call, outbox = self._open_call(protocol.resume_request(self.id))
+                try:
+                    opened = self._interpret_opened(next(call))
+                except (grpc.RpcError, StopIteration, SinkStreamError) as exc:
+                    call.cancel()
+                    outbox.start([])
+                    outbox.queue.put_nowait(_END)  # the attempt's request thread ends too
+                    last = exc if isinstance(exc, SinkStreamError) else (
+                        protocol.rpc_error(exc) if isinstance(exc, grpc.RpcError)
+                        else protocol.stream_ended_error(None, None))
+                    if last.code in RETRY_RESUME:
+                        continue
+                    raise self._resume_failed(error, last, gave_up=False) from None
+                with self._ids_lock:
+                    try:
+                        resend = self._resumed(opened)
+                    except SinkStreamError as exc:
+                        call.cancel()
+                        raise self._resume_failed(error, exc, gave_up=False) from None
+                    self._call, self._outbox = call, outbox
+                outbox.start(resend)
+                return
+            raise self._resume_failed(error, last, gave_up=True)
 
     # ------------------------------------------------------------------ input
     def send_text(self, text: str, flush: bool = False) -> str:
@@ -226,6 +351,7 @@ class Session(SessionProtocol):
         errors: list[BaseException] = []
 
         def feed() -> None:
+            self._feeder = threading.current_thread()
             try:
                 sent = 0
                 for piece in pieces:
@@ -285,9 +411,12 @@ class Session(SessionProtocol):
     def close(self) -> Closed:
         """End the session for good (its state is deleted)."""
         self._send(protocol.close_request())
-        closed = self._collect_chunks_until(Closed)
+        try:
+            closed = self._collect_chunks_until(Closed)
+        except SinkStreamError as exc:
+            return self._closed_anyway(exc)
         self._ended = True
-        self._requests.put(_END)
+        self._outbox.queue.put(_END)
         self._drain()
         return closed
 
@@ -295,7 +424,7 @@ class Session(SessionProtocol):
         """End this stream, keeping the session for a later resume."""
         if self._ended:
             return
-        self._requests.put(_END)
+        self._outbox.queue.put(_END)
         self._drain()
 
     def _drain(self) -> None:

@@ -1,5 +1,6 @@
 """The client's protocol, independent of transport: channel options, request building, response
-interpretation, error mapping and a session stream's bookkeeping. The sync (client.py) and asyncio (aio.py)
+interpretation, error mapping and a session's bookkeeping across its calls (numbering, replay and
+de-duplication after an automatic resume, with resume.py). The sync (client.py) and asyncio (aio.py)
 clients are thin transports over it, so they cannot drift apart."""
 
 from __future__ import annotations
@@ -7,6 +8,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import re
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -16,6 +18,7 @@ import grpc
 from google.protobuf.message import Message
 
 from sinkstream.clients.results import (
+    Acknowledged,
     CacheStats,
     Checkpointed,
     ChunkResult,
@@ -31,6 +34,7 @@ from sinkstream.clients.results import (
     SinkStreamError,
     TierSpec,
 )
+from sinkstream.clients.resume import RESUMABLE, Delivered, ReplayBuffer, Resend, ResumePolicy, new_token
 from sinkstream.v1 import sinkstream_pb2 as pb
 
 T = TypeVar("T")
@@ -313,7 +317,8 @@ def response_from_pb(r: pb.StreamResponse):
     if kind == "session_opened":
         o = r.session_opened
         return SessionOpened(session_id=o.session_id, settings=settings_from_pb(o.settings),
-                             resumed=o.resumed, tokens_seen=o.tokens_seen, cache=cache_from_pb(o))
+                             resumed=o.resumed, tokens_seen=o.tokens_seen, cache=cache_from_pb(o),
+                             acked_seq=o.acked_seq)
     if kind == "checkpointed":
         c = r.checkpointed
         return Checkpointed(session_id=c.session_id, tokens_seen=c.tokens_seen, bytes=c.bytes)
@@ -321,6 +326,8 @@ def response_from_pb(r: pb.StreamResponse):
         return Closed(session_id=r.closed.session_id, tokens_seen=r.closed.tokens_seen)
     if kind == "error":
         return error_from_pb(r.error)
+    if kind == "ack":
+        return Acknowledged(seq=r.ack.seq)
     raise SinkStreamError(grpc.StatusCode.UNIMPLEMENTED, f"unknown response kind {kind!r} (newer server?)")
 
 
@@ -330,7 +337,7 @@ def session_info_from_pb(s: pb.SessionInfo) -> SessionInfo:
         state=pb.SessionState.Name(s.state).removeprefix("SESSION_STATE_"), attached=s.attached,
         tokens_seen=s.tokens_seen, pending_tokens=s.pending_tokens, mean_nll=s.mean_nll,
         perplexity=s.perplexity, created_unix_s=s.created_unix_s, last_used_unix_s=s.last_used_unix_s,
-        cache=cache_from_pb(s))
+        cache=cache_from_pb(s), acked_seq=s.acked_seq)
 
 
 def model_info_from_pb(m: pb.ModelInfoResponse) -> ModelInfo:
@@ -365,36 +372,140 @@ def drain_error(exc: grpc.RpcError) -> SinkStreamError | None:
 
 
 # ---------------------------------------------------------------------- a session stream's bookkeeping
-class SessionProtocol:
-    """The state of one session on one `Stream` call, whatever the transport: request ids, the chunk
-    results read while waiting for another answer, the last flush and generation. The transports
-    (client.Session, aio.AsyncSession) move the messages and call these steps on each response."""
+GAP = re.compile(r"expected seq (\d+)")  # the server's OUT_OF_RANGE "seq" message names the number it expects
+_ANSWER_KINDS = ((Flushed, "flushed"), (GenerationResult, "generation_complete"),
+                 (Checkpointed, "checkpointed"), (Closed, "closed"))
 
-    def __init__(self) -> None:
+
+class SessionProtocol:
+    """The state of one session across its `Stream` calls, whatever the transport: request ids and
+    sequence numbers, the replay buffer and what was delivered (resume.py), the chunk results read while
+    waiting for another answer, the last flush and generation. The transports (client.Session,
+    aio.AsyncSession) move the messages, call these steps on each response, and when a call fails with a
+    resumable status open a new one (ResumeSession) and send what `_resumed` returns."""
+
+    def __init__(self, policy: ResumePolicy | None = None) -> None:
+        self.policy = policy or ResumePolicy()
         self._ids = (str(i) for i in itertools.count(1))
         self._ids_lock = threading.Lock()  # cancel_generation may stamp from another thread
         self._ended = False
         self._chunks: list[ChunkResult] = []  # results read while waiting for something else
         self._tokens: list[GeneratedToken] = []  # of the running generation
+        self._replay = ReplayBuffer(self.policy)
+        self._delivered = Delivered(0)
+        self._cancel_pending = False  # a CancelGeneration was sent and its generation has not ended
+        self._stream_no = 0  # how many times the session was resumed on a new call by this object
+        self._gone = False  # a resume found the session gone
         self.opened: SessionOpened | None = None
         self.id = ""
         self.last_flush: Flushed | None = None  # set by append_*/flush/stream_*
         self.last_generation: GenerationResult | None = None  # set by generate/generate_stream
 
-    def _stamp(self, request: pb.StreamRequest) -> pb.StreamRequest:
-        """`request` with a request id; raises when the stream has ended."""
+    @property
+    def resumes(self) -> int:
+        """How many times this session resumed on its own after a failed call."""
+        return self._stream_no
+
+    def _stamp(self, request: pb.StreamRequest) -> int:
+        """Give `request` its request id and (state-changing ones, once the session is open) its seq;
+        returns the number of the stream it was numbered on. Raises when the stream has ended."""
         if self._ended:
             raise SinkStreamError(grpc.StatusCode.FAILED_PRECONDITION, "the session's stream has ended")
         with self._ids_lock:
             request.request_id = request.request_id or next(self._ids)
-        return request
+            if self.opened is not None:
+                self._replay.number(request)
+                self._cancel_pending = self._cancel_pending or request.HasField("cancel")
+            return self._stream_no
+
+    def _replay_full(self) -> bool:
+        """Whether sending must wait for acks (the replay buffer is at its cap)."""
+        with self._ids_lock:
+            return self._replay.full() and not self._replay.give_up_if_never_acked()
 
     def _interpret(self, response: pb.StreamResponse):
-        """The dataclass of one response; an Error is raised as SinkStreamError."""
+        """The dataclass of one response, or None for what the caller must not see (acks, what a resumed
+        stream delivers again, a request's UNAVAILABLE error while the stream ends and will be resumed),
+        or a Resend for the transport (a gap the client can close by renumbering); an Error is raised as
+        SinkStreamError."""
+        result = response_from_pb(response)
+        rid = response.request_id
+        with self._ids_lock:
+            if isinstance(result, Acknowledged):
+                self._replay.on_ack(result.seq)
+                self._acknowledged()
+                return None
+            if isinstance(result, SinkStreamError):
+                if result.code == grpc.StatusCode.UNAVAILABLE and self._auto_resume():
+                    return None  # the server is stopping: the call ends next, and the request is replayed
+                gap = GAP.search(result.message) if result.field == "seq" else None
+                if gap and (again := self._replay.renumber_after_gap(rid, int(gap.group(1)))) is not None:
+                    return Resend(again)  # an earlier refusal did not take its number: send it again
+                self._replay.on_error(rid)
+                raise result
+            if isinstance(result, ChunkResult):
+                return self._delivered.chunk(result)
+            if isinstance(result, GeneratedToken):
+                stale = self._replay.answered(rid) or not new_token(result, self._tokens)
+                return None if stale else result
+            for kind, name in _ANSWER_KINDS:
+                if isinstance(result, kind) and not self._replay.on_answer(rid, name):
+                    return None
+            if isinstance(result, GenerationResult):
+                self._delivered.generated_to(result.tokens_seen)
+                self._cancel_pending = False
+            return result
+
+    def _acknowledged(self) -> None:
+        """Called (under the state lock) when an ack arrives; transports wake a sender waiting for room."""
+
+    def _auto_resume(self) -> bool:
+        return self.policy.resume_timeout_s > 0 and self._replay.durable and bool(self.id)
+
+    def _may_resume(self, error: SinkStreamError) -> bool:
+        """Whether a call that failed with `error` is resumed (not after the caller's own abort)."""
+        return not self._ended and self._auto_resume() and error.code in RESUMABLE
+
+    def _resume_failed(self, cause: SinkStreamError, last: SinkStreamError | None,
+                       gave_up: bool) -> SinkStreamError:
+        """The error a session that could not resume raises (and marks the stream ended): `last` is the
+        last attempt's failure; gave_up: the policy's time ran out."""
+        if last is not None and last.code == grpc.StatusCode.NOT_FOUND:
+            why = "the session is gone from the server (unknown, closed or expired)"
+            self._gone = True
+        elif gave_up:
+            why = f"gave up after {self.policy.resume_timeout_s:g} s"
+            why += f"; last attempt: {last}" if last else ""
+        else:
+            why = str(last)
+        code = cause.code if gave_up or last is None else last.code
+        return self._failed(SinkStreamError(code, f"session {self.id[:64]} could not be resumed after "
+                                            f"the call failed ({cause}): {why}"))
+
+    def _resumed(self, result) -> list[pb.StreamRequest]:
+        """Book the SessionOpened of an automatic resume; returns the requests to send on the new call,
+        in order. Called by the transport under the state lock, before it makes the new call current."""
+        if not isinstance(result, SessionOpened):
+            raise SinkStreamError(grpc.StatusCode.INTERNAL, f"expected SessionOpened, got {result!r}")
+        resend = self._replay.resend_after(result.acked_seq, self._cancel_pending)
+        self.opened = result
+        self._delivered.resumed = True
+        self._stream_no += 1
+        return resend
+
+    def _interpret_opened(self, response: pb.StreamResponse):
+        """The first answer of a call (SessionOpened), errors raised."""
         result = response_from_pb(response)
         if isinstance(result, SinkStreamError):
             raise result
         return result
+
+    def _closed_anyway(self, error: SinkStreamError) -> Closed:
+        """A close interrupted by a server failure: the session being gone on resume means the close was
+        done (or the session expired, which is what close asked for); anything else is raised."""
+        if not self._gone:
+            raise error
+        return Closed(session_id=self.id, tokens_seen=self._delivered.position)
 
     def _failed(self, error: SinkStreamError) -> SinkStreamError:
         """Mark the stream ended by `error` and return it, for the transport to raise."""
@@ -402,10 +513,12 @@ class SessionProtocol:
         return error
 
     def _on_opened(self, result) -> None:
-        """Book the first answer, SessionOpened."""
+        """Book the first answer, SessionOpened: numbering continues after its acked_seq."""
         if not isinstance(result, SessionOpened):
             raise SinkStreamError(grpc.StatusCode.INTERNAL, f"expected SessionOpened, got {result!r}")
         self.opened, self.id = result, result.session_id
+        self._replay = ReplayBuffer(self.policy, result.acked_seq)
+        self._delivered = Delivered(result.tokens_seen)
 
     def _awaited(self, result, kind: type):
         """Book one result while waiting for an answer of `kind`: the answer when it is one, else None
@@ -443,7 +556,10 @@ class SessionProtocol:
 
     def _drained(self, response: pb.StreamResponse) -> None:
         """Book a response read while ending the stream (chunk results are kept; errors are moot)."""
-        result = response_from_pb(response)
+        try:
+            result = self._interpret(response)
+        except SinkStreamError:
+            return
         if isinstance(result, ChunkResult):
             self._chunks.append(result)
 

@@ -76,6 +76,13 @@ class SessionOpened:
     resumed: bool
     tokens_seen: int
     cache: CacheStats | None
+    acked_seq: int = 0  # highest acknowledged StreamRequest.seq of the session
+
+
+@dataclass
+class Acknowledged:
+    """Every numbered request up to `seq` is durable on the server (handled by the session itself)."""
+    seq: int
 
 
 @dataclass
@@ -159,6 +166,7 @@ class SessionInfo:
     created_unix_s: float
     last_used_unix_s: float
     cache: CacheStats | None
+    acked_seq: int = 0
 
 
 @dataclass

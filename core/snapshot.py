@@ -176,9 +176,23 @@ def snapshot_checksum(tensors: dict[str, torch.Tensor], meta_json: str) -> str:
     return digest.hexdigest()
 
 
-def save_snapshot(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-    """Write atomically, with a checksum over the tensors and the metadata: a crash mid-write never leaves
-    a truncated snapshot under `path`, and damage after the write is found by load_snapshot."""
+def _fsync_path(path: Path, directory: bool = False) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:
+        if not directory:  # some file systems refuse fsync on a directory: nothing more can be done there
+            raise
+    finally:
+        os.close(fd)
+
+
+def save_snapshot(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict[str, Any],
+                  keep_previous: str | os.PathLike | None = None) -> None:
+    """Write atomically and durably, with a checksum over the tensors and the metadata: a crash mid-write
+    never leaves a truncated snapshot under `path` (temp file, fsync, rename, fsync of the directory), and
+    damage after the write is found by load_snapshot. `keep_previous`: move the snapshot being replaced
+    there first."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     tensors = {k: v.contiguous() for k, v in tensors.items()}
@@ -186,7 +200,11 @@ def save_snapshot(path: str | os.PathLike, tensors: dict[str, torch.Tensor], met
     try:
         save_file(tensors, str(tmp), metadata={"sinkstream": meta_json,
                                                CHECKSUM_KEY: snapshot_checksum(tensors, meta_json)})
+        _fsync_path(tmp)
+        if keep_previous is not None and path.exists():
+            os.replace(path, keep_previous)
         os.replace(tmp, path)
+        _fsync_path(path.parent, directory=True)
     except BaseException:
         tmp.unlink(missing_ok=True)  # a failed write (disk full) leaves nothing behind
         raise

@@ -19,6 +19,7 @@ from sinkstream.service.errors import RequestError, invalid, shown_id
 from sinkstream.service.model_facts import ModelFacts
 from sinkstream.service.options import AnalysisOptions, Limits
 from sinkstream.service.replies import (
+    AckReply,
     CheckpointedReply,
     ChunkReply,
     ClosedReply,
@@ -150,17 +151,17 @@ def stream_request_from_pb(request: pb.StreamRequest, limits: Limits) -> StreamR
     check_request_id(request.request_id)
     rid = request.request_id
     if kind == "append_text":
-        return AppendText(rid, request.append_text.text, request.append_text.flush)
+        return AppendText(rid, request.append_text.text, request.append_text.flush, request.seq)
     if kind == "append_tokens":
-        return AppendTokens(rid, list(request.append_tokens.ids), request.append_tokens.flush)
+        return AppendTokens(rid, list(request.append_tokens.ids), request.append_tokens.flush, request.seq)
     if kind == "append_message":
         message = request.append_message
-        return AppendMessage(rid, message.role, message.content, message.flush)
+        return AppendMessage(rid, message.role, message.content, message.flush, request.seq)
     if kind == "generate":
         params = sampling_from_pb(request.generate, limits)
         limit_ms = request.generate.time_limit_ms
         return GenerateRequest(rid, params, limit_ms / 1000 if limit_ms else None,
-                               chat_reply=request.generate.chat_reply)
+                               chat_reply=request.generate.chat_reply, seq=request.seq)
     if kind == "checkpoint":
         return CheckpointRequest(rid)
     if kind == "close":
@@ -245,6 +246,8 @@ def reply_to_pb(reply: Reply) -> pb.StreamResponse:
     if isinstance(reply, ClosedReply):
         return pb.StreamResponse(request_id=rid, closed=pb.Closed(session_id=reply.session_id,
                                                                   tokens_seen=reply.tokens_seen))
+    if isinstance(reply, AckReply):
+        return pb.StreamResponse(request_id=rid, ack=pb.Acknowledged(seq=reply.seq))
     if isinstance(reply, ErrorReply):
         return pb.StreamResponse(request_id=rid, error=error_to_pb(reply.error, reply.unprocessed_tokens))
     raise TypeError(f"not a reply: {reply!r}")
@@ -253,7 +256,8 @@ def reply_to_pb(reply: Reply) -> pb.StreamResponse:
 def session_opened_to_pb(request_id: str, session: Session, resumed: bool) -> pb.StreamResponse:
     opened = pb.SessionOpened(session_id=session.id,
                               settings=settings_to_pb(session.config, session.analysis),
-                              resumed=resumed, tokens_seen=session.tokens_seen())
+                              resumed=resumed, tokens_seen=session.tokens_seen(),
+                              acked_seq=session.seqs.acked)
     cache = session.cache_stats()
     if cache is not None:
         opened.cache.CopyFrom(cache_to_pb(cache))
@@ -266,7 +270,8 @@ def session_info_to_pb(session: Session) -> pb.SessionInfo:
         session_id=session.id, settings=settings_to_pb(session.config, session.analysis),
         state=pb.SESSION_STATE_RESIDENT if session.resident else pb.SESSION_STATE_PERSISTED,
         attached=session.attached, tokens_seen=tokens, pending_tokens=len(session.pending), mean_nll=nll,
-        perplexity=_exp(nll), created_unix_s=session.created, last_used_unix_s=session.last_used)
+        perplexity=_exp(nll), created_unix_s=session.created, last_used_unix_s=session.last_used,
+        acked_seq=session.seqs.acked)
     cache = session.cache_stats()
     if cache is not None:
         info.cache.CopyFrom(cache_to_pb(cache))
@@ -293,8 +298,12 @@ def tokenize_to_pb(ids: list[int], pieces: list[str] | None) -> pb.TokenizeRespo
     return response
 
 
-def list_sessions_to_pb(sessions: list[Session]) -> pb.ListSessionsResponse:
-    return pb.ListSessionsResponse(sessions=[session_info_to_pb(s) for s in sessions])
+def list_sessions_to_pb(sessions: list[Session], unrecovered: list[str] = ()) -> pb.ListSessionsResponse:
+    """Every live session; one not recovered yet since a restart (its state is in its write-ahead log)
+    is listed with its id and state PERSISTED only (GetSession or a resume recovers it)."""
+    infos = [session_info_to_pb(s) for s in sessions]
+    infos += [pb.SessionInfo(session_id=i, state=pb.SESSION_STATE_PERSISTED) for i in unrecovered]
+    return pb.ListSessionsResponse(sessions=infos)
 
 
 def delete_session_to_pb(tokens_seen: int) -> pb.DeleteSessionResponse:

@@ -137,13 +137,25 @@ class Residency:
         return any(s.engine is engine for s in self.sessions.values())
 
     async def save(self, session: Session) -> int:
-        """Snapshot a resident session to the store; returns bytes written."""
+        """Snapshot a resident session to the store; returns bytes written. A logged session's snapshot
+        records the log position it covers and keeps the one before it; its log is then cut behind the
+        OLDER of the two, so a damaged newest snapshot can fall back to the previous one plus the log."""
         tensors, meta = session.engine.snapshot(session.row)
-        return await asyncio.to_thread(self.store.save, session.key, tensors, snapshot_meta(session, meta))
+        meta = snapshot_meta(session, meta)
+        journal = session.journal
+        if journal is None:
+            return await asyncio.to_thread(self.store.save, session.key, tensors, meta)
+        lsn = journal.lsn
+        size = await asyncio.to_thread(self.store.save, session.key, tensors, meta, True)
+        older, session.snapshot_lsn = session.snapshot_lsn, lsn
+        if older is not None:
+            journal.drop_through(older)
+        return size
 
     async def evict(self, session: Session) -> None:
         """Snapshot a resident, idle session to the state directory and free its row."""
         assert self.store is not None and session.resident
+        session.cancel_suspended()  # a snapshot holds no generation
         await self.save(session)
         session.release_row_persisted()
         self.metrics.evictions.inc()
@@ -160,6 +172,10 @@ class Residency:
             raise lost(session, exc) from exc
         except Exception as exc:  # e.g. out of memory reading it: the snapshot itself may be fine
             raise server_failure(exc, f"cannot restore session {session.id!r}", "session_id") from exc
+        await self.restore_from(session, tensors, meta)
+
+    async def restore_from(self, session: Session, tensors: dict, meta: dict) -> None:
+        """Put a snapshot's state on a new row for the session (errors as `restore`)."""
         await self.take_row(session)
         try:
             session.engine.restore(session.row, tensors, meta)

@@ -29,9 +29,18 @@ from sinkstream.service.requests import (
     MisplacedStart,
     StreamRequest,
 )
+from sinkstream.service.sequencing import Verdict
 from sinkstream.service.session import Session
 from sinkstream.service.text_input import TextInput
-from sinkstream.service.work import AppendWork, CheckpointWork, CloseWork, GenerateWork, MessageWork, Work
+from sinkstream.service.work import (
+    AppendWork,
+    CheckpointWork,
+    CloseWork,
+    GenerateWork,
+    MessageWork,
+    RepeatWork,
+    Work,
+)
 
 
 class Intake:
@@ -43,46 +52,71 @@ class Intake:
 
     async def work(self, session: Session, request: StreamRequest) -> AsyncIterator[Work]:
         """The request's work items, made lazily: the caller queues each (waiting for budget room) before
-        the next is made. A RequestError comes before any item (a refused request changes nothing)."""
+        the next is made. A RequestError comes before any item (a refused request changes nothing). A
+        numbered request (StreamRequest.seq) received before becomes one RepeatWork; a gap is refused."""
+        seq = getattr(request, "seq", 0)
+        suspended = session.suspended
+        if seq and suspended is not None and suspended.work.client_seq == seq and not (
+                isinstance(request, GenerateRequest)
+                and self._generate_work(session, request, seq).params == suspended.work.params):
+            session.abandon_suspended(seq)  # not its repeat: the caller never saw that generation
+        if session.seqs.check(seq) is Verdict.DUPLICATE:
+            yield RepeatWork(request.request_id, seq, self._generate_work(session, request, seq)
+                             if isinstance(request, GenerateRequest) else None)
+            return
         if isinstance(request, AppendText):
             text_input = _text_input(session)
+            session.seqs.receive(seq)
             text = request.text
-            for start in range(0, len(text), INPUT_SLICE):
-                ids = text_input.push(text[start:start + INPUT_SLICE])
-                if ids:
-                    yield AppendWork(request.request_id, ids, False)
+            for start in range(session.applied_from(seq), len(text), INPUT_SLICE):
+                end = min(start + INPUT_SLICE, len(text))
+                ids = text_input.push(text[start:end])
+                if ids or seq:  # a numbered request logs every slice: where it got to is known
+                    yield AppendWork(request.request_id, ids, False, seq, False, text_input.state(), upto=end)
                 await asyncio.sleep(0)  # other sessions, health checks and the scheduler run between slices
-            yield AppendWork(request.request_id, text_input.flush() if request.flush else [], request.flush)
+            yield AppendWork(request.request_id, text_input.flush() if request.flush else [], request.flush,
+                             seq, True, text_input.state())
         elif isinstance(request, AppendTokens):
             await self._check_ids(request.ids)
+            session.seqs.receive(seq)
             ids = request.ids
-            for start in range(0, len(ids), INPUT_SLICE) or [0]:
+            for start in range(session.applied_from(seq), len(ids), INPUT_SLICE) or [len(ids)]:
                 piece = list(ids[start:start + INPUT_SLICE])
+                state = None
                 if session.text is not None:
                     piece = session.text.push_ids(piece)  # held text first; later text at a token boundary
+                    state = session.text.state()
                 last = start + INPUT_SLICE >= len(ids)
-                yield AppendWork(request.request_id, piece, request.flush and last)
+                yield AppendWork(request.request_id, piece, request.flush and last, seq, last, state,
+                                 upto=min(start + INPUT_SLICE, len(ids)))
         elif isinstance(request, AppendMessage):
             self.chat(session)
             if request.role not in ROLES:
                 raise invalid("append_message.role",
                               f"must be one of {', '.join(ROLES)}, got {shown_id(request.role)}")
+            session.seqs.receive(seq)
             # held text first; the message starts at a token boundary (and no BOS is added after it)
             head = session.text.push_ids([]) if session.text is not None else []
             if head:
-                yield AppendWork(request.request_id, head, False)
-            yield MessageWork(request.request_id, request.role, request.content, request.flush)
+                yield AppendWork(request.request_id, head, False, seq, False, session.text.state())
+            yield MessageWork(request.request_id, request.role, request.content, request.flush, seq)
         elif isinstance(request, GenerateRequest):
             if request.chat_reply:
                 self.chat(session, "generate.chat_reply")
-            work = GenerateWork(request.request_id, request.params, request.time_limit_s, time.perf_counter(),
-                                session.next_generate_seq(), chat_reply=request.chat_reply)
+            session.seqs.receive(seq)
+            work = self._generate_work(session, request, seq)
             if request.chat_reply and session.text is not None:  # the template frames the stream: no BOS
                 head = session.text.push_ids([])
                 if head:
-                    yield AppendWork(request.request_id, head, False)
+                    yield AppendWork(request.request_id, head, False, seq, False, session.text.state())
             elif session.text is not None and session.text.needs_flush:
-                yield AppendWork(request.request_id, session.text.flush(), False)
+                yield AppendWork(request.request_id, session.text.flush(), False, seq, False,
+                                 session.text.state())
+            if session.text is not None:
+                # Text sent after it starts at a token boundary after the generated tokens. Set here, in
+                # request order: done when the generation ends, it raced with the reading of later text.
+                session.text.push_ids([])
+                work.text_state = session.text.state()
             yield work
         elif isinstance(request, CheckpointRequest):
             yield CheckpointWork(request.request_id)
@@ -94,6 +128,11 @@ class Intake:
                                request.kind)
         else:
             raise TypeError(f"not a work request: {request!r}")
+
+    @staticmethod
+    def _generate_work(session: Session, request: GenerateRequest, seq: int) -> GenerateWork:
+        return GenerateWork(request.request_id, request.params, request.time_limit_s, time.perf_counter(),
+                            session.next_generate_seq(), chat_reply=request.chat_reply, client_seq=seq)
 
     def chat(self, session: Session, field: str = "append_message") -> ChatInput:
         """The session's conversation, started on first use (FAILED_PRECONDITION without a template)."""

@@ -46,6 +46,8 @@ class ServerMetrics:
         self.errors = Counter("sinkstream_errors", "Requests or streams refused", ["code"], registry=r)
         self.evictions = Counter("sinkstream_evictions", "Sessions persisted and released from memory",
                                  registry=r)
+        self.recoveries = Counter("sinkstream_recoveries",
+                                  "Sessions recovered from their write-ahead log after a restart", registry=r)
         self.restores = Counter("sinkstream_restores", "Sessions restored from the state directory",
                                 registry=r)
 

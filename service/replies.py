@@ -92,6 +92,14 @@ class ClosedReply:
 
 
 @dataclass(frozen=True)
+class AckReply:
+    """A numbered request is durable (or, without a write-ahead log, applied)."""
+
+    request_id: str
+    seq: int
+
+
+@dataclass(frozen=True)
 class ErrorReply:
     """A refused request, answered in order; the stream goes on. `unprocessed_tokens`: input tokens of the
     request (an append) not processed when the server had to stop (kept with the session for a resume)."""
@@ -109,4 +117,4 @@ class StreamEnd:
 
 
 Reply = (ChunkReply | FlushedReply | TokenReply | GenerationReply | CheckpointedReply | ClosedReply
-         | ErrorReply)
+         | ErrorReply | AckReply)

@@ -36,6 +36,7 @@ class AppendText:
     request_id: str
     text: str
     flush: bool
+    seq: int = 0
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,7 @@ class AppendTokens:
     request_id: str
     ids: list[int]
     flush: bool
+    seq: int = 0
 
 
 @dataclass(frozen=True)
@@ -53,6 +55,7 @@ class AppendMessage:
     role: str
     content: str
     flush: bool
+    seq: int = 0
 
 
 @dataclass(frozen=True)
@@ -61,6 +64,7 @@ class GenerateRequest:
     params: SamplingParams
     time_limit_s: float | None
     chat_reply: bool = False
+    seq: int = 0
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ import contextlib
 import logging
 import math
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -32,6 +33,7 @@ from sinkstream.service.errors import RequestError, server_failure
 from sinkstream.service.fair_share import FairShare
 from sinkstream.service.metrics import ServerMetrics
 from sinkstream.service.replies import (
+    AckReply,
     CheckpointedReply,
     ChunkReply,
     ClosedReply,
@@ -50,6 +52,8 @@ from sinkstream.service.work import (
     ErrorWork,
     GenerateWork,
     MessageWork,
+    RepeatWork,
+    Work,
 )
 
 log = logging.getLogger("sinkstream.scheduler")
@@ -85,6 +89,11 @@ class Scheduler:
         self._task: asyncio.Task | None = None
         self._sweeper: asyncio.Task | None = None
         manager.on_work = self.wake
+        manager.compute = self._run_compute
+
+    async def _run_compute(self, work: Callable[[], None]) -> None:
+        """Run `work` (e.g. a recovery's replay) on the compute thread, where every forward pass runs."""
+        await asyncio.get_running_loop().run_in_executor(self._compute_thread, work)
 
     def wake(self) -> None:
         self._wake.set()
@@ -191,18 +200,24 @@ class Scheduler:
                 return None
             s.touch()
             self._progressed = True
+            await self._prepare_log(s, item)
             if isinstance(item, AppendWork):
                 s.add_input(item)
             elif isinstance(item, MessageWork):
                 try:
-                    s.add_input(AppendWork(item.request_id, s.render_message(item), item.flush))
+                    s.add_input(AppendWork(item.request_id, s.render_message(item), item.flush, item.seq,
+                                           chat_changed=True))
                 except RequestError as exc:
                     s.emit(ErrorReply(item.request_id, exc))
+                    s.answered(item.seq, item.request_id)
+            elif isinstance(item, RepeatWork):
+                self._repeat(s, item)
             elif isinstance(item, GenerateWork):
                 try:
                     s.open_chat_reply(item)
                 except RequestError as exc:
                     s.emit(ErrorReply(item.request_id, exc))
+                    s.answered(item.client_seq, item.request_id)
                     continue
                 if s.pending:
                     s.defer(item)  # run the remaining input first
@@ -221,11 +236,33 @@ class Scheduler:
                 s.emit(ErrorReply(item.request_id, item.error))
         return None
 
+    async def _prepare_log(self, s: Session, item: Work) -> None:
+        """Before a numbered request changes a session, start its write-ahead log (when durability is
+        on); before anything but its repeated Generate, end a generation a crash interrupted."""
+        numbered = item.client_seq if isinstance(item, GenerateWork) else getattr(item, "seq", 0)
+        if numbered and s.journal is None:
+            await self.manager.start_journal(s)
+        if s.suspended is not None and not (isinstance(item, RepeatWork) and item.generate is not None
+                                            and item.seq == s.suspended.work.client_seq):
+            s.cancel_suspended()
+
+    @staticmethod
+    def _repeat(s: Session, item: RepeatWork) -> None:
+        """A numbered request came again: a Generate is answered from the kept generation (or continued),
+        anything else with `ack` once it is durable (at once if it is)."""
+        if item.generate is not None and s.repeat_generation(item.generate):
+            return
+        if item.seq <= s.seqs.acked:
+            s.emit(AckReply(item.request_id, item.seq))
+
     def _decode_piece(self, s: Session) -> Piece | None:
         g = s.generation
         limit = g.work.time_limit_s
         if g.work.seq <= s.cancel_upto:
-            s.finish_generation("CANCELLED")
+            if s.outbox is None and g.work.client_seq:  # its call ended: the client may repeat it
+                s.suspend_generation()
+            else:
+                s.finish_generation("CANCELLED")
             self._progressed = True
         elif limit is not None and time.perf_counter() - g.work.arrived >= limit:
             s.finish_generation("TIME_LIMIT")
@@ -244,6 +281,7 @@ class Scheduler:
             s.emit(ErrorReply(work.request_id, RequestError(
                 grpc.StatusCode.FAILED_PRECONDITION, "the stream is empty: append input before generating",
                 "generate")))
+            s.answered(work.client_seq, work.request_id)
             return
         stop_ids = s.chat.end_of_turn if work.chat_reply and s.chat is not None else ()
         gen = Generation(s.engine, s.row, work.params, self.manager.pool.tokenizer, stop_ids)
@@ -327,7 +365,7 @@ class Scheduler:
             return
         n = len(p.ids)
         # Dropped and said so: retrying input that fails on its own row would fail again.
-        request_id = s.consume_pending(n)
+        request_id = s.consume_pending(n, ran=False)
         s.emit(ErrorReply(request_id, server_failure(
             exc, f"the forward pass failed on this session's input: {n} input tokens were not processed "
             f"and are not part of the stream (tokens_seen stays {s.tokens_seen()})")))
@@ -349,7 +387,7 @@ class Scheduler:
         (self.metrics.ttft_seconds if first else self.metrics.token_seconds).observe(latency)
         self.metrics.tokens.labels("generated").inc()
         self.metrics.tenant_tokens.labels(p.session.key.tenant, "generated").inc()
-        s.emit(TokenReply(g.work.request_id, token.token_id, token.text, token.logprob,
-                          index=len(g.gen.generated) - 1))
+        s.record_token(TokenReply(g.work.request_id, token.token_id, token.text, token.logprob,
+                                  index=len(g.gen.generated) - 1))
         if token.stop_reason is not None:
             s.finish_generation(token.stop_reason)

@@ -30,6 +30,7 @@ from sinkstream.service.session_manager import SessionManager, ShutdownReport
 from sinkstream.service.session_store import SessionStore
 from sinkstream.service.tls import CertificateSource, TLSFiles
 from sinkstream.service.wire import add_servicer
+from sinkstream.service.write_ahead_log import Done, GroupCommitter
 from sinkstream.v1 import sinkstream_pb2 as pb
 from sinkstream.v1 import sinkstream_pb2_grpc as pb_grpc
 
@@ -62,6 +63,8 @@ class ServerConfig:
     max_stop_sequences: int = 16
     grace_s: float = 10.0
     decode_input_budget: int = 64
+    durability: bool = True  # with a state_dir: numbered requests are logged and acknowledged once durable
+    wal_sync: bool = True  # fsync the write-ahead log (off only for benchmarks measuring its cost)
     defaults: StreamConfig = field(default_factory=StreamConfig)
     tls: TLSFiles | None = None
     auth_tokens: Path | None = None
@@ -111,6 +114,7 @@ class SinkStreamServer:
     """A running server; build with `await SinkStreamServer.start(config, loaded)`."""
 
     def __init__(self, config: ServerConfig, loaded: LoadedModel) -> None:
+        check_exposure(config)  # before anything starts (the log committer's thread)
         self.config = config
         self.metrics = ServerMetrics()
         model_config = loaded.model.config
@@ -124,15 +128,18 @@ class SinkStreamServer:
         pool = EnginePool(loaded.model, loaded.tokenizer, config.max_resident, config.max_cache_shapes,
                           self.metrics)
         store = SessionStore(Path(config.state_dir)) if config.state_dir is not None else None
+        self.committer = (GroupCommitter(self._post_durable, sync=config.wal_sync) if store is not None
+                          else None)
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.manager = SessionManager(pool, store, self.metrics, max_sessions=config.max_sessions,
                                       session_ttl_s=config.session_ttl_s, idle_evict_s=config.idle_evict_s,
-                                      quotas=config.quotas, stalled_reader_s=config.stalled_reader_s)
+                                      quotas=config.quotas, stalled_reader_s=config.stalled_reader_s,
+                                      committer=self.committer, durable=config.durability)
         self.scheduler = Scheduler(self.manager, self.metrics, config.decode_input_budget,
                                    config.max_batch_tokens)
         self.servicer = SinkStreamServicer(self.manager, self.scheduler, self.metrics, self.limits,
                                            config.defaults, loaded.name)
         self.health = health.aio.HealthServicer()
-        check_exposure(config)
         self.tokens = TokenTable(Path(config.auth_tokens)) if config.auth_tokens is not None else None
         self.certificates = CertificateSource(config.tls) if config.tls is not None else None
         interceptors = [AuthInterceptor(self.tokens)] if self.tokens is not None else []
@@ -143,9 +150,15 @@ class SinkStreamServer:
         self.health_port: int | None = None
         self._metrics_http = None
 
+    def _post_durable(self, results: list[tuple[Done, BaseException | None]]) -> None:
+        """Log committer thread: hand a round's durable records to the event loop (acks are sent there)."""
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(_run_durable, results)
+
     @classmethod
     async def start(cls, config: ServerConfig, loaded: LoadedModel) -> SinkStreamServer:
         self = cls(config, loaded)
+        self._loop = asyncio.get_running_loop()
         add_servicer(pb_grpc.add_SinkStreamServicer_to_server, self.servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
@@ -209,6 +222,8 @@ class SinkStreamServer:
         if self.health_server is not None:
             await self.health_server.stop(0)
         report = await self.manager.persist_all()
+        if self.committer is not None:
+            await asyncio.to_thread(self.committer.stop)  # everything logged is on disk
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
             self._metrics_http.server_close()
@@ -218,6 +233,14 @@ class SinkStreamServer:
             log.error("stopped; some sessions could not be persisted",
                       extra={"persisted_sessions": len(report.saved), "failed_sessions": report.failed})
         return report
+
+
+def _run_durable(results: list[tuple[Done, BaseException | None]]) -> None:
+    for done, error in results:
+        try:
+            done(error)
+        except Exception:  # one session's ack must not stop the others'
+            log.exception("acknowledging a durable record failed")
 
 
 class ServerThread:

@@ -162,12 +162,15 @@ class SinkStreamServicer(pb_grpc.SinkStreamServicer):
     async def GetSession(self, request: pb.GetSessionRequest, context) -> pb.SessionInfo:  # noqa: N802
         try:
             session_id = convert.check_session_id(request.session_id, "session_id")
-            return convert.session_info_to_pb(self.manager.get(SessionKey(current_tenant.get(), session_id)))
+            key = SessionKey(current_tenant.get(), session_id)
+            return convert.session_info_to_pb(await self.manager.lookup(key))
         except RequestError as exc:
             await self._abort(context, exc)
 
     async def ListSessions(self, request, context) -> pb.ListSessionsResponse:  # noqa: N802
-        return convert.list_sessions_to_pb(self.manager.all(current_tenant.get()))
+        tenant = current_tenant.get()
+        unrecovered = [key.id for key in self.manager.unrecovered_of(tenant)]
+        return convert.list_sessions_to_pb(self.manager.all(tenant), unrecovered)
 
     async def DeleteSession(self, request: pb.DeleteSessionRequest, context) -> pb.DeleteSessionResponse:  # noqa: N802
         try:

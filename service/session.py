@@ -7,6 +7,8 @@ of a session's state goes through a method here; the manager, the scheduler and 
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import re
 import time
 from collections import deque
@@ -18,12 +20,15 @@ from sinkstream.core.generation import Generation
 from sinkstream.core.streaming import RowStats, StreamingInference
 from sinkstream.service.backpressure import Inbox, Outbox
 from sinkstream.service.chat_input import ChatInput
-from sinkstream.service.errors import RequestError
+from sinkstream.service.errors import RequestError, server_failure
 from sinkstream.service.options import AnalysisOptions
-from sinkstream.service.replies import GenerationReply, Reply, StreamEnd
+from sinkstream.service.replies import AckReply, ErrorReply, GenerationReply, Reply, StreamEnd, TokenReply
+from sinkstream.service.sequencing import SeqState
+from sinkstream.service.session_journal import SessionJournal, rng_to_text
 from sinkstream.service.tenants import SessionKey
 from sinkstream.service.text_input import TextInput
 from sinkstream.service.work import AppendWork, DetachWork, ErrorWork, GenerateWork, MessageWork, Work
+from sinkstream.service.write_ahead_log import Done
 
 # Session ids are also file names in the state directory: no ".", "..", nor a leading "-" that tools would
 # read as an option.
@@ -67,6 +72,25 @@ class ActiveGeneration:
             time_to_first_token_s=ttft, total_time_s=now - self.work.arrived, error_message=error)
 
 
+@dataclass
+class KeptGeneration:
+    """The last numbered generation's replies, kept to answer a repeated Generate (see the .proto)."""
+
+    seq: int
+    tokens: list[TokenReply] = field(default_factory=list)
+    complete: GenerationReply | None = None
+
+    def state(self) -> dict[str, Any]:
+        return {"seq": self.seq, "tokens": [asdict(t) for t in self.tokens],
+                "complete": asdict(self.complete) if self.complete is not None else None}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> KeptGeneration:
+        complete = state["complete"]
+        return cls(int(state["seq"]), [TokenReply(**t) for t in state["tokens"]],
+                   GenerationReply(**complete) if complete is not None else None)
+
+
 class Session:
     """One client stream of tokens and everything the server keeps for it."""
 
@@ -97,6 +121,22 @@ class Session:
         self.input_unsaved = False  # a persisted session's pending input grew since its snapshot
         # Counters of a persisted session (a resident one reads them from its engine row).
         self.saved_stats: dict[str, Any] = {"tokens_seen": 0, "mean_nll": 0.0, "scored": 0}
+        # Durability (see session_journal.py): the write-ahead log once a numbered request came, the
+        # sequence numbers, the text input's state as of the last input applied (the reader may be ahead),
+        # the last numbered generation's replies, a generation a crash interrupted (continued when its
+        # Generate is repeated) and the lsn the newest snapshot covers.
+        self.journal: SessionJournal | None = None
+        self.seqs = SeqState()
+        self.unacked_records = 0  # numbered requests applied whose log record is not durable yet
+        self._all_durable = asyncio.Event()
+        self._all_durable.set()
+        self.applied_text_state: dict[str, Any] | None = text.state() if text is not None else None
+        self.kept_generation: KeptGeneration | None = None
+        self.suspended: ActiveGeneration | None = None
+        self.snapshot_lsn: int | None = None
+        # A numbered append applied in part (its call or the server ended mid-request): (seq, where the
+        # applied slices end); when it is sent again only the rest is applied.
+        self.partial: tuple[int, int] | None = None
 
     @classmethod
     def persisted(cls, key: SessionKey, config: StreamConfig, analysis: AnalysisOptions,
@@ -136,6 +176,17 @@ class Session:
     def touch(self) -> None:
         self.last_used = time.time()
 
+    def applied_from(self, seq: int) -> int:
+        """Where to start a numbered append sent again after it was applied in part (0: from its start)."""
+        return self.partial[1] if self.partial is not None and self.partial[0] == seq else 0
+
+    def rewind_text_input(self, tokenizer) -> None:
+        """A new call: the text input continues from the input applied (a slice the ended call had
+        tokenized but not queued is forgotten with its request, which the client sends again)."""
+        numbered = self.journal is not None or self.seqs.received
+        if numbered and self.text is not None and self.applied_text_state is not None:
+            self.text = TextInput(tokenizer, self.applied_text_state)
+
     def set_analysis(self, analysis: AnalysisOptions) -> None:
         self.analysis = analysis
 
@@ -172,6 +223,7 @@ class Session:
             return False
         self.outbox = None
         self.keep_queued_input()
+        self.seqs.forget_unapplied()
         self.cancel_upto = self.generate_seq
         self.touch()
         return True
@@ -210,7 +262,8 @@ class Session:
         (as an empty assistant message) so the conversation can go on."""
         work, self.current = self.current, None
         if isinstance(work, GenerateWork) and work.chat_reply and work.prompted:
-            self.add_input(AppendWork(work.request_id, self.chat.close_reply([], "CANCELLED"), False))
+            self.add_input(AppendWork(work.request_id, self.chat.close_reply([], "CANCELLED"), False,
+                                      chat_changed=True))
 
     def render_message(self, work: MessageWork) -> list[int]:
         """Ids of a chat message, now part of the conversation (RequestError: refused, nothing changed)."""
@@ -220,7 +273,7 @@ class Session:
         """Put the generation prompt of a chat reply into the pending input (once)."""
         if work.chat_reply and not work.prompted:
             work.prompted = True
-            self.add_input(AppendWork(work.request_id, self.chat.open_reply(), False))
+            self.add_input(AppendWork(work.request_id, self.chat.open_reply(), False, chat_changed=True))
 
     def defer(self, work: GenerateWork) -> None:
         """Run the pending input before `work`; it is handled again once that is done."""
@@ -238,10 +291,20 @@ class Session:
         dropped: list[tuple[str, RequestError | None]] = []
         if self.flush_request is not None:
             dropped.append((self.flush_request, None))
+            self._flush_gone()
+        # Numbered requests after a dropped numbered Generate are dropped too: acknowledging them would
+        # say the Generate before them is durable (acks are cumulative). The client sends them again.
+        gap = self.generation is not None and bool(self.generation.work.client_seq)  # suspended, not done
         if isinstance(self.current, GenerateWork):
             dropped.append((self.current.request_id, None))
+            gap = bool(self.current.client_seq)
             self.drop_current()
         for item in self.inbox.drop_all():
+            if gap and getattr(item, "seq", 0) and isinstance(item, AppendWork | MessageWork):
+                dropped.append((item.request_id, None))
+                continue
+            if isinstance(item, GenerateWork):
+                gap = gap or bool(item.client_seq)
             if isinstance(item, AppendWork):
                 self.add_input(item)
                 self.input_unsaved |= not self.resident and bool(item.ids)
@@ -249,9 +312,11 @@ class Session:
                     dropped.append((item.request_id, None))
             elif isinstance(item, MessageWork):  # admitted input too: rendered now, kept for a resume
                 try:
-                    self.add_input(AppendWork(item.request_id, self.render_message(item), False))
+                    self.add_input(AppendWork(item.request_id, self.render_message(item), False, seq=item.seq,
+                                              chat_changed=True))
                 except RequestError as exc:
                     dropped.append((item.request_id, exc))
+                    self.answered(item.seq, item.request_id)
                     continue
                 self.input_unsaved |= not self.resident
                 if item.flush:
@@ -275,19 +340,84 @@ class Session:
         return left
 
     def add_input(self, work: AppendWork) -> None:
-        """Ids of an append join the pending input; a flush is acknowledged once they ran."""
+        """Ids of an append join the pending input; a flush is acknowledged once they ran. Logged (and a
+        numbered request's last slice acknowledged once durable)."""
         self.pending.extend(work.ids)
         self.pending_owners.append([len(work.ids), work.request_id])
         if work.flush:
             self.flush_request = work.request_id
+        if work.text_state is not None:
+            self.applied_text_state = work.text_state
+        if work.seq:
+            self.partial = (work.seq, work.upto) if not work.final else None
+        if self.journal is not None:
+            chat = self.chat.state() if work.chat_changed and self.chat is not None else None
+            seq = work.seq if work.final else 0
+            self.journal.input(work.request_id, list(work.ids), work.flush, seq, work.text_state, chat,
+                               self._acknowledge_when_durable(seq, work.request_id), part=work.seq,
+                               upto=work.upto)
+        elif work.final:
+            self._acknowledge_when_durable(work.seq, work.request_id)
+
+    def answered(self, seq: int, request_id: str) -> None:
+        """A numbered request was answered without changing the state (e.g. refused): log its number."""
+        if not seq:
+            return
+        if self.journal is not None:
+            self.journal.answered(seq, self._acknowledge_when_durable(seq, request_id))
+        else:
+            self._acknowledge_when_durable(seq, request_id)
+
+    def _acknowledge_when_durable(self, seq: int, request_id: str) -> Done | None:
+        """Mark `seq` applied; without a log acknowledge it now, else return what acknowledges it once its
+        record is durable."""
+        if not seq:
+            return None
+        self.seqs.apply(seq)
+        if self.journal is None:
+            self.acknowledged(seq, request_id, None)
+            return None
+        self.unacked_records += 1
+        self._all_durable.clear()
+
+        def durable(error: BaseException | None) -> None:
+            self.unacked_records -= 1
+            if not self.unacked_records:
+                self._all_durable.set()
+            self.acknowledged(seq, request_id, error)
+        return durable
+
+    async def wait_applied_durable(self) -> None:
+        """Wait until every numbered request applied so far is durable (or its log write failed), so
+        `seqs.acked` covers them: a resume reports it as SessionOpened.acked_seq, after which a new client
+        numbers its requests (one still in flight would make the new client's next request a duplicate,
+        taken for the old one and never processed)."""
+        await self._all_durable.wait()
+
+    def acknowledged(self, seq: int, request_id: str, error: BaseException | None) -> None:
+        """`seq` is durable (error None): answer `ack` on the attached call; a failed log write is
+        reported instead (the request was applied in memory but is not durable)."""
+        if error is not None:
+            self.emit(ErrorReply(request_id, server_failure(
+                error, f"request seq {seq} was processed but could not be made durable", "seq")))
+        elif self.seqs.acknowledge(seq):
+            self.emit(AckReply(request_id, seq))
 
     def take_flush_request(self) -> str:
         """The request id of the flush to acknowledge now (there must be one)."""
         request_id, self.flush_request = self.flush_request, None
+        self._flush_gone()
         return request_id
 
-    def consume_pending(self, n: int) -> str:
-        """Drop the first n pending ids (they ran); return the request id of the last one's append."""
+    def _flush_gone(self) -> None:
+        if self.journal is not None:
+            self.journal.flushed()
+
+    def consume_pending(self, n: int, ran: bool = True) -> str:
+        """Drop the first n pending ids (they ran, or failed: `ran` False); return the request id of the
+        last one's append."""
+        if self.journal is not None:
+            self.journal.ran(n) if ran else self.journal.dropped(n)
         del self.pending[:n]
         self.inbox.input_ran()
         request_id = ""
@@ -310,19 +440,94 @@ class Session:
     # ------------------------------------------------------------------ generation
     def start_generation(self, generation: ActiveGeneration) -> None:
         self.generation = generation
+        work, sampler = generation.work, generation.gen.sampler
+        if work.text_state is not None:
+            self.applied_text_state = work.text_state
+        if work.client_seq:
+            self.seqs.apply(work.client_seq)
+            self.kept_generation = KeptGeneration(work.client_seq)
+        if self.journal is not None:
+            rng = rng_to_text(sampler.generator) if work.params.temperature > 0 else None
+            self.journal.generation_started(work.request_id, work.client_seq, work.params, work.chat_reply,
+                                            generation.input_tokens, rng, work.text_state)
 
-    def finish_generation(self, reason: str, error: str = "") -> None:
-        """End the running generation: report it, and tell the text input the stream moved on."""
+    def record_token(self, reply: TokenReply) -> None:
+        """A generated token was accepted: log it (with the sampler's RNG state when it samples), keep it
+        for a repeated Generate, send it."""
+        g = self.generation
+        if self.journal is not None:
+            rng = rng_to_text(g.gen.sampler.generator) if g.work.params.temperature > 0 else None
+            self.journal.token(reply.token_id, reply.logprob, rng)
+        if self.kept_generation is not None and g.work.client_seq == self.kept_generation.seq:
+            self.kept_generation.tokens.append(reply)
+        self.emit(reply)
+
+    def finish_generation(self, reason: str, error: str = "", close_chat: bool = True,
+                          report: bool = True) -> None:
+        """End the running generation and report it (the text input moved past it when it was read).
+        `close_chat` False: leave a chat reply's closing to the caller (a log replay, whose next record
+        holds the closing ids and the conversation's state)."""
         g = self.generation
         assert g is not None
         self.generation = None
-        if self.text is not None:
-            self.text.push_ids([])  # later text starts at a token boundary after the generated tokens
-        if g.work.chat_reply and self.chat is not None and self.chat.reply_open:
+        seq = g.work.client_seq
+        if self.journal is not None:  # before the chat reply's tail: replay meets them in this order
+            acknowledge = self._acknowledge_when_durable(seq, g.work.request_id)
+            self.journal.generation_done(reason, error, acknowledge)
+        if close_chat and g.work.chat_reply and self.chat is not None and self.chat.reply_open:
             # the template's text after the reply (e.g. "\n" after <|im_end|>) runs with the next input
             tail = self.chat.close_reply(g.gen.generated, reason)
-            self.add_input(AppendWork(g.work.request_id, tail, False))
-        self.emit(g.complete(reason, self.tokens_seen(), error))
+            self.add_input(AppendWork(g.work.request_id, tail, False, chat_changed=True))
+        complete = g.complete(reason, self.tokens_seen(), error)
+        if self.kept_generation is not None and seq == self.kept_generation.seq:
+            self.kept_generation.complete = complete
+        if report:  # False: nobody asked for it on this call (see abandon_suspended)
+            self.emit(complete)
+        if self.journal is None:
+            self._acknowledge_when_durable(seq, g.work.request_id)
+
+    def repeat_generation(self, work: GenerateWork) -> bool:
+        """A numbered Generate came again: send the kept generation's tokens from index 0 under the new
+        request id, then its completion and ack, or continue it if a crash interrupted it. False if
+        `work` is not the kept generation."""
+        kept = self.kept_generation
+        if kept is None or kept.seq != work.client_seq:
+            return False
+        for token in kept.tokens:
+            self.emit(dataclasses.replace(token, request_id=work.request_id))
+        if kept.complete is not None:
+            self.emit(dataclasses.replace(kept.complete, request_id=work.request_id))
+            if self.seqs.acked >= kept.seq:
+                self.emit(AckReply(work.request_id, kept.seq))
+        elif self.suspended is not None and self.suspended.work.client_seq == kept.seq:
+            g, self.suspended = self.suspended, None
+            g.work = dataclasses.replace(work, input_tokens=g.input_tokens)
+            g.first_token_at = g.last_token_at = None
+            self.generation = g
+        return True
+
+    def suspend_generation(self) -> None:
+        """The call of a numbered generation ended: keep it, not running, to be continued when its Generate
+        comes again (as after a crash) instead of cancelling it."""
+        self.suspended, self.generation = self.generation, None
+
+    def abandon_suspended(self, seq: int) -> None:
+        """A request other than a repeat of its Generate came numbered `seq`, the number of a generation
+        whose call ended (a caller that never saw it, e.g. after a deadline): end that generation
+        unacknowledged and unreported (its tokens stay in the stream), and let `seq` be used again."""
+        g, self.suspended = self.suspended, None
+        assert g is not None and g.work.client_seq == seq > self.seqs.acked
+        g.work = dataclasses.replace(g.work, client_seq=0)
+        self.generation = g
+        self.finish_generation("CANCELLED", report=False)
+        self.kept_generation = None
+        self.seqs.release(seq)
+
+    def cancel_suspended(self) -> None:
+        """End a generation a crash interrupted (its Generate did not come again) as CANCELLED."""
+        if self.suspended is not None:
+            self.generation, self.suspended = self.suspended, None
+            self.finish_generation("CANCELLED")
 
     def fail(self, error: RequestError, retry_at: float) -> None:
         """A server-side failure of this session: end its call with `error`, drop its queued requests
@@ -335,7 +540,10 @@ class Session:
         self.emit(StreamEnd(error))
         self.drop_queued()
         self.drop_current()
+        if self.flush_request is not None:
+            self._flush_gone()
         self.flush_request = None
+        self.seqs.forget_unapplied()
         self.retry_at = retry_at
 
     # ------------------------------------------------------------------ its row
@@ -363,8 +571,15 @@ class Session:
         self.closed = True
 
     def meta(self) -> dict[str, Any]:
-        """JSON-able session state that the engine snapshot does not hold."""
-        return {"id": self.id, "analysis": asdict(self.analysis), "created": self.created,
+        """JSON-able session state that the engine snapshot does not hold. A logged session's snapshot
+        holds the text input state of the input it covers, and its log position and sequence numbers."""
+        text = self.text.state() if self.text is not None else None
+        meta = {"id": self.id, "analysis": asdict(self.analysis), "created": self.created,
                 "last_used": self.last_used, "pending": self.pending,
-                "text": self.text.state() if self.text is not None else None,
-                "chat": self.chat.state() if self.chat is not None else None}
+                "text": text, "chat": self.chat.state() if self.chat is not None else None}
+        if self.journal is not None:
+            meta["text"] = self.applied_text_state if text is not None else None
+            meta["flush"] = self.flush_request
+            meta["wal"] = {"lsn": self.journal.lsn, "seqs": self.seqs.state(),
+                           "kept": self.kept_generation.state() if self.kept_generation is not None else None}
+        return meta

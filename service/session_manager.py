@@ -16,25 +16,35 @@ import logging
 import secrets
 import time
 from collections import Counter
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass, field
 
 import grpc
 
 from sinkstream.core.config import StreamConfig
+from sinkstream.core.snapshot import SnapshotError
 from sinkstream.service.backpressure import Outbox
 from sinkstream.service.chat_input import ChatInput
 from sinkstream.service.engine_pool import EnginePool, Residency
-from sinkstream.service.errors import Busy, RequestError, shown_id
+from sinkstream.service.errors import Busy, RequestError, server_failure, shown_id
 from sinkstream.service.metrics import ServerMetrics
 from sinkstream.service.options import AnalysisOptions
 from sinkstream.service.quotas import NO_QUOTAS, TenantQuotas
+from sinkstream.service.recovery import (
+    Replay,
+    covers,
+    restore_bookkeeping,
+    session_from_open,
+    snapshot_lsn,
+)
 from sinkstream.service.replies import ErrorReply, StreamEnd
 from sinkstream.service.session import Session
+from sinkstream.service.session_journal import SessionJournal, rng_from_text, rng_to_text
 from sinkstream.service.session_store import SessionStore, session_from_meta
 from sinkstream.service.tenants import SessionKey
 from sinkstream.service.text_input import TextInput
 from sinkstream.service.work import AppendWork
+from sinkstream.service.write_ahead_log import GroupCommitter, recover_log
 
 log = logging.getLogger("sinkstream.sessions")
 RECENTLY_CLOSED = 1024  # closed ids remembered for a clearer NOT_FOUND message
@@ -46,10 +56,18 @@ class SessionManager:
 
     def __init__(self, pool: EnginePool, store: SessionStore | None, metrics: ServerMetrics, *,
                  max_sessions: int, session_ttl_s: float, idle_evict_s: float,
-                 quotas: TenantQuotas = NO_QUOTAS, stalled_reader_s: float = 0.0) -> None:
+                 quotas: TenantQuotas = NO_QUOTAS, stalled_reader_s: float = 0.0,
+                 committer: GroupCommitter | None = None, durable: bool = False) -> None:
+        """`committer`: writes the sessions' write-ahead logs (given with a store); `durable`: numbered
+        requests start a session's log (else they are acknowledged when applied, not durable)."""
         self.pool, self.store, self.metrics = pool, store, metrics
         self.max_sessions, self.quotas = max_sessions, quotas
         self.stalled_reader_s = stalled_reader_s  # 0: a stream that reads nothing stays attached
+        self.committer, self.durable = committer, durable and committer is not None
+        # Logged sessions found at start, recovered on first use (key -> None, in key order).
+        self.unrecovered: dict[SessionKey, None] = {}
+        # Runs a replay's forward passes; the scheduler gives its compute thread.
+        self.compute: Callable[[Callable[[], None]], Awaitable[None]] = asyncio.to_thread
         self.session_ttl_s, self.idle_evict_s = session_ttl_s, idle_evict_s
         self.sessions: dict[SessionKey, Session] = {}
         self.recently_closed: dict[SessionKey, None] = {}
@@ -60,7 +78,9 @@ class SessionManager:
         self.residency = Residency(pool, store, self.sessions, metrics, self._update_gauges, quotas)
         self.on_work: Callable[[], None] = lambda: None  # the scheduler's wake-up
         if store is not None:
-            metas, self.damaged = store.scan()
+            if committer is not None:
+                self.unrecovered = dict.fromkeys(store.logged_keys())
+            metas, self.damaged = store.scan(skip=self.unrecovered)
             for key, meta in metas:
                 try:
                     session = session_from_meta(key, meta, pool.tokenizer)
@@ -80,14 +100,24 @@ class SessionManager:
                                f"session {shown_id(key.id)} is lost: its persisted state is damaged "
                                f"({self.damaged[key]}); delete it", "session_id")
         if session is None:
-            why = "was closed" if key in self.recently_closed else "is unknown or expired"
-            raise RequestError(grpc.StatusCode.NOT_FOUND, f"session {shown_id(key.id)} {why}",
-                               "session_id")
+            raise self._not_found(key)
         return session
+
+    async def lookup(self, key: SessionKey) -> Session:
+        """A session, recovered from its log first if it has not been since the restart."""
+        if key in self.unrecovered:
+            async with self.lock:
+                if key in self.unrecovered:
+                    await self._recover(key)
+        return self.get(key)
 
     def all(self, tenant: str | None = None) -> list[Session]:
         """The live sessions, resident or persisted: every tenant's, or only `tenant`'s."""
         return [s for s in self.sessions.values() if tenant is None or s.key.tenant == tenant]
+
+    def unrecovered_of(self, tenant: str | None = None) -> list[SessionKey]:
+        """The logged sessions not recovered since the restart: every tenant's, or only `tenant`'s."""
+        return [key for key in self.unrecovered if tenant is None or key.tenant == tenant]
 
     def _update_gauges(self) -> None:
         resident = sum(s.resident for s in self.sessions.values())
@@ -109,15 +139,15 @@ class SessionManager:
         the stream's first input."""
         key = SessionKey(tenant, session_id or secrets.token_hex(16))
         async with self.lock:
-            if key in self.sessions or key in self.damaged:
+            if key in self.sessions or key in self.damaged or key in self.unrecovered:
                 raise RequestError(grpc.StatusCode.ALREADY_EXISTS, f"session {shown_id(key.id)} exists",
                                    "open.session_id")
             if self._held_by(tenant) >= self.quotas.max_sessions > 0:
                 self._expire(time.time())
             self.quotas.check_sessions(self._held_by(tenant))
-            if len(self.sessions) >= self.max_sessions:
+            if len(self.sessions) + len(self.unrecovered) >= self.max_sessions:
                 self._expire(time.time())
-                if len(self.sessions) >= self.max_sessions:
+                if len(self.sessions) + len(self.unrecovered) >= self.max_sessions:
                     raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                        f"the server holds its maximum of {self.max_sessions} sessions")
             text = TextInput(self.pool.tokenizer) if self.pool.tokenizer is not None else None
@@ -125,7 +155,8 @@ class SessionManager:
             session.chat = chat
             if first_ids:
                 ids = text.push_ids(first_ids) if text is not None else first_ids
-                session.add_input(AppendWork(request_id, ids, False))
+                session.add_input(AppendWork(request_id, ids, False,
+                                             text_state=text.state() if text is not None else None))
             await self.residency.take_row(session, seed=seed)
             self.sessions[key] = session
             self.recently_closed.pop(key, None)
@@ -133,18 +164,26 @@ class SessionManager:
             return session
 
     def _held_by(self, tenant: str) -> int:
-        return sum(key.tenant == tenant for key in self.sessions)
+        """Sessions `tenant` holds, counting its logged ones not recovered yet."""
+        return sum(key.tenant == tenant for key in (*self.sessions, *self.unrecovered))
 
     async def resume(self, key: SessionKey, analysis: AnalysisOptions | None) -> Session:
         """An existing session, resident again, for a new call."""
+        if (known := self.sessions.get(key)) is not None:
+            await known.wait_applied_durable()  # mostly here, not under the lock (see below)
         async with self.lock:
+            if key in self.unrecovered:
+                await self._recover(key)
             session = self.get(key)
             if session.attached:
                 raise RequestError(grpc.StatusCode.ABORTED,
                                    f"session {shown_id(key.id)} is attached to another stream",
                                    "resume.session_id")
             if session.generation is not None:  # cancelled by the previous call's end
-                session.finish_generation("CANCELLED")
+                if session.generation.work.client_seq:  # numbered: continued if the client repeats it
+                    session.suspend_generation()
+                else:
+                    session.finish_generation("CANCELLED")
             if not session.resident:
                 try:
                     await self.residency.restore(session)
@@ -154,6 +193,11 @@ class SessionManager:
                     raise
             if analysis is not None:
                 session.set_analysis(analysis)
+            session.rewind_text_input(self.pool.tokenizer)
+            # the ended call's last numbered requests may still be in the log committer's round: the
+            # SessionOpened built from this must acknowledge them (the new caller numbers after it); at
+            # once unless the session was recovered or changed since the wait above
+            await session.wait_applied_durable()
             return session
 
     def attach(self, session: Session) -> Outbox:
@@ -169,6 +213,106 @@ class SessionManager:
             return
         self._update_gauges()
         self.on_work()
+
+    # ------------------------------------------------------------------ write-ahead log
+    async def start_journal(self, session: Session) -> None:
+        """A numbered request is about to change a session without a log: start its log (durability on).
+        A fresh session's log opens with its creation; one with state first gets a snapshot the log
+        continues. Lock held, the session resident."""
+        if not self.durable or self.store is None:
+            return
+        self.store.make_folder(session.key)  # a tenant's first log may be its first file
+        journal = SessionJournal(self.committer, self.store.log_path(session.key))
+        engine, row = session.engine, session.row
+        if engine.stats(row).tokens_seen == 0 and session.generation is None:
+            meta = session.meta()
+            meta["text"] = session.applied_text_state if session.text is not None else None
+            session.journal = journal
+            journal.opened(asdict(session.config), asdict(session.analysis), session.created, meta,
+                           rng_to_text(engine.generators[row]))
+        else:
+            session.journal = journal
+            await self.residency.save(session)
+            journal.based()
+
+    async def _recover(self, key: SessionKey) -> None:
+        """Rebuild a logged session after a restart: its newest valid snapshot (or its log's opening),
+        then the log after it replayed through the model. DATA_LOSS if neither snapshot nor log can
+        rebuild it; NOT_FOUND if its log holds nothing. Lock held."""
+        store = self.store
+        path = store.log_path(key)
+        started = time.perf_counter()
+        try:
+            records = (await asyncio.to_thread(recover_log, path)).records
+            base = await asyncio.to_thread(self._base_snapshot, key, records)
+        except OSError as exc:
+            raise server_failure(exc, f"cannot read the write-ahead log of session {shown_id(key.id)}",
+                                 "session_id") from exc
+        if base is None and not (records and records[0].get("k") == "open"):
+            self.unrecovered.pop(key, None)
+            if not records and not store.path(key).exists():  # an empty log: nothing was ever kept
+                self.committer.delete(path)
+                raise self._not_found(key)
+            why = "no valid snapshot and its write-ahead log does not reach back to the session's start"
+            self.damaged[key] = why
+            raise RequestError(grpc.StatusCode.DATA_LOSS, f"session {shown_id(key.id)} cannot be "
+                               f"recovered: {why}; delete it", "session_id")
+        if base is None:
+            session = session_from_open(key, records[0], self.pool.tokenizer)
+            await self.residency.take_row(session)
+            session.engine.generators[session.row].set_state(rng_from_text(records[0]["rng"]))
+            lsn, replay = 0, records
+        else:
+            tensors, meta, lsn = base
+            session = session_from_meta(key, meta, self.pool.tokenizer)
+            restore_bookkeeping(session, meta)
+            session.snapshot_lsn = lsn
+            replay = [r for r in records if int(r["lsn"]) > lsn]
+            if not replay:  # the snapshot is the whole history (a clean shutdown): no row until it is used
+                self._adopt(key, session, SessionJournal(self.committer, path, lsn), 0, started)
+                return
+            await self.residency.restore_from(session, tensors, meta)
+        try:
+            await self.compute(lambda: Replay(session, self.pool.tokenizer).run(replay))
+        except BaseException:
+            session.release_row()
+            raise
+        journal = SessionJournal(self.committer, path, int(records[-1]["lsn"]) if records else lsn)
+        self._adopt(key, session, journal, len(replay), started)
+
+    def _adopt(self, key: SessionKey, session: Session, journal: SessionJournal, replayed: int,
+               started: float) -> None:
+        """A recovered session joins the live ones, its log continued by `journal`."""
+        session.journal = journal
+        self.sessions[key] = session
+        self.unrecovered.pop(key, None)
+        self.metrics.recoveries.inc()
+        self._update_gauges()
+        log.info("session recovered", extra={"session": key.label, "replayed_records": replayed,
+                                             "resident": session.resident,
+                                             "seconds": round(time.perf_counter() - started, 4)})
+
+    def _base_snapshot(self, key: SessionKey, records: list[dict]) -> tuple[dict, dict, int] | None:
+        """Worker thread: the newest snapshot that is valid and that the log continues (tensors, meta,
+        lsn); a damaged newest one is replaced by the previous one when that one is used."""
+        for previous in (False, True):
+            try:
+                tensors, meta = self.store.load(key, previous=previous)
+            except SnapshotError as exc:
+                path = self.store.previous_path(key) if previous else self.store.path(key)
+                if path.exists():  # a damaged file (a missing one is normal: no snapshot yet)
+                    log.warning("snapshot unusable for recovery: %s", exc, extra={"session": key.label})
+                continue
+            lsn = snapshot_lsn(meta)
+            if covers(lsn, records):
+                if previous:
+                    self.store.promote_previous(key)
+                return tensors, meta, lsn
+        return None
+
+    def _not_found(self, key: SessionKey) -> RequestError:
+        why = "was closed" if key in self.recently_closed else "is unknown or expired"
+        return RequestError(grpc.StatusCode.NOT_FOUND, f"session {shown_id(key.id)} {why}", "session_id")
 
     # ------------------------------------------------------------------ restore / failure
     async def ensure_resident(self, session: Session) -> bool:
@@ -224,15 +368,20 @@ class SessionManager:
             self.recently_closed.pop(next(iter(self.recently_closed)))
         if self.store is not None:
             self.store.delete(session.key)
+            if session.journal is not None:
+                session.journal.delete()
         self._update_gauges()
 
     async def delete(self, key: SessionKey) -> int:
         """Delete a detached session; returns the tokens it had seen."""
         async with self.lock:
-            if key in self.damaged:
-                self.damaged.pop(key)
+            if key in self.damaged or key in self.unrecovered:
+                self.damaged.pop(key, None)
+                self.unrecovered.pop(key, None)
                 if self.store is not None:
                     self.store.delete(key)
+                if self.committer is not None:
+                    self.committer.delete(self.store.log_path(key))
                 return 0
             session = self.get(key)
             if session.attached:
@@ -315,6 +464,7 @@ class SessionManager:
             for session in [s for s in self.sessions.values() if s.resident or s.input_unsaved]:
                 if session.generation is not None:
                     session.finish_generation("CANCELLED")
+                session.cancel_suspended()
                 try:
                     if session.resident:
                         await self.residency.evict(session)

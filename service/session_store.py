@@ -1,11 +1,18 @@
-"""The state directory: persisted sessions as core snapshots (safetensors + JSON, no pickle), and the
-session state read back from their metadata."""
+"""The state directory: persisted sessions as core snapshots (safetensors + JSON, no pickle), the session
+state read back from their metadata, and where each session's write-ahead log and previous snapshot live.
+
+Files of session `<id>` (every name derives from `path`, so all sit in its tenant's folder):
+`<id>.safetensors` (the newest snapshot), `<id>.safetensors.prev` (the one before, kept for a logged
+session so a damaged newest one can fall back to it) and `<id>.wal` (its write-ahead log, see
+write_ahead_log.py). No file of one id ends like another's.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
 import os
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +26,11 @@ from sinkstream.service.options import AnalysisOptions
 from sinkstream.service.session import Session, is_valid_session_id
 from sinkstream.service.tenants import DEFAULT_TENANT, SessionKey, is_valid_tenant
 from sinkstream.service.text_input import TextInput
+from sinkstream.service.write_ahead_log import sync_dir
 
 log = logging.getLogger("sinkstream.sessions")
+SNAPSHOT_SUFFIX = ".safetensors"
+LOG_SUFFIX = ".wal"
 
 
 def prepare_state_dir(root: Path) -> None:
@@ -56,16 +66,41 @@ class SessionStore:
         folder = self.root if key.tenant == DEFAULT_TENANT else self.root / TENANTS_DIR / key.tenant
         return folder / f"{key.id}.safetensors"
 
-    def save(self, key: SessionKey, tensors: dict, meta: dict) -> int:
-        """Write one session's snapshot; returns its size in bytes."""
+    def previous_path(self, key: SessionKey) -> Path:
+        """The previous snapshot of a logged session (beside its snapshot)."""
         path = self.path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_snapshot(path, tensors, meta)
+        return path.with_name(path.name + ".prev")
+
+    def log_path(self, key: SessionKey) -> Path:
+        """The write-ahead log of a session (beside its snapshot)."""
+        path = self.path(key)
+        return path.with_name(path.name.removesuffix(SNAPSHOT_SUFFIX) + LOG_SUFFIX)
+
+    def make_folder(self, key: SessionKey) -> None:
+        """Create the folder of a session's files if it is new (a tenant's first session), durably: a
+        file made in it must not vanish in a crash with the folder's own directory entry."""
+        folder = self.path(key).parent
+        missing = [p for p in (folder, *folder.parents) if p != self.root and self.root in p.parents
+                   and not p.is_dir()]
+        if not missing:
+            return
+        folder.mkdir(parents=True, exist_ok=True)
+        for created in missing:  # the deepest first: then each parent holding a new entry
+            sync_dir(created.parent)
+
+    def save(self, key: SessionKey, tensors: dict, meta: dict, keep_previous: bool = False) -> int:
+        """Write one session's snapshot durably (fsync'd, renamed in, directory fsync'd); returns its size
+        in bytes. `keep_previous`: the snapshot it replaces becomes the previous one."""
+        path = self.path(key)
+        self.make_folder(key)
+        save_snapshot(path, tensors, meta, keep_previous=self.previous_path(key) if keep_previous else None)
         return path.stat().st_size
 
-    def load(self, key: SessionKey) -> tuple[dict, dict]:
+    def load(self, key: SessionKey, previous: bool = False) -> tuple[dict, dict]:
+        """A session's newest snapshot (or its previous one); SnapshotError if it is damaged or missing."""
+        path = self.previous_path(key) if previous else self.path(key)
         try:
-            return load_snapshot(self.path(key))
+            return load_snapshot(path)
         except (SnapshotError, MemoryError):  # out of memory says nothing about the file
             raise
         except Exception as exc:  # e.g. safetensors' own error for a damaged header
@@ -80,22 +115,42 @@ class SessionStore:
         return size
 
     def delete(self, key: SessionKey) -> None:
+        """Remove a session's snapshots (its log is removed through the log committer, in order)."""
         self.path(key).unlink(missing_ok=True)
+        self.previous_path(key).unlink(missing_ok=True)
 
-    def scan(self) -> tuple[list[tuple[SessionKey, dict[str, Any]]], dict[SessionKey, str]]:
-        """Key and metadata of every readable snapshot, and why each unreadable one is (by key, from its
-        file's place): a damaged file must not stop the server from starting, nor make its session
-        vanish."""
-        metas: list[tuple[SessionKey, dict[str, Any]]] = []
-        damaged: dict[SessionKey, str] = {}
+    def promote_previous(self, key: SessionKey) -> None:
+        """The newest snapshot is damaged: the previous one takes its place (the damaged one is gone)."""
+        os.replace(self.previous_path(key), self.path(key))
+
+    def _folders(self) -> list[tuple[str, Path]]:
+        """(tenant, folder) of every tenant with files: the default tenant's is the directory itself."""
         folders = [(DEFAULT_TENANT, self.root)]
         tenants_root = self.root / TENANTS_DIR
         if tenants_root.is_dir():
             folders += [(p.name, p) for p in sorted(tenants_root.iterdir())
                         if p.is_dir() and is_valid_tenant(p.name) and p.name != DEFAULT_TENANT]
-        for tenant, folder in folders:
-            for path in sorted(folder.glob("*.safetensors")):
+        return folders
+
+    def logged_keys(self) -> list[SessionKey]:
+        """Keys of the sessions with a write-ahead log, every tenant's (directory listings: nothing is
+        read)."""
+        keys = [SessionKey(tenant, p.name.removesuffix(LOG_SUFFIX))
+                for tenant, folder in self._folders() for p in folder.glob(f"*{LOG_SUFFIX}")]
+        return sorted(k for k in keys if is_valid_session_id(k.id))
+
+    def scan(self, skip: Collection[SessionKey] = ()
+             ) -> tuple[list[tuple[SessionKey, dict[str, Any]]], dict[SessionKey, str]]:
+        """Key and metadata of every readable snapshot, and why each unreadable one is (by key, from its
+        file's place): a damaged file must not stop the server from starting, nor make its session
+        vanish. Sessions in `skip` (logged ones, recovered lazily) are not read."""
+        metas: list[tuple[SessionKey, dict[str, Any]]] = []
+        damaged: dict[SessionKey, str] = {}
+        for tenant, folder in self._folders():
+            for path in sorted(folder.glob(f"*{SNAPSHOT_SUFFIX}")):
                 key = SessionKey(tenant, path.stem)
+                if key in skip:
+                    continue
                 try:
                     with safe_open(str(path), framework="pt") as f:
                         meta = json.loads((f.metadata() or {})["sinkstream"])

@@ -15,6 +15,11 @@ class AppendWork:
     request_id: str
     ids: list[int]
     flush: bool
+    seq: int = 0  # StreamRequest.seq of its request (every slice of it)
+    final: bool = True  # the request's last slice (a numbered request is acknowledged with it)
+    text_state: dict | None = None  # the session's text input state right after these ids were made
+    chat_changed: bool = False  # made by the session's conversation (its state is logged with them)
+    upto: int = 0  # a numbered append's slice: where it ends in the request (characters or ids)
 
 
 @dataclass
@@ -29,6 +34,8 @@ class GenerateWork:
     input_tokens: int = 0  # pending input run for this request before generating
     chat_reply: bool = False  # the assistant's turn of the session's conversation
     prompted: bool = False  # its generation prompt has been added to the pending input
+    client_seq: int = 0  # StreamRequest.seq (0: unsequenced)
+    text_state: dict | None = None  # the text input's state after it (text after it starts at a boundary)
 
 
 @dataclass
@@ -40,6 +47,17 @@ class MessageWork:
     role: str
     content: str
     flush: bool
+    seq: int = 0  # StreamRequest.seq (0: unsequenced)
+
+
+@dataclass
+class RepeatWork:
+    """A numbered request received again (StreamRequest.seq <= the highest received): answered, never
+    processed twice. `generate`: the repeated request, when it is a Generate."""
+
+    request_id: str
+    seq: int
+    generate: GenerateWork | None = None
 
 
 @dataclass
@@ -67,5 +85,6 @@ class ErrorWork:
     error: RequestError
 
 
-Work = AppendWork | MessageWork | GenerateWork | CheckpointWork | CloseWork | DetachWork | ErrorWork
+Work = (AppendWork | MessageWork | GenerateWork | RepeatWork | CheckpointWork | CloseWork | DetachWork
+        | ErrorWork)
 

@@ -36,23 +36,26 @@ def test_a_failed_save_does_not_stop_the_others(model_dir, tmp_path, monkeypatch
     store = server.server.manager.store
     real_save = store.save
 
-    def save(key: SessionKey, tensors: dict, meta: dict) -> int:
+    def save(key: SessionKey, tensors: dict, meta: dict, keep_previous: bool = False) -> int:
         if key.id == "fails":
             raise OSError(errno.ENOSPC, "No space left on device")
-        return real_save(key, tensors, meta)
+        return real_save(key, tensors, meta, keep_previous)
 
     monkeypatch.setattr(store, "save", save)
     report = server.stop()
     assert sorted(report.saved) == ["keep-1", "keep-2"]
     assert list(report.failed) == ["fails"] and "No space left on device" in report.failed["fails"]
     assert not report.all_saved
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep-1.safetensors", "keep-2.safetensors"]
-    # the saved ones come back
+    snapshots = sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".safetensors")
+    assert snapshots == ["keep-1.safetensors", "keep-2.safetensors"]
+    assert (tmp_path / "fails.wal").is_file()  # its acknowledged input is in its write-ahead log
+    # the saved ones come back, and the one whose save failed is rebuilt from its log
     again = start_server(model_dir, state_dir=tmp_path)
     try:
         with SinkStreamClient(again.address, timeout=30) as client:
-            assert sorted(s.session_id for s in client.list_sessions()) == ["keep-1", "keep-2"]
+            assert sorted(s.session_id for s in client.list_sessions()) == sorted(IDS)
             assert client.get_session("keep-2").tokens_seen == 5
+            assert client.get_session("fails").tokens_seen == 5
     finally:
         assert again.stop().all_saved
 

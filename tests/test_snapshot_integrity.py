@@ -154,20 +154,41 @@ def test_damaged_snapshot_of_a_persisted_session_is_data_loss(model_dir, tmp_pat
         server.stop()
 
 
-@pytest.mark.parametrize("damage", ["truncated to its header", "metadata unparsable", "flipped key bit"])
-def test_damaged_snapshot_found_at_start_is_data_loss_not_not_found(model_dir, tmp_path, damage):
-    server = start_server(model_dir, state_dir=tmp_path)
+def persisted_then_damaged(model_dir, tmp_path, damage: str, durability: bool) -> tuple[str, int]:
+    """A session persisted at shutdown whose snapshot is then damaged: its id and tokens seen."""
+    server = start_server(model_dir, state_dir=tmp_path, durability=durability)
     try:
         with SinkStreamClient(server.address, timeout=60) as client, client.open_session(SETTINGS) as session:
-            session.append_text(TEXT)
+            tokens = session.append_text(TEXT)[-1].tokens_seen
             session_id = session.id
     finally:
         server.stop()  # persists the session
     CORRUPTIONS[damage](tmp_path / f"{session_id}.safetensors")
-    server = start_server(model_dir, state_dir=tmp_path)
+    return session_id, tokens
+
+
+@pytest.mark.parametrize("damage", ["truncated to its header", "metadata unparsable", "flipped key bit"])
+def test_damaged_snapshot_found_at_start_is_data_loss_not_not_found(model_dir, tmp_path, damage):
+    # without a write-ahead log the snapshot is all there is
+    session_id, _ = persisted_then_damaged(model_dir, tmp_path, damage, durability=False)
+    server = start_server(model_dir, state_dir=tmp_path, durability=False)
     try:
         with SinkStreamClient(server.address, timeout=60) as client:
             assert_lost(client, session_id)
             assert not list(tmp_path.glob("*.safetensors"))
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("damage", ["truncated to its header", "flipped key bit"])
+def test_damaged_snapshot_found_at_start_is_rebuilt_from_the_log(model_dir, tmp_path, damage):
+    # the session's log still reaches back to its opening (its first snapshot cut nothing): it is replayed
+    session_id, tokens = persisted_then_damaged(model_dir, tmp_path, damage, durability=True)
+    server = start_server(model_dir, state_dir=tmp_path)
+    try:
+        with SinkStreamClient(server.address, timeout=60) as client:
+            assert client.get_session(session_id).tokens_seen == tokens
+            with client.resume_session(session_id) as resumed:
+                assert resumed.opened.tokens_seen == tokens
     finally:
         server.stop()

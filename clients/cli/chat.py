@@ -41,6 +41,7 @@ from sinkstream.clients.cli.options import (
     add_offload_options,
     add_server_option,
     connection_options,
+    resume_policy,
 )
 from sinkstream.clients.client import SinkStreamClient
 from sinkstream.clients.results import SinkStreamError
@@ -155,7 +156,7 @@ def converse(args: argparse.Namespace, address: str, key: str, again: str,
         with contextlib.suppress(ImportError):  # line editing and history for input(), where available
             import readline  # noqa: F401
     try:
-        with SinkStreamClient(address, **(connection or {})) as client:
+        with SinkStreamClient(address, resume=resume_policy(args), **(connection or {})) as client:
             chat = Conversation(client, args, key, again)
             chat.start()
             if interactive:

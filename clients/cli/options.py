@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import os
 
+from sinkstream.clients.resume import ResumePolicy
 from sinkstream.core.config import (  # torch-free
     KV_DTYPES,
     MERGE_POLICIES,
@@ -18,7 +19,7 @@ from sinkstream.core.offload.config import add_offload_options, check_offload_op
 
 __all__ = ["CACHE_SHAPE_OPTIONS", "MODEL_DTYPES", "add_cache_shape_options", "add_dtype_option",
            "add_kv_dtype_option", "add_offload_options", "add_server_option", "check_offload_options",
-           "connection_options", "count", "tier_specs"]
+           "connection_options", "count", "resume_policy", "tier_specs"]
 
 DEFAULT_SERVER = os.environ.get("SINKSTREAM_SERVER")
 CACHE_SHAPE_OPTIONS = ("sink_tokens", "window", "chunk", "tiers", "merge_policy")
@@ -26,7 +27,8 @@ MODEL_DTYPES = ("float32", "bfloat16")  # names of torch dtypes (this module sta
 
 
 def add_server_option(p: argparse.ArgumentParser, help_text: str | None = None) -> None:
-    """--server HOST:PORT, defaulting to $SINKSTREAM_SERVER."""
+    """--server HOST:PORT, defaulting to $SINKSTREAM_SERVER, the connection's --token and --tls-*, and
+    --resume-timeout."""
     p.add_argument("--server", default=DEFAULT_SERVER, help=help_text or "host:port of a sinkstream server "
                    "(default $SINKSTREAM_SERVER); --model wins if given")
     p.add_argument("--token", default=os.environ.get("SINKSTREAM_TOKEN"),
@@ -38,11 +40,31 @@ def add_server_option(p: argparse.ArgumentParser, help_text: str | None = None) 
                    help="client certificate for a server with --tls-client-ca (default $SINKSTREAM_TLS_CERT)")
     p.add_argument("--tls-key", default=os.environ.get("SINKSTREAM_TLS_KEY"), metavar="PEM",
                    help="key of --tls-cert (default $SINKSTREAM_TLS_KEY)")
+    p.add_argument("--resume-timeout", type=seconds, default=60.0, metavar="SECONDS",
+                   help="when the server fails mid-session (restart, crash, a proxy losing its backend), "
+                   "keep trying this long to resume the session and re-send what it had not acknowledged "
+                   "(default 60; 0 = fail at once)")
 
 
 def connection_options(args: argparse.Namespace) -> dict[str, str | None]:
     """The keyword arguments of SinkStreamClient that --token and the --tls-* options give."""
     return {"token": args.token, "tls_ca": args.tls_ca, "tls_cert": args.tls_cert, "tls_key": args.tls_key}
+
+
+def resume_policy(args: argparse.Namespace) -> ResumePolicy:
+    """How the command's sessions resume after a server failure (--resume-timeout)."""
+    return ResumePolicy(resume_timeout_s=args.resume_timeout)
+
+
+def seconds(text: str) -> float:
+    """argparse type of a duration that cannot be negative."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds >= 0, got {text!r}") from None
+    if not value >= 0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"expected seconds >= 0, got {text}")
+    return value
 
 
 def add_dtype_option(p: argparse.ArgumentParser) -> None:

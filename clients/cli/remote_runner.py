@@ -14,7 +14,7 @@ from tqdm import tqdm
 from sinkstream.clients.analysis import AnalysisSummary
 from sinkstream.clients.cli.analysis_files import AnalysisFiles, ChunkSink
 from sinkstream.clients.cli.errors import RUN_FAILURE, USAGE, CliError, server_error, warn
-from sinkstream.clients.cli.options import connection_options
+from sinkstream.clients.cli.options import connection_options, resume_policy
 from sinkstream.clients.cli.output import new_summary, print_generation, write_outputs
 from sinkstream.clients.cli.text_file import TextBlocks
 from sinkstream.clients.client import SinkStreamClient
@@ -38,7 +38,7 @@ def analyze(args: argparse.Namespace, sink: ChunkSink) -> AnalysisSummary:
         shown.update(tiers=",".join(map(str, args.tiers)), merge_policy=args.merge_policy)
     summary = new_summary(args, f"streaming via {args.server}", shown)
     blocks = TextBlocks(path)
-    with SinkStreamClient(args.server, **connection_options(args)) as client:
+    with SinkStreamClient(args.server, resume=resume_policy(args), **connection_options(args)) as client:
         with client.open_session(settings) as session, \
                 tqdm(total=path.stat().st_size, unit="B", unit_scale=True, disable=args.quiet,
                      file=sys.stderr, desc="analyze") as bar:
@@ -61,7 +61,7 @@ def generate_text(args: argparse.Namespace) -> Iterator[str]:
     params = GenerateParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                             repetition_penalty=args.repetition_penalty, seed=args.seed,
                             max_new_tokens=args.max_new_tokens, stop_sequences=tuple(args.stop or ()))
-    with SinkStreamClient(args.server, **connection_options(args)) as client, \
+    with SinkStreamClient(args.server, resume=resume_policy(args), **connection_options(args)) as client, \
             client.open_session(session_settings(args), seed=args.seed) as session:
         session.send_text(args.prompt)
         for token in session.generate_stream(params):

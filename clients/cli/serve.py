@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decode-input-budget", type=int, default=d.decode_input_budget, metavar="TOKENS",
                    help="input tokens per forward pass while sessions generate (0 = no limit; "
                         f"default {d.decode_input_budget}): lower = faster tokens, slower ingest")
+    p.add_argument("--durability", choices=("on", "off"), default="on" if d.durability else "off",
+                   help="with --state-dir: log numbered requests to a per-session write-ahead log and "
+                        "acknowledge them once fsync'd, so they survive kill -9 (default on)")
     p.add_argument("--grace", type=float, default=d.grace_s, metavar="SECONDS",
                    help="on SIGTERM, time open streams get to finish")
     add_security_options(p, d)
@@ -122,6 +125,7 @@ def config_from_args(args: argparse.Namespace, tls: TLSFiles | None = None) -> S
         keepalive_timeout_ms=args.keepalive_timeout_ms,
         min_client_ping_interval_ms=args.min_client_ping_interval_ms, max_new_tokens=args.max_new_tokens,
         max_top_k=args.max_top_k, grace_s=args.grace, decode_input_budget=args.decode_input_budget,
+        durability=args.durability == "on",
         defaults=StreamConfig(sink_tokens=args.sink_tokens, window=args.window, chunk=args.chunk,
                               tiers=args.tiers, merge_policy=args.merge_policy,
                               kv_dtype=args.kv_dtype or "model"),

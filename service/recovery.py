@@ -1,0 +1,149 @@
+"""Recovering a logged session after a restart: which records of its write-ahead log count, which snapshot
+to start from, and the replay of the records after that snapshot through the model.
+
+Replay feeds the logged ids exactly as they ran: each "ran" record is one forward pass over the first n
+pending ids (so chunk boundaries are the original ones), generated tokens are fed as logged (never
+sampled again; batch composition could change a float and so a sample), and the sampler's RNG state is
+set from the log, so a generation a crash interrupted continues as an uninterrupted one would have.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from sinkstream.core.config import StreamConfig, TierSpec
+from sinkstream.core.generation import Generation
+from sinkstream.service.chat_input import ChatInput
+from sinkstream.service.options import AnalysisOptions
+from sinkstream.service.replies import TokenReply
+from sinkstream.service.sequencing import SeqState
+from sinkstream.service.session import ActiveGeneration, KeptGeneration, Session
+from sinkstream.service.session_journal import params_from_record, rng_from_text
+from sinkstream.service.tenants import SessionKey
+from sinkstream.service.text_input import TextInput
+from sinkstream.service.work import AppendWork, GenerateWork
+
+
+class RecoveryError(ValueError):
+    """The log and snapshots of a session cannot rebuild it (damaged beyond the last good record)."""
+
+
+def snapshot_lsn(meta: dict[str, Any]) -> int | None:
+    """The log position a snapshot covers (None: made without a log, never a base for a replay)."""
+    wal = meta.get("session", {}).get("wal")
+    return int(wal["lsn"]) if isinstance(wal, dict) else None
+
+
+def covers(lsn: int | None, records: list[dict[str, Any]]) -> bool:
+    """Whether a snapshot at `lsn` plus `records` is the whole history (no record missing in between)."""
+    if lsn is None:
+        return False
+    return not records or int(records[0]["lsn"]) <= lsn + 1
+
+
+def session_from_open(key: SessionKey, record: dict[str, Any], tokenizer) -> Session:
+    """The fresh session `key` whose log opens with `record` (not resident yet)."""
+    config = dict(record["config"])
+    config["tiers"] = tuple(TierSpec(**t) for t in config["tiers"])
+    meta = record["meta"]
+    text = TextInput(tokenizer, meta["text"]) if tokenizer is not None else None
+    session = Session(key, StreamConfig(**config), AnalysisOptions(**record["analysis"]), text,
+                      created=record["created"])
+    if meta.get("chat") is not None:
+        session.chat = ChatInput(tokenizer, meta["chat"])
+    if meta["pending"]:
+        session.add_input(AppendWork("", list(meta["pending"]), False))
+    return session
+
+
+def restore_bookkeeping(session: Session, meta: dict[str, Any]) -> None:
+    """A snapshot's durability state: sequence numbers (everything it covers is durable), the kept
+    generation, a flush still to answer."""
+    info = meta["session"]
+    wal = info["wal"]
+    seqs = SeqState.from_state(wal["seqs"])
+    session.seqs = SeqState(seqs.applied, seqs.applied, seqs.applied)
+    session.kept_generation = KeptGeneration.from_state(wal["kept"]) if wal.get("kept") else None
+    session.flush_request = info.get("flush")
+    session.applied_text_state = info.get("text")
+
+
+@dataclass
+class Replay:
+    """Replays log records into a resident session whose journal is not set (so nothing is logged)."""
+
+    session: Session
+    tokenizer: Any
+
+    def run(self, records: list[dict[str, Any]]) -> None:
+        """Worker thread (the scheduler's compute thread): apply every record in order."""
+        with torch.inference_mode():
+            for record in records:
+                getattr(self, "_" + record["k"])(record)
+        s = self.session
+        if s.generation is not None:  # interrupted: continued when its Generate comes again
+            s.suspended, s.generation = s.generation, None
+
+    def _open(self, record: dict[str, Any]) -> None:
+        pass  # the session was built from it
+
+    def _base(self, record: dict[str, Any]) -> None:
+        pass  # the snapshot the log continues was restored
+
+    def _in(self, record: dict[str, Any]) -> None:
+        s = self.session
+        if record.get("chat") is not None:
+            s.chat = ChatInput(self.tokenizer, record["chat"])
+        if record.get("text") is not None and self.tokenizer is not None:
+            s.text = TextInput(self.tokenizer, record["text"])
+        seq, part = int(record["seq"]), int(record.get("part", 0))
+        s.add_input(AppendWork(record["rid"], list(record["ids"]), bool(record["flush"]), seq or part,
+                               final=bool(seq) or not part, text_state=record.get("text"),
+                               upto=int(record.get("upto", 0))))
+
+    def _ran(self, record: dict[str, Any]) -> None:
+        s, n = self.session, int(record["n"])
+        s.engine.step({s.row: s.pending[:n]})
+        s.consume_pending(n)
+
+    def _drop(self, record: dict[str, Any]) -> None:
+        self.session.consume_pending(int(record["n"]), ran=False)
+
+    def _flushed(self, record: dict[str, Any]) -> None:
+        self.session.flush_request = None
+
+    def _gen(self, record: dict[str, Any]) -> None:
+        s = self.session
+        params = params_from_record(record["params"])
+        chat_reply = bool(record["chat_reply"])
+        work = GenerateWork(record["rid"], params, None, time.perf_counter(), 0,
+                            input_tokens=int(record["input_tokens"]), chat_reply=chat_reply, prompted=True,
+                            client_seq=int(record["seq"]), text_state=record.get("text"))
+        if record.get("text") is not None and self.tokenizer is not None:
+            s.text = TextInput(self.tokenizer, record["text"])
+        stop_ids = s.chat.end_of_turn if chat_reply and s.chat is not None else ()
+        gen = Generation(s.engine, s.row, params, self.tokenizer, stop_ids)
+        if record.get("rng"):
+            gen.sampler.generator.set_state(rng_from_text(record["rng"]))
+        s.start_generation(ActiveGeneration(work, gen, input_tokens=work.input_tokens))
+
+    def _tok(self, record: dict[str, Any]) -> None:
+        s = self.session
+        g = s.generation
+        token_id, logprob = int(record["id"]), float(record["lp"])
+        s.engine.step({s.row: [token_id]})
+        token = g.gen.accept(token_id, logprob)
+        g.record_token(token.text, time.perf_counter())
+        if record.get("rng"):
+            g.gen.sampler.generator.set_state(rng_from_text(record["rng"]))
+        s.record_token(TokenReply(g.work.request_id, token_id, token.text, logprob, len(g.gen.generated) - 1))
+
+    def _done(self, record: dict[str, Any]) -> None:
+        self.session.finish_generation(record["reason"], record.get("error", ""), close_chat=False)
+
+    def _seq(self, record: dict[str, Any]) -> None:
+        self.session.answered(int(record["seq"]), "")

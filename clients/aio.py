@@ -247,7 +247,7 @@ class AsyncSession(SessionProtocol):
             last = None
             for delay in itertools.chain([0.0], self.policy.delays()):
                 await asyncio.sleep(delay)
-                resume = protocol.resume_request(self.id)
+                resume = self._auto_resume_request()
                 call = self._open_call(resume)
                 try:
                     await call.write(resume)

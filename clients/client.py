@@ -283,7 +283,7 @@ class Session(SessionProtocol):
             last = None
             for delay in itertools.chain([0.0], self.policy.delays()):
                 time.sleep(delay)
-                call, outbox = self._open_call(protocol.resume_request(self.id))
+                call, outbox = self._open_call(self._auto_resume_request())
                 try:
                     opened = self._interpret_opened(next(call))
                 except (grpc.RpcError, StopIteration, SinkStreamError) as exc:

@@ -160,9 +160,11 @@ def open_request(settings: SessionSettings | None, seed: int | None, session_id:
 
 
 def resume_request(session_id: str, settings: SessionSettings | None = None,
-                   request_id: str = "resume") -> pb.StreamRequest:
-    """Resume; `settings` given replaces the session's analysis options (its cache shape is fixed)."""
-    request = pb.ResumeSession(session_id=session_id)
+                   request_id: str = "resume", results_after: int | None = None) -> pb.StreamRequest:
+    """Resume; `settings` given replaces the session's analysis options (its cache shape is fixed);
+    `results_after`: the stream position the caller has results up to (a recovered session sends the
+    results of its replayed log past it again)."""
+    request = pb.ResumeSession(session_id=session_id, results_after=results_after)
     if settings is not None:
         request.analysis.CopyFrom(settings_to_pb(settings).analysis)
     return pb.StreamRequest(request_id=request_id, resume=request)
@@ -481,6 +483,12 @@ class SessionProtocol:
         code = cause.code if gave_up or last is None else last.code
         return self._failed(SinkStreamError(code, f"session {self.id[:64]} could not be resumed after "
                                             f"the call failed ({cause}): {why}"))
+
+    def _auto_resume_request(self) -> pb.StreamRequest:
+        """The ResumeSession of an automatic resume: it asks for the results past what was delivered
+        (results in flight when the server died are sent again if it recovers the session)."""
+        with self._ids_lock:
+            return resume_request(self.id, results_after=self._delivered.position)
 
     def _resumed(self, result) -> list[pb.StreamRequest]:
         """Book the SessionOpened of an automatic resume; returns the requests to send on the new call,

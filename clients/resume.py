@@ -18,8 +18,10 @@ The contract is the "Acknowledgements" block of sinkstream.proto. What the clien
   without auto-resume, so memory stays bounded.
 - De-duplication after a resume: chunk results are delivered by stream position. A chunk whose
   `tokens_seen` is at most the highest position already delivered is dropped; one that overlaps it is cut
-  to its new tokens; one that starts beyond it (results lost in the crash that the server cannot send
-  again) fails the session with DATA_LOSS rather than hand the caller a stream with a hole. Generated
+  to its new tokens; one that starts beyond it (results lost that the server cannot send again) fails
+  the session with DATA_LOSS rather than hand the caller a stream with a hole. A resume asks for the
+  results past the delivered position (ResumeSession.results_after): a server that recovers the session
+  from its log on that resume sends them again, which fills what a crash lost in flight. Generated
   tokens are delivered by `GeneratedToken.index`: a re-sent token whose index was delivered is dropped
   (and must have the same id, else DATA_LOSS). The final answers (Flushed, GenerationComplete) of a
   request are delivered once, matched by request id.

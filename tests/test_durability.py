@@ -457,3 +457,92 @@ def read_fifo_once(path: Path) -> bytes:
         return os.read(fd, 1 << 20)
     finally:
         os.close(fd)
+
+
+# ------------------------------------------------------------------------ results in flight at a crash
+IN_FLIGHT = [append(1, "Once upon a time there was a little girl named Lily. She liked to play"),
+             append(2, " in the park with her big red ball every day.", flush=True),
+             pb.StreamRequest(seq=3, request_id="r3",
+                              generate=pb.Generate(max_new_tokens=12, ignore_eos=True)),
+             append(4, " The next day the sun was hot and Lily went to the sea.", flush=True)]
+
+
+def results(responses: list[pb.StreamResponse]) -> list[tuple]:
+    """The chunk results, generated tokens and completions among `responses`, in order, as comparable
+    values (a completion without its timings)."""
+    out: list[tuple] = []
+    for r in responses:
+        kind = r.WhichOneof("kind")
+        if kind == "chunk":
+            c = r.chunk
+            out.append((kind, r.request_id, c.tokens_seen, c.num_tokens, list(c.token_ids),
+                        [x.hex() for x in c.logprobs]))  # bit for bit (the first token's is nan)
+        elif kind == "token":
+            out.append((kind, r.request_id, r.token.index, r.token.token_id, r.token.logprob.hex(),
+                        r.token.text))
+        elif kind == "generation_complete":
+            g = r.generation_complete
+            out.append((kind, r.request_id, g.stop_reason, g.generated_tokens, g.input_tokens, g.tokens_seen,
+                        g.text))
+    return out
+
+
+def in_flight_open(session_id: str) -> pb.StreamRequest:
+    request = open_request(session_id, chunk=CHUNK, seed=SEED)
+    request.open.settings.analysis.token_ids = True
+    return request
+
+
+def test_results_in_flight_at_a_crash_are_sent_again_on_the_resume_that_recovers(model_dir, tmp_path):
+    """A client sends numbered appends and a generate and reads nothing: every result is in flight (in the
+    server's outbox or the transport) when the server is killed with SIGKILL after all of it was processed
+    and acknowledged. The resume that recovers the session, asking for results after position 0, gets
+    every chunk result, generated token and completion again, once each, in order, equal to what an
+    uninterrupted run delivered; a second resume (nothing recovered any more) gets none of them."""
+    reference = ServeProcess(model_dir, tmp_path / "reference")
+    try:
+        stream = RawStream(reference.channel, in_flight_open("s"))
+        stream.next()
+        for request in IN_FLIGHT:
+            stream.send(request)
+        seen: list[pb.StreamResponse] = []  # the last ack may come before or after the last results
+        while not {("flushed", "r4"), ("ack", "r4")} <= {(r.WhichOneof("kind"), r.request_id) for r in seen}:
+            seen.append(stream.next())
+        want = results(seen)
+        stream.close()
+    finally:
+        reference.stop()
+    assert [r[0] for r in want].count("token") == 12 and want[-1][0] == "chunk"
+    final = want[-1][2]
+
+    state = tmp_path / "state"
+    server = ServeProcess(model_dir, state)
+    try:
+        unread = RawStream(server.channel, in_flight_open("s"))
+        for request in IN_FLIGHT:
+            unread.send(request)
+        deadline = time.monotonic() + 120
+        while session_state(server.channel, "s")[::2] != (final, 4):  # all processed and durable
+            assert time.monotonic() < deadline, session_state(server.channel, "s")
+            time.sleep(0.05)
+        server.kill9()
+    finally:
+        server.stop()
+    server = ServeProcess(model_dir, state)
+    try:
+        resume = resume_request("s")
+        resume.resume.results_after = 0
+        stream = RawStream(server.channel, resume)
+        opened = stream.next().session_opened
+        assert (opened.tokens_seen, opened.acked_seq) == (final, 4)
+        stream.send(pb.StreamRequest(request_id="end", append_text=pb.AppendText(flush=True)))
+        got = stream.until(lambda r: r.HasField("flushed"))
+        stream.close()
+        assert results(got) == want
+        again = RawStream(server.channel, resume)  # recovered already: nothing is sent again
+        again.next()
+        again.send(pb.StreamRequest(request_id="end", append_text=pb.AppendText(flush=True)))
+        assert results(again.until(lambda r: r.HasField("flushed"))) == []
+        again.close()
+    finally:
+        server.stop()

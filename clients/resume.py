@@ -88,13 +88,6 @@ def answer_kind(request: pb.StreamRequest) -> str | None:
     return {"generate": "generation_complete", "checkpoint": "checkpointed", "close": "closed"}.get(kind)
 
 
-@dataclass(frozen=True)
-class Resend:
-    """A request the transport must send again, as it is (see ReplayBuffer.renumber_after_gap)."""
-
-    request: pb.StreamRequest
-
-
 @dataclass
 class _Sent:
     """A request the server may still owe something: an ack (numbered), or its final answer."""
@@ -196,27 +189,6 @@ class ReplayBuffer:
         entry.answered = True
         self._drop_if_done(request_id)
         return True
-
-    def renumber_after_gap(self, request_id: str, expected: int) -> pb.StreamRequest | None:
-        """The server refused `request_id` as a gap, expecting seq `expected`: the numbered requests from
-        `expected` on were refused without being received (a refusal before the server takes a number).
-        When `request_id` is the newest numbered request (nothing after it can be reordered), it takes
-        number `expected`, the refused ones leave the buffer, and the request is returned to be sent
-        again; else None (the gap error stands)."""
-        entry = self._sent.get(request_id)
-        newest = entry is not None and entry.request.seq == self.last_seq
-        if not newest or not self.acked_seq < expected <= self.last_seq:
-            return None
-        for rid, other in list(self._sent.items()):
-            if other.request.seq >= expected and not other.acked:
-                self._unacked_bytes -= other.size
-                self._unacked -= 1
-                if rid != request_id:
-                    del self._sent[rid]
-        entry.request.seq = self.last_seq = expected
-        self._unacked_bytes += entry.size
-        self._unacked += 1
-        return entry.request
 
     def on_error(self, request_id: str) -> None:
         """The request was refused: no final answer will come (it is still replayed until acked)."""

@@ -26,7 +26,7 @@ from sinkstream.service.session_manager import SessionManager
 from sinkstream.service.tenants import SessionKey, current_tenant
 from sinkstream.service.text_input import tokenize
 from sinkstream.service.wire import Malformed
-from sinkstream.service.work import DetachWork, ErrorWork
+from sinkstream.service.work import DetachWork
 from sinkstream.v1 import sinkstream_pb2 as pb
 from sinkstream.v1 import sinkstream_pb2_grpc as pb_grpc
 
@@ -137,7 +137,7 @@ class SinkStreamServicer(pb_grpc.SinkStreamServicer):
                 except RequestError as exc:
                     self.metrics.errors.labels(exc.code.name).inc()
                     rid = "" if exc.field == "request_id" else message.request_id  # not echoed when too long
-                    await session.queue(ErrorWork(rid, exc))
+                    await session.queue(self.intake.refusal(session, message.seq, rid, exc))
                     self.scheduler.wake()
                     continue  # a refused request (a close included) changes nothing: keep reading
                 if kind == "close":

@@ -311,7 +311,7 @@ class Session:
             gap = bool(self.current.client_seq)
             self.drop_current()
         for item in self.inbox.drop_all():
-            if gap and getattr(item, "seq", 0) and isinstance(item, AppendWork | MessageWork):
+            if gap and getattr(item, "seq", 0) and isinstance(item, AppendWork | MessageWork | ErrorWork):
                 dropped.append((item.request_id, None))
                 continue
             if isinstance(item, GenerateWork):
@@ -334,6 +334,7 @@ class Session:
                     dropped.append((item.request_id, None))
             elif isinstance(item, ErrorWork):
                 dropped.append((item.request_id, item.error))
+                self.answered(item.seq, item.request_id)  # it took its number
             elif not isinstance(item, DetachWork):
                 dropped.append((item.request_id, None))
         self.flush_request = None

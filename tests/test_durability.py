@@ -546,3 +546,58 @@ def test_results_in_flight_at_a_crash_are_sent_again_on_the_resume_that_recovers
         again.close()
     finally:
         server.stop()
+
+
+# ------------------------------------------------------------------------------ refusals take their number
+def test_pipelined_refusals_take_their_numbers_and_are_acknowledged(model_dir, tmp_path):
+    """Numbered requests sent without waiting: good, refused at intake (append_message: the model has no
+    chat template; append_tokens: an id outside the vocabulary), refused at decoding (generate with a
+    negative temperature), good. Every refusal takes its number: each is answered with its own error and
+    acknowledged, the requests after it are not a gap, and the state is the good appends' alone (equal to
+    a session that only got those). A refused request sent again is a duplicate: acknowledged only. After
+    kill -9 the recovered session has the same state and acknowledged numbers."""
+    good = [append(1, "Once upon a time there was a little girl named Lily."),
+            append(5, " She loved to play outside in the park.", flush=True)]
+    refused = [pb.StreamRequest(seq=2, request_id="r2", append_message=pb.AppendMessage(role="user",
+                                                                                         content="hi")),
+               pb.StreamRequest(seq=3, request_id="r3", append_tokens=pb.AppendTokens(ids=[1, 10**6])),
+               pb.StreamRequest(seq=4, request_id="r4", generate=pb.Generate(temperature=-1.0))]
+    server = ServeProcess(model_dir, tmp_path / "state")
+    try:
+        plain = RawStream(server.channel, in_flight_open("plain"))
+        plain.next()
+        plain.send(append(1, good[0].append_text.text))
+        plain.send(append(2, good[1].append_text.text, flush=True))
+        plain.until(acked(2))
+        plain.close()
+        want = session_state(server.channel, "plain")[:2]
+
+        stream = RawStream(server.channel, in_flight_open("s"))
+        stream.next()
+        for request in [good[0], *refused, good[1]]:
+            stream.send(request)
+        got: list[pb.StreamResponse] = []
+        while not {"flushed", "ack"} <= {r.WhichOneof("kind") for r in got if r.request_id == "r5"}:
+            got.append(stream.next())
+        errors = {r.request_id: r.error for r in got if r.HasField("error")}
+        assert sorted(errors) == ["r2", "r3", "r4"]
+        assert errors["r2"].code == pb.ERROR_CODE_FAILED_PRECONDITION
+        assert errors["r3"].code == errors["r4"].code == pb.ERROR_CODE_INVALID_ARGUMENT
+        assert errors["r3"].field == "append_tokens.ids" and errors["r4"].field == "generate.temperature"
+        acks = [r.ack.seq for r in got if r.HasField("ack")]
+        assert acks == sorted(acks) and acks[-1] == 5
+        assert set(acks) == {1, 2, 3, 4, 5}  # acks are cumulative; here each request got its own
+        assert session_state(server.channel, "s") == (*want, 5)
+
+        stream.send(refused[0])  # a duplicate: acknowledged, not refused (nor processed) again
+        (again,) = stream.until(acked(2))
+        assert again.request_id == "r2"
+        stream.close()
+        server.kill9()
+    finally:
+        server.stop()
+    server = ServeProcess(model_dir, tmp_path / "state")
+    try:
+        assert session_state(server.channel, "s") == (*want, 5)
+    finally:
+        server.stop()

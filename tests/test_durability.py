@@ -441,6 +441,9 @@ def test_a_resume_acknowledges_what_the_ended_call_applied_before_a_new_caller_n
             assert after > first
             releaser.join(60)
         assert released and released[0]  # the blocker's records went through the FIFO
+        deadline = time.monotonic() + 60  # the last ack comes with the committer's round after the release
+        while info(channel, "late-ack").acked_seq != 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
         assert info(channel, "late-ack").acked_seq == 2
         blocker.cancel()
     finally:
@@ -601,3 +604,28 @@ def test_pipelined_refusals_take_their_numbers_and_are_acknowledged(model_dir, t
         assert session_state(server.channel, "s") == (*want, 5)
     finally:
         server.stop()
+
+
+# ------------------------------------------------------------------------------ group commit: what is fsync'd
+def test_only_records_someone_waits_for_are_fsynced_and_an_fsync_covers_what_came_before(
+        tmp_path, monkeypatch):
+    """A round fsyncs only the files holding a record with a waiter (an ack); records without one are
+    written at once (readable, so they survive kill -9) and become durable with the next fsync of their
+    file, or when the file is closed. Counted with the module's fsync function replaced by a counter."""
+    import sinkstream.service.write_ahead_log as wal
+
+    synced: list[int] = []
+    real_sync = wal._sync
+    monkeypatch.setattr(wal, "_sync", lambda fd: (synced.append(fd), real_sync(fd)))
+    reported = threading.Event()
+    committer = GroupCommitter(lambda results: reported.set(), sync=True)
+    waited, unwaited = tmp_path / "a.wal", tmp_path / "b.wal"
+    for i in range(20):
+        committer.append(waited, {"k": "ran", "n": i})
+        committer.append(unwaited, {"k": "ran", "n": i})
+    committer.append(waited, {"k": "seq", "seq": 1}, done=lambda error: None)
+    assert reported.wait(60)
+    assert len(synced) == 1  # one fsync, for the file whose last record is waited for
+    assert len(read_log(waited).records) == 21 and len(read_log(unwaited).records) == 20  # written
+    committer.stop()
+    assert len(synced) == 2  # the unwaited file is made durable when it is closed

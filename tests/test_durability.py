@@ -629,3 +629,33 @@ def test_only_records_someone_waits_for_are_fsynced_and_an_fsync_covers_what_cam
     assert len(read_log(waited).records) == 21 and len(read_log(unwaited).records) == 20  # written
     committer.stop()
     assert len(synced) == 2  # the unwaited file is made durable when it is closed
+
+
+# ------------------------------------------------------------------------------ TTL of sessions not recovered
+def test_sessions_not_recovered_since_a_restart_expire_by_ttl(model_dir, tmp_path):
+    """Logged sessions found at start expire like the others, their last use taken from their files'
+    modification times (nothing is read): one last changed two hours ago is removed by the first sweep
+    (files gone, NOT_FOUND), one changed now stays, still not recovered, and recovers when asked for."""
+    config = StreamConfig(sink_tokens=4, window=64, chunk=CHUNK)
+    opening_log(tmp_path / "recent.wal", config)
+    opening_log(tmp_path / "old.wal", config)
+    two_hours_ago = time.time() - 7200
+    os.utime(tmp_path / "old.wal", (two_hours_ago, two_hours_ago))
+    server = start_server(model_dir, state_dir=tmp_path, session_ttl_s=3600)
+    channel = grpc.insecure_channel(server.address)
+    try:
+        stub = pb_grpc.SinkStreamStub(channel)
+        deadline = time.monotonic() + 60  # the sweep runs every second
+        while "old" in {s.session_id for s in stub.ListSessions(pb.ListSessionsRequest()).sessions}:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert not (tmp_path / "old.wal").exists()
+        with pytest.raises(grpc.RpcError) as gone:
+            stub.GetSession(pb.GetSessionRequest(session_id="old"))
+        assert gone.value.code() == grpc.StatusCode.NOT_FOUND
+        (recent,) = stub.ListSessions(pb.ListSessionsRequest()).sessions
+        assert recent.session_id == "recent" and not recent.HasField("settings")  # not recovered yet
+        assert stub.GetSession(pb.GetSessionRequest(session_id="recent")).tokens_seen == 0
+    finally:
+        channel.close()
+        server.stop()

@@ -17,7 +17,9 @@ Only files holding a record someone waits for (a `done`) are fsynced in a round:
 a chunk having run) are written at once, so they survive the process being killed, and made durable
 against a power loss by the next fsync of their file, which covers everything written before it. What
 an acknowledgement promises (its record and every record before it in the file) is unchanged; records
-nobody waits for cost a write, not an fsync each.
+nobody waits for cost a write, not an fsync each, and are gathered for a few milliseconds first (see
+LAZY_WRITE_S; a kill -9 can lose those, which no acknowledgement covers, and recovery then holds their
+input as pending again).
 """
 
 from __future__ import annotations
@@ -38,6 +40,11 @@ log = logging.getLogger("sinkstream.wal")
 HEADER = struct.Struct("<II")
 MAX_RECORD_BYTES = 1 << 30  # a longer length field is damage, not a record
 OPEN_FILES = 256  # log files kept open between rounds (more sessions: the least recent are closed)
+# Records nobody waits for are gathered for up to LAZY_WRITE_S (or LAZY_BATCH of them) and written in one
+# round: a wake-up of the committer thread per record (one per chunk run) contends for the GIL with the
+# forward passes; one that someone waits for (an ack) starts a round at once.
+LAZY_WRITE_S = 0.02
+LAZY_BATCH = 256
 
 Done = Callable[[BaseException | None], None]  # told once a record is durable (None) or failed (its error)
 
@@ -161,6 +168,7 @@ class GroupCommitter:
         self.notify = notify
         self.sync = sync
         self._ops: list[_Append | _Rewrite | _Delete] = []
+        self._urgent = False  # something queued is waited for: write it now
         self._cv = threading.Condition()
         self._stopping = False
         self._files: OrderedDict[Path, int] = OrderedDict()
@@ -172,7 +180,7 @@ class GroupCommitter:
     # ------------------------------------------------------------------ called from any thread
     def append(self, path: Path, record: dict[str, Any], done: Done | None = None) -> None:
         """Queue one record for `path`; `done` is told once it is on disk."""
-        self._put(_Append(path, encode_record(record), done))
+        self._put(_Append(path, encode_record(record), done), urgent=done is not None)
 
     def rewrite(self, path: Path, keep: Callable[[dict[str, Any]], bool]) -> None:
         """Queue dropping the records of `path` that `keep` refuses (after every record queued before)."""
@@ -191,20 +199,33 @@ class GroupCommitter:
         for path in list(self._files):
             self._close(path)
 
-    def _put(self, op) -> None:
+    def _put(self, op, urgent: bool = True) -> None:
         with self._cv:
+            first = not self._ops
             self._ops.append(op)
-            self._cv.notify()
+            if urgent or len(self._ops) >= LAZY_BATCH:
+                self._urgent = True
+                self._cv.notify()
+            elif first:
+                self._cv.notify()  # the thread starts gathering
 
     # ------------------------------------------------------------------ the thread
+    def _next_round(self) -> list:
+        """Wait for ops: at once when one is waited for, else after LAZY_WRITE_S of gathering."""
+        with self._cv:
+            while not self._stopping and not self._urgent:
+                if not self._ops:
+                    self._cv.wait()
+                elif not self._cv.wait(LAZY_WRITE_S):
+                    break  # nobody waits: write what gathered
+            ops, self._ops, self._urgent = self._ops, [], False
+            return ops
+
     def _run(self) -> None:
         while True:
-            with self._cv:
-                while not self._ops and not self._stopping:
-                    self._cv.wait()
-                ops, self._ops = self._ops, []
-                if not ops and self._stopping:
-                    return
+            ops = self._next_round()
+            if not ops and self._stopping:
+                return
             self._round(ops)
 
     def _round(self, ops: list) -> None:

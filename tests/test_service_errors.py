@@ -14,6 +14,7 @@ from service_support import start_server
 
 from sinkstream.clients.client import SinkStreamClient
 from sinkstream.clients.results import GenerateParams, SessionSettings, SinkStreamError
+from sinkstream.clients.resume import ResumePolicy
 from sinkstream.v1 import sinkstream_pb2 as pb
 
 MAX_MESSAGE = 1 << 20
@@ -219,10 +220,12 @@ def test_checkpoint_write_failure_is_reported_and_stream_survives(client, server
         session.close()  # the module's server holds few sessions
 
 
-def test_unexpected_error_reading_requests_ends_call_with_internal(client, server, bystander, monkeypatch):
+def test_unexpected_error_reading_requests_ends_call_with_internal(server, bystander, monkeypatch):
     def broken(*args):
         raise RuntimeError("test: reader bug")
 
+    # resuming off: a client that resumes on its own takes INTERNAL for a proxy's lost backend and resumes
+    client = SinkStreamClient(server.address, timeout=30, resume=ResumePolicy(resume_timeout_s=0))
     session = client.open_session(timeout=10)
     session.append_text("Once upon a time")
     monkeypatch.setattr(server.server.servicer.intake, "work", broken)
@@ -232,6 +235,7 @@ def test_unexpected_error_reading_requests_ends_call_with_internal(client, serve
     with client.resume_session(session.id) as resumed:  # the session is kept
         assert resumed.opened.tokens_seen == 5
         resumed.close()
+    client.close()
 
 
 def test_append_after_close_on_the_wire(client, bystander):

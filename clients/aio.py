@@ -40,7 +40,7 @@ from sinkstream.clients.results import (
     SessionSettings,
     SinkStreamError,
 )
-from sinkstream.clients.resume import RETRY_RESUME, Resend, ResumePolicy, is_sequenced
+from sinkstream.clients.resume import RETRY_RESUME, ResumePolicy, is_sequenced
 from sinkstream.v1 import sinkstream_pb2 as pb
 from sinkstream.v1 import sinkstream_pb2_grpc as pb_grpc
 
@@ -230,9 +230,7 @@ class AsyncSession(SessionProtocol):
                 await self._recover(call, await self._status_error(call))
                 continue
             result = self._interpret(response)
-            if isinstance(result, Resend):
-                await self._write_all(call, [result.request])
-            elif result is not None:
+            if result is not None:
                 return result
 
     async def _recover(self, failed, error: SinkStreamError) -> None:
@@ -247,7 +245,7 @@ class AsyncSession(SessionProtocol):
             last = None
             for delay in itertools.chain([0.0], self.policy.delays()):
                 await asyncio.sleep(delay)
-                resume = protocol.resume_request(self.id)
+                resume = self._auto_resume_request()
                 call = self._open_call(resume)
                 try:
                     await call.write(resume)

@@ -44,7 +44,7 @@ from sinkstream.clients.results import (
     SessionSettings,
     SinkStreamError,
 )
-from sinkstream.clients.resume import RETRY_RESUME, Resend, ResumePolicy, is_sequenced
+from sinkstream.clients.resume import RETRY_RESUME, ResumePolicy, is_sequenced
 from sinkstream.v1 import sinkstream_pb2 as pb
 from sinkstream.v1 import sinkstream_pb2_grpc as pb_grpc
 
@@ -258,9 +258,7 @@ class Session(SessionProtocol):
                 self._recover(call, protocol.stream_ended_error(None, None))
                 continue
             result = self._interpret(response)
-            if isinstance(result, Resend):
-                self._outbox.queue.put(result.request)
-            elif result is not None:
+            if result is not None:
                 return result
 
     def _collect_chunks_until(self, kind: type):
@@ -283,7 +281,7 @@ class Session(SessionProtocol):
             last = None
             for delay in itertools.chain([0.0], self.policy.delays()):
                 time.sleep(delay)
-                call, outbox = self._open_call(protocol.resume_request(self.id))
+                call, outbox = self._open_call(self._auto_resume_request())
                 try:
                     opened = self._interpret_opened(next(call))
                 except (grpc.RpcError, StopIteration, SinkStreamError) as exc:

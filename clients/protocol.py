@@ -8,7 +8,6 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import re
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -34,7 +33,7 @@ from sinkstream.clients.results import (
     SinkStreamError,
     TierSpec,
 )
-from sinkstream.clients.resume import RESUMABLE, Delivered, ReplayBuffer, Resend, ResumePolicy, new_token
+from sinkstream.clients.resume import RESUMABLE, Delivered, ReplayBuffer, ResumePolicy, new_token
 from sinkstream.v1 import sinkstream_pb2 as pb
 
 T = TypeVar("T")
@@ -160,9 +159,11 @@ def open_request(settings: SessionSettings | None, seed: int | None, session_id:
 
 
 def resume_request(session_id: str, settings: SessionSettings | None = None,
-                   request_id: str = "resume") -> pb.StreamRequest:
-    """Resume; `settings` given replaces the session's analysis options (its cache shape is fixed)."""
-    request = pb.ResumeSession(session_id=session_id)
+                   request_id: str = "resume", results_after: int | None = None) -> pb.StreamRequest:
+    """Resume; `settings` given replaces the session's analysis options (its cache shape is fixed);
+    `results_after`: the stream position the caller has results up to (a recovered session sends the
+    results of its replayed log past it again)."""
+    request = pb.ResumeSession(session_id=session_id, results_after=results_after)
     if settings is not None:
         request.analysis.CopyFrom(settings_to_pb(settings).analysis)
     return pb.StreamRequest(request_id=request_id, resume=request)
@@ -372,7 +373,6 @@ def drain_error(exc: grpc.RpcError) -> SinkStreamError | None:
 
 
 # ---------------------------------------------------------------------- a session stream's bookkeeping
-GAP = re.compile(r"expected seq (\d+)")  # the server's OUT_OF_RANGE "seq" message names the number it expects
 _ANSWER_KINDS = ((Flushed, "flushed"), (GenerationResult, "generation_complete"),
                  (Checkpointed, "checkpointed"), (Closed, "closed"))
 
@@ -425,9 +425,8 @@ class SessionProtocol:
 
     def _interpret(self, response: pb.StreamResponse):
         """The dataclass of one response, or None for what the caller must not see (acks, what a resumed
-        stream delivers again, a request's UNAVAILABLE error while the stream ends and will be resumed),
-        or a Resend for the transport (a gap the client can close by renumbering); an Error is raised as
-        SinkStreamError."""
+        stream delivers again, a request's UNAVAILABLE error while the stream ends and will be resumed);
+        an Error is raised as SinkStreamError."""
         result = response_from_pb(response)
         rid = response.request_id
         with self._ids_lock:
@@ -438,9 +437,6 @@ class SessionProtocol:
             if isinstance(result, SinkStreamError):
                 if result.code == grpc.StatusCode.UNAVAILABLE and self._auto_resume():
                     return None  # the server is stopping: the call ends next, and the request is replayed
-                gap = GAP.search(result.message) if result.field == "seq" else None
-                if gap and (again := self._replay.renumber_after_gap(rid, int(gap.group(1)))) is not None:
-                    return Resend(again)  # an earlier refusal did not take its number: send it again
                 self._replay.on_error(rid)
                 raise result
             if isinstance(result, ChunkResult):
@@ -481,6 +477,12 @@ class SessionProtocol:
         code = cause.code if gave_up or last is None else last.code
         return self._failed(SinkStreamError(code, f"session {self.id[:64]} could not be resumed after "
                                             f"the call failed ({cause}): {why}"))
+
+    def _auto_resume_request(self) -> pb.StreamRequest:
+        """The ResumeSession of an automatic resume: it asks for the results past what was delivered
+        (results in flight when the server died are sent again if it recovers the session)."""
+        with self._ids_lock:
+            return resume_request(self.id, results_after=self._delivered.position)
 
     def _resumed(self, result) -> list[pb.StreamRequest]:
         """Book the SessionOpened of an automatic resume; returns the requests to send on the new call,

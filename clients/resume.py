@@ -18,8 +18,10 @@ The contract is the "Acknowledgements" block of sinkstream.proto. What the clien
   without auto-resume, so memory stays bounded.
 - De-duplication after a resume: chunk results are delivered by stream position. A chunk whose
   `tokens_seen` is at most the highest position already delivered is dropped; one that overlaps it is cut
-  to its new tokens; one that starts beyond it (results lost in the crash that the server cannot send
-  again) fails the session with DATA_LOSS rather than hand the caller a stream with a hole. Generated
+  to its new tokens; one that starts beyond it (results lost that the server cannot send again) fails
+  the session with DATA_LOSS rather than hand the caller a stream with a hole. A resume asks for the
+  results past the delivered position (ResumeSession.results_after): a server that recovers the session
+  from its log on that resume sends them again, which fills what a crash lost in flight. Generated
   tokens are delivered by `GeneratedToken.index`: a re-sent token whose index was delivered is dropped
   (and must have the same id, else DATA_LOSS). The final answers (Flushed, GenerationComplete) of a
   request are delivered once, matched by request id.
@@ -84,13 +86,6 @@ def answer_kind(request: pb.StreamRequest) -> str | None:
     if kind in ("append_text", "append_tokens", "append_message"):
         return "flushed" if getattr(request, kind).flush else None
     return {"generate": "generation_complete", "checkpoint": "checkpointed", "close": "closed"}.get(kind)
-
-
-@dataclass(frozen=True)
-class Resend:
-    """A request the transport must send again, as it is (see ReplayBuffer.renumber_after_gap)."""
-
-    request: pb.StreamRequest
 
 
 @dataclass
@@ -194,27 +189,6 @@ class ReplayBuffer:
         entry.answered = True
         self._drop_if_done(request_id)
         return True
-
-    def renumber_after_gap(self, request_id: str, expected: int) -> pb.StreamRequest | None:
-        """The server refused `request_id` as a gap, expecting seq `expected`: the numbered requests from
-        `expected` on were refused without being received (a refusal before the server takes a number).
-        When `request_id` is the newest numbered request (nothing after it can be reordered), it takes
-        number `expected`, the refused ones leave the buffer, and the request is returned to be sent
-        again; else None (the gap error stands)."""
-        entry = self._sent.get(request_id)
-        newest = entry is not None and entry.request.seq == self.last_seq
-        if not newest or not self.acked_seq < expected <= self.last_seq:
-            return None
-        for rid, other in list(self._sent.items()):
-            if other.request.seq >= expected and not other.acked:
-                self._unacked_bytes -= other.size
-                self._unacked -= 1
-                if rid != request_id:
-                    del self._sent[rid]
-        entry.request.seq = self.last_seq = expected
-        self._unacked_bytes += entry.size
-        self._unacked += 1
-        return entry.request
 
     def on_error(self, request_id: str) -> None:
         """The request was refused: no final answer will come (it is still replayed until acked)."""

@@ -138,7 +138,8 @@ def start_request_from_pb(first: pb.StreamRequest, defaults: StreamConfig, limit
         check_session_id(request.session_id, "resume.session_id")
         analysis = (analysis_from_pb(request.analysis, limits, "resume.analysis")
                     if request.HasField("analysis") else None)
-        return ResumeRequest(first.request_id, request.session_id, analysis)
+        results_after = request.results_after if request.HasField("results_after") else None
+        return ResumeRequest(first.request_id, request.session_id, analysis, results_after)
     raise RequestError(grpc.StatusCode.FAILED_PRECONDITION,
                        f"the first request of a stream must be open or resume, got {kind}", "kind")
 

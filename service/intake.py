@@ -36,6 +36,7 @@ from sinkstream.service.work import (
     AppendWork,
     CheckpointWork,
     CloseWork,
+    ErrorWork,
     GenerateWork,
     MessageWork,
     RepeatWork,
@@ -128,6 +129,25 @@ class Intake:
                                request.kind)
         else:
             raise TypeError(f"not a work request: {request!r}")
+
+    @staticmethod
+    def refusal(session: Session, seq: int, request_id: str, error: RequestError) -> Work:
+        """The work answering a request refused with `error` before it became work. A numbered one takes
+        its number like any other request (so requests pipelined after it are not a gap): a new number
+        is answered with the error and acknowledged once durable; a duplicate (a refused request sent
+        again, e.g. after a resume) is only acknowledged again. A gap takes nothing and is reported."""
+        if seq:
+            suspended = session.suspended
+            if suspended is not None and suspended.work.client_seq == seq:
+                session.abandon_suspended(seq)  # not its repeat: the caller never saw that generation
+            try:
+                verdict = session.seqs.check(seq)
+            except RequestError as gap:
+                return ErrorWork(request_id, gap)
+            if verdict is Verdict.DUPLICATE:
+                return RepeatWork(request_id, seq, None)
+            session.seqs.receive(seq)
+        return ErrorWork(request_id, error, seq)
 
     @staticmethod
     def _generate_work(session: Session, request: GenerateRequest, seq: int) -> GenerateWork:

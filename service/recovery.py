@@ -10,7 +10,7 @@ set from the log, so a generation a crash interrupted continues as an uninterrup
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -19,7 +19,8 @@ from sinkstream.core.config import StreamConfig, TierSpec
 from sinkstream.core.generation import Generation
 from sinkstream.service.chat_input import ChatInput
 from sinkstream.service.options import AnalysisOptions
-from sinkstream.service.replies import TokenReply
+from sinkstream.service.replayed_results import ReplayedResults
+from sinkstream.service.replies import ChunkReply, TokenReply
 from sinkstream.service.sequencing import SeqState
 from sinkstream.service.session import ActiveGeneration, KeptGeneration, Session
 from sinkstream.service.session_journal import params_from_record, rng_from_text
@@ -74,10 +75,12 @@ def restore_bookkeeping(session: Session, meta: dict[str, Any]) -> None:
 
 @dataclass
 class Replay:
-    """Replays log records into a resident session whose journal is not set (so nothing is logged)."""
+    """Replays log records into a resident session whose journal is not set (so nothing is logged), and
+    keeps the results the replay produces in `session.replayed` (see replayed_results.py)."""
 
     session: Session
     tokenizer: Any
+    results: ReplayedResults = field(default_factory=ReplayedResults)
 
     def run(self, records: list[dict[str, Any]]) -> None:
         """Worker thread (the scheduler's compute thread): apply every record in order."""
@@ -85,6 +88,7 @@ class Replay:
             for record in records:
                 getattr(self, "_" + record["k"])(record)
         s = self.session
+        s.replayed = self.results
         if s.generation is not None:  # interrupted: continued when its Generate comes again
             s.suspended, s.generation = s.generation, None
 
@@ -107,8 +111,11 @@ class Replay:
 
     def _ran(self, record: dict[str, Any]) -> None:
         s, n = self.session, int(record["n"])
-        s.engine.step({s.row: s.pending[:n]})
-        s.consume_pending(n)
+        analysis = s.analysis
+        result = s.engine.step({s.row: s.pending[:n]}, top_k=analysis.top_k,
+                               embeddings=analysis.embeddings)[s.row]
+        request_id = s.consume_pending(n)
+        self.results.chunk(ChunkReply.of(request_id, n, result, analysis, s.row_stats()))
 
     def _drop(self, record: dict[str, Any]) -> None:
         self.session.consume_pending(int(record["n"]), ran=False)
@@ -130,6 +137,7 @@ class Replay:
         if record.get("rng"):
             gen.sampler.generator.set_state(rng_from_text(record["rng"]))
         s.start_generation(ActiveGeneration(work, gen, input_tokens=work.input_tokens))
+        self.results.generation_started()
 
     def _tok(self, record: dict[str, Any]) -> None:
         s = self.session
@@ -140,10 +148,13 @@ class Replay:
         g.record_token(token.text, time.perf_counter())
         if record.get("rng"):
             g.gen.sampler.generator.set_state(rng_from_text(record["rng"]))
-        s.record_token(TokenReply(g.work.request_id, token_id, token.text, logprob, len(g.gen.generated) - 1))
+        reply = TokenReply(g.work.request_id, token_id, token.text, logprob, len(g.gen.generated) - 1)
+        s.record_token(reply)
+        self.results.token(reply)
 
     def _done(self, record: dict[str, Any]) -> None:
-        self.session.finish_generation(record["reason"], record.get("error", ""), close_chat=False)
+        complete = self.session.finish_generation(record["reason"], record.get("error", ""), close_chat=False)
+        self.results.generation_ended(complete)
 
     def _seq(self, record: dict[str, Any]) -> None:
         self.session.answered(int(record["seq"]), "")

@@ -24,11 +24,13 @@ class OpenRequest:
 
 @dataclass(frozen=True)
 class ResumeRequest:
-    """Attach to an existing session; `analysis` replaces its analysis options when given."""
+    """Attach to an existing session; `analysis` replaces its analysis options when given;
+    `results_after`: send the results of a recovered log past this stream position again (None: not)."""
 
     request_id: str
     session_id: str
     analysis: AnalysisOptions | None
+    results_after: int | None = None
 
 
 @dataclass(frozen=True)

@@ -234,6 +234,7 @@ class Scheduler:
                 s.emit(StreamEnd())
             elif isinstance(item, ErrorWork):
                 s.emit(ErrorReply(item.request_id, item.error))
+                s.answered(item.seq, item.request_id)
         return None
 
     async def _prepare_log(self, s: Session, item: Work) -> None:

@@ -26,7 +26,7 @@ from sinkstream.service.session_manager import SessionManager
 from sinkstream.service.tenants import SessionKey, current_tenant
 from sinkstream.service.text_input import tokenize
 from sinkstream.service.wire import Malformed
-from sinkstream.service.work import DetachWork, ErrorWork
+from sinkstream.service.work import DetachWork
 from sinkstream.v1 import sinkstream_pb2 as pb
 from sinkstream.v1 import sinkstream_pb2_grpc as pb_grpc
 
@@ -52,11 +52,12 @@ class SinkStreamServicer(pb_grpc.SinkStreamServicer):
         if isinstance(first, Malformed):
             await self._abort(context, invalid("request", str(first.error)))
         try:
-            session, opened = await self._start(first)
+            session, opened, results_after = await self._start(first)
         except RequestError as exc:
             await self._abort(context, exc)
             return
         outbox = self.manager.attach(session)
+        session.resend_replayed(results_after)  # after SessionOpened: what a crash may have lost
         log.info("stream attached", extra={"session": session.key.label, "peer": context.peer()})
         reader = asyncio.create_task(self._read(requests, session, outbox))
         call = asyncio.current_task()
@@ -84,7 +85,9 @@ class SinkStreamServicer(pb_grpc.SinkStreamServicer):
         self.metrics.errors.labels(exc.code.name).inc()
         await context.abort(exc.code, str(exc))
 
-    async def _start(self, first: pb.StreamRequest) -> tuple[Session, pb.StreamResponse]:
+    async def _start(self, first: pb.StreamRequest) -> tuple[Session, pb.StreamResponse, int | None]:
+        """The call's session, its SessionOpened, and the position after which a resume asks for the
+        results of a recovered log (None: an open, or not asked)."""
         self.metrics.requests.labels(convert.request_kind(first)).inc()
         request = convert.start_request_from_pb(first, self.defaults, self.limits)
         if isinstance(request, OpenRequest):
@@ -96,7 +99,8 @@ class SinkStreamServicer(pb_grpc.SinkStreamServicer):
             session = await self.manager.resume(SessionKey(current_tenant.get(), request.session_id),
                                                 request.analysis)
         resumed = not isinstance(request, OpenRequest)
-        return session, convert.session_opened_to_pb(request.request_id, session, resumed)
+        results_after = None if isinstance(request, OpenRequest) else request.results_after
+        return session, convert.session_opened_to_pb(request.request_id, session, resumed), results_after
 
     def _system_message(self, request: OpenRequest) -> tuple[ChatInput | None, list[int], StreamConfig]:
         """The conversation an open starts with its system message, that message's ids and the session's
@@ -133,7 +137,7 @@ class SinkStreamServicer(pb_grpc.SinkStreamServicer):
                 except RequestError as exc:
                     self.metrics.errors.labels(exc.code.name).inc()
                     rid = "" if exc.field == "request_id" else message.request_id  # not echoed when too long
-                    await session.queue(ErrorWork(rid, exc))
+                    await session.queue(self.intake.refusal(session, message.seq, rid, exc))
                     self.scheduler.wake()
                     continue  # a refused request (a close included) changes nothing: keep reading
                 if kind == "close":

@@ -22,6 +22,7 @@ from sinkstream.service.backpressure import Inbox, Outbox
 from sinkstream.service.chat_input import ChatInput
 from sinkstream.service.errors import RequestError, server_failure
 from sinkstream.service.options import AnalysisOptions
+from sinkstream.service.replayed_results import ReplayedResults
 from sinkstream.service.replies import AckReply, ErrorReply, GenerationReply, Reply, StreamEnd, TokenReply
 from sinkstream.service.sequencing import SeqState
 from sinkstream.service.session_journal import SessionJournal, rng_to_text
@@ -137,6 +138,8 @@ class Session:
         # A numbered append applied in part (its call or the server ended mid-request): (seq, where the
         # applied slices end); when it is sent again only the rest is applied.
         self.partial: tuple[int, int] | None = None
+        # The results a recovery's replay produced, for the call that resumes the session (once).
+        self.replayed: ReplayedResults | None = None
 
     @classmethod
     def persisted(cls, key: SessionKey, config: StreamConfig, analysis: AnalysisOptions,
@@ -228,6 +231,14 @@ class Session:
         self.touch()
         return True
 
+    def resend_replayed(self, position: int | None) -> None:
+        """A call just attached: send it the results of the recovered log past stream `position` (None:
+        none); they are kept for this first call only."""
+        replayed, self.replayed = self.replayed, None
+        if replayed is not None and position is not None:
+            for reply in replayed.after(position):
+                self.emit(reply)
+
     def emit(self, reply: Reply | StreamEnd) -> None:
         """Queue a reply for the attached call (dropped when no call is attached)."""
         if self.outbox is not None:
@@ -300,7 +311,7 @@ class Session:
             gap = bool(self.current.client_seq)
             self.drop_current()
         for item in self.inbox.drop_all():
-            if gap and getattr(item, "seq", 0) and isinstance(item, AppendWork | MessageWork):
+            if gap and getattr(item, "seq", 0) and isinstance(item, AppendWork | MessageWork | ErrorWork):
                 dropped.append((item.request_id, None))
                 continue
             if isinstance(item, GenerateWork):
@@ -323,6 +334,7 @@ class Session:
                     dropped.append((item.request_id, None))
             elif isinstance(item, ErrorWork):
                 dropped.append((item.request_id, item.error))
+                self.answered(item.seq, item.request_id)  # it took its number
             elif not isinstance(item, DetachWork):
                 dropped.append((item.request_id, None))
         self.flush_request = None
@@ -463,7 +475,7 @@ class Session:
         self.emit(reply)
 
     def finish_generation(self, reason: str, error: str = "", close_chat: bool = True,
-                          report: bool = True) -> None:
+                          report: bool = True) -> GenerationReply:
         """End the running generation and report it (the text input moved past it when it was read).
         `close_chat` False: leave a chat reply's closing to the caller (a log replay, whose next record
         holds the closing ids and the conversation's state)."""
@@ -485,6 +497,7 @@ class Session:
             self.emit(complete)
         if self.journal is None:
             self._acknowledge_when_durable(seq, g.work.request_id)
+        return complete
 
     def repeat_generation(self, work: GenerateWork) -> bool:
         """A numbered Generate came again: send the kept generation's tokens from index 0 under the new

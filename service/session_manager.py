@@ -12,6 +12,7 @@ forward pass (which runs in a worker thread); any other code that touches an eng
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
 import time
@@ -51,6 +52,17 @@ RECENTLY_CLOSED = 1024  # closed ids remembered for a clearer NOT_FOUND message
 FAILED_RETRY_S = 1.0  # a session that failed server-side is not scheduled again for this long
 
 
+def last_changed(store: SessionStore, key: SessionKey) -> float:
+    """When a logged session was last changed, from its files' modification times (log, snapshot; the
+    files are not read): the last use of a session not recovered since the restart (its files do not
+    change until it is)."""
+    times = []
+    for path in (store.log_path(key), store.path(key)):
+        with contextlib.suppress(FileNotFoundError):
+            times.append(path.stat().st_mtime)
+    return max(times, default=time.time())
+
+
 class SessionManager:
     """All live sessions; opening, resuming, evicting, restoring, expiring and deleting them."""
 
@@ -64,8 +76,8 @@ class SessionManager:
         self.max_sessions, self.quotas = max_sessions, quotas
         self.stalled_reader_s = stalled_reader_s  # 0: a stream that reads nothing stays attached
         self.committer, self.durable = committer, durable and committer is not None
-        # Logged sessions found at start, recovered on first use (key -> None, in key order).
-        self.unrecovered: dict[SessionKey, None] = {}
+        # Logged sessions found at start, recovered on first use (key -> last use, in key order).
+        self.unrecovered: dict[SessionKey, float] = {}
         # Runs a replay's forward passes; the scheduler gives its compute thread.
         self.compute: Callable[[Callable[[], None]], Awaitable[None]] = asyncio.to_thread
         self.session_ttl_s, self.idle_evict_s = session_ttl_s, idle_evict_s
@@ -79,7 +91,7 @@ class SessionManager:
         self.on_work: Callable[[], None] = lambda: None  # the scheduler's wake-up
         if store is not None:
             if committer is not None:
-                self.unrecovered = dict.fromkeys(store.logged_keys())
+                self.unrecovered = {key: last_changed(store, key) for key in store.logged_keys()}
             metas, self.damaged = store.scan(skip=self.unrecovered)
             for key, meta in metas:
                 try:
@@ -376,12 +388,7 @@ class SessionManager:
         """Delete a detached session; returns the tokens it had seen."""
         async with self.lock:
             if key in self.damaged or key in self.unrecovered:
-                self.damaged.pop(key, None)
-                self.unrecovered.pop(key, None)
-                if self.store is not None:
-                    self.store.delete(key)
-                if self.committer is not None:
-                    self.committer.delete(self.store.log_path(key))
+                self._drop_files(key)
                 return 0
             session = self.get(key)
             if session.attached:
@@ -392,10 +399,23 @@ class SessionManager:
             self._forget(session)
             return tokens
 
+    def _drop_files(self, key: SessionKey) -> None:
+        """Remove a session known only by its files (damaged, or logged and not recovered yet)."""
+        self.damaged.pop(key, None)
+        self.unrecovered.pop(key, None)
+        if self.store is not None:
+            self.store.delete(key)
+        if self.committer is not None:
+            self.committer.delete(self.store.log_path(key))
+
     # ------------------------------------------------------------------ housekeeping
     def _expire(self, now: float) -> None:
         if not self.session_ttl_s:
             return
+        for key, last_used in list(self.unrecovered.items()):  # expire like the others, never read
+            if now - last_used > self.session_ttl_s:
+                log.info("session expired before it was recovered", extra={"session": key.label})
+                self._drop_files(key)
         for session in list(self.sessions.values()):
             if not session.attached and session.idle() and now - session.last_used > self.session_ttl_s:
                 log.info("session expired", extra={"session": session.key.label})

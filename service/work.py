@@ -79,10 +79,12 @@ class DetachWork:
 
 @dataclass
 class ErrorWork:
-    """A request refused by the reader; reported in order with the other requests' answers."""
+    """A request refused by the reader; reported in order with the other requests' answers. `seq`: the
+    refused request's number, which it takes (answered `error`, then `ack` once that is durable)."""
 
     request_id: str
     error: RequestError
+    seq: int = 0
 
 
 Work = (AppendWork | MessageWork | GenerateWork | RepeatWork | CheckpointWork | CloseWork | DetachWork

@@ -12,6 +12,14 @@ JSON and struct only: nothing read back from disk is ever unpickled. A crash can
 queued since its last round, writes it, fsyncs each touched file once (several sessions share one round)
 and then reports each record durable through the `notify` callback the owner supplies (the server posts
 them to its event loop). The event loop never waits on a disk.
+
+Only files holding a record someone waits for (a `done`) are fsynced in a round: the other records (e.g.
+a chunk having run) are written at once, so they survive the process being killed, and made durable
+against a power loss by the next fsync of their file, which covers everything written before it. What
+an acknowledgement promises (its record and every record before it in the file) is unchanged; records
+nobody waits for cost a write, not an fsync each, and are gathered for a few milliseconds first (see
+LAZY_WRITE_S; a kill -9 can lose those, which no acknowledgement covers, and recovery then holds their
+input as pending again).
 """
 
 from __future__ import annotations
@@ -32,6 +40,11 @@ log = logging.getLogger("sinkstream.wal")
 HEADER = struct.Struct("<II")
 MAX_RECORD_BYTES = 1 << 30  # a longer length field is damage, not a record
 OPEN_FILES = 256  # log files kept open between rounds (more sessions: the least recent are closed)
+# Records nobody waits for are gathered for up to LAZY_WRITE_S (or LAZY_BATCH of them) and written in one
+# round: a wake-up of the committer thread per record (one per chunk run) contends for the GIL with the
+# forward passes; one that someone waits for (an ack) starts a round at once.
+LAZY_WRITE_S = 0.02
+LAZY_BATCH = 256
 
 Done = Callable[[BaseException | None], None]  # told once a record is durable (None) or failed (its error)
 
@@ -155,9 +168,11 @@ class GroupCommitter:
         self.notify = notify
         self.sync = sync
         self._ops: list[_Append | _Rewrite | _Delete] = []
+        self._urgent = False  # something queued is waited for: write it now
         self._cv = threading.Condition()
         self._stopping = False
         self._files: OrderedDict[Path, int] = OrderedDict()
+        self._unsynced: set[Path] = set()  # open files written since their last fsync
         self.rounds = 0  # fsync rounds done (for tests and benchmarks)
         self._thread = threading.Thread(target=self._run, name="sinkstream-wal", daemon=True)
         self._thread.start()
@@ -165,7 +180,7 @@ class GroupCommitter:
     # ------------------------------------------------------------------ called from any thread
     def append(self, path: Path, record: dict[str, Any], done: Done | None = None) -> None:
         """Queue one record for `path`; `done` is told once it is on disk."""
-        self._put(_Append(path, encode_record(record), done))
+        self._put(_Append(path, encode_record(record), done), urgent=done is not None)
 
     def rewrite(self, path: Path, keep: Callable[[dict[str, Any]], bool]) -> None:
         """Queue dropping the records of `path` that `keep` refuses (after every record queued before)."""
@@ -181,24 +196,36 @@ class GroupCommitter:
             self._stopping = True
             self._cv.notify()
         self._thread.join(30)
-        for fd in self._files.values():
-            os.close(fd)
-        self._files.clear()
+        for path in list(self._files):
+            self._close(path)
 
-    def _put(self, op) -> None:
+    def _put(self, op, urgent: bool = True) -> None:
         with self._cv:
+            first = not self._ops
             self._ops.append(op)
-            self._cv.notify()
+            if urgent or len(self._ops) >= LAZY_BATCH:
+                self._urgent = True
+                self._cv.notify()
+            elif first:
+                self._cv.notify()  # the thread starts gathering
 
     # ------------------------------------------------------------------ the thread
+    def _next_round(self) -> list:
+        """Wait for ops: at once when one is waited for, else after LAZY_WRITE_S of gathering."""
+        with self._cv:
+            while not self._stopping and not self._urgent:
+                if not self._ops:
+                    self._cv.wait()
+                elif not self._cv.wait(LAZY_WRITE_S):
+                    break  # nobody waits: write what gathered
+            ops, self._ops, self._urgent = self._ops, [], False
+            return ops
+
     def _run(self) -> None:
         while True:
-            with self._cv:
-                while not self._ops and not self._stopping:
-                    self._cv.wait()
-                ops, self._ops = self._ops, []
-                if not ops and self._stopping:
-                    return
+            ops = self._next_round()
+            if not ops and self._stopping:
+                return
             self._round(ops)
 
     def _round(self, ops: list) -> None:
@@ -215,7 +242,7 @@ class GroupCommitter:
                 continue
             self._write(op.path, buffers.pop(op.path, []), touched)
             try:
-                self._close(op.path)
+                self._close(op.path, sync=False)  # rewritten (fsync'd) or removed next
                 if isinstance(op, _Rewrite):
                     self._rewrite(op)
                 else:
@@ -225,10 +252,12 @@ class GroupCommitter:
                 log.error("write-ahead log maintenance failed: %r", exc, extra={"path": str(op.path)})
         for path, chunks in buffers.items():
             self._write(path, chunks, touched)
+        waited = {path for _, path in callbacks if path is not None}
         for path, error in list(touched.items()):
-            if error is None and self.sync and path in self._files:
+            # a file nobody waits on stays unsynced until the next record someone waits for (or its close)
+            if error is None and path in waited and path in self._unsynced:
                 try:
-                    _sync(self._files[path])
+                    self._sync(path)
                 except OSError as exc:
                     touched[path] = exc
         self.rounds += 1
@@ -249,9 +278,11 @@ class GroupCommitter:
             while view:
                 view = view[os.write(fd, view):]
             touched.setdefault(path, None)
+            if self.sync:
+                self._unsynced.add(path)
         except OSError as exc:
             touched[path] = exc
-            self._close(path)
+            self._close(path, sync=False)
 
     def _open(self, path: Path) -> int:
         fd = self._files.get(path)
@@ -264,11 +295,21 @@ class GroupCommitter:
             sync_dir(path.parent)  # the new file's directory entry must survive too
         self._files[path] = fd
         if len(self._files) > OPEN_FILES:
-            _, oldest = self._files.popitem(last=False)
-            os.close(oldest)
+            self._close(next(iter(self._files)))
         return fd
 
-    def _close(self, path: Path) -> None:
+    def _sync(self, path: Path) -> None:
+        self._unsynced.discard(path)
+        _sync(self._files[path])
+
+    def _close(self, path: Path, sync: bool = True) -> None:
+        """Close a log file, first making what was written to it durable (unless `sync` is False)."""
+        if sync and path in self._unsynced:
+            try:
+                self._sync(path)
+            except OSError as exc:
+                log.error("write-ahead log sync failed: %r", exc, extra={"path": str(path)})
+        self._unsynced.discard(path)
         fd = self._files.pop(path, None)
         if fd is not None:
             os.close(fd)

@@ -441,6 +441,9 @@ def test_a_resume_acknowledges_what_the_ended_call_applied_before_a_new_caller_n
             assert after > first
             releaser.join(60)
         assert released and released[0]  # the blocker's records went through the FIFO
+        deadline = time.monotonic() + 60  # the last ack comes with the committer's round after the release
+        while info(channel, "late-ack").acked_seq != 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
         assert info(channel, "late-ack").acked_seq == 2
         blocker.cancel()
     finally:
@@ -457,3 +460,202 @@ def read_fifo_once(path: Path) -> bytes:
         return os.read(fd, 1 << 20)
     finally:
         os.close(fd)
+
+
+# ------------------------------------------------------------------------ results in flight at a crash
+IN_FLIGHT = [append(1, "Once upon a time there was a little girl named Lily. She liked to play"),
+             append(2, " in the park with her big red ball every day.", flush=True),
+             pb.StreamRequest(seq=3, request_id="r3",
+                              generate=pb.Generate(max_new_tokens=12, ignore_eos=True)),
+             append(4, " The next day the sun was hot and Lily went to the sea.", flush=True)]
+
+
+def results(responses: list[pb.StreamResponse]) -> list[tuple]:
+    """The chunk results, generated tokens and completions among `responses`, in order, as comparable
+    values (a completion without its timings)."""
+    out: list[tuple] = []
+    for r in responses:
+        kind = r.WhichOneof("kind")
+        if kind == "chunk":
+            c = r.chunk
+            out.append((kind, r.request_id, c.tokens_seen, c.num_tokens, list(c.token_ids),
+                        [x.hex() for x in c.logprobs]))  # bit for bit (the first token's is nan)
+        elif kind == "token":
+            out.append((kind, r.request_id, r.token.index, r.token.token_id, r.token.logprob.hex(),
+                        r.token.text))
+        elif kind == "generation_complete":
+            g = r.generation_complete
+            out.append((kind, r.request_id, g.stop_reason, g.generated_tokens, g.input_tokens, g.tokens_seen,
+                        g.text))
+    return out
+
+
+def in_flight_open(session_id: str) -> pb.StreamRequest:
+    request = open_request(session_id, chunk=CHUNK, seed=SEED)
+    request.open.settings.analysis.token_ids = True
+    return request
+
+
+def test_results_in_flight_at_a_crash_are_sent_again_on_the_resume_that_recovers(model_dir, tmp_path):
+    """A client sends numbered appends and a generate and reads nothing: every result is in flight (in the
+    server's outbox or the transport) when the server is killed with SIGKILL after all of it was processed
+    and acknowledged. The resume that recovers the session, asking for results after position 0, gets
+    every chunk result, generated token and completion again, once each, in order, equal to what an
+    uninterrupted run delivered; a second resume (nothing recovered any more) gets none of them."""
+    reference = ServeProcess(model_dir, tmp_path / "reference")
+    try:
+        stream = RawStream(reference.channel, in_flight_open("s"))
+        stream.next()
+        for request in IN_FLIGHT:
+            stream.send(request)
+        seen: list[pb.StreamResponse] = []  # the last ack may come before or after the last results
+        while not {("flushed", "r4"), ("ack", "r4")} <= {(r.WhichOneof("kind"), r.request_id) for r in seen}:
+            seen.append(stream.next())
+        want = results(seen)
+        stream.close()
+    finally:
+        reference.stop()
+    assert [r[0] for r in want].count("token") == 12 and want[-1][0] == "chunk"
+    final = want[-1][2]
+
+    state = tmp_path / "state"
+    server = ServeProcess(model_dir, state)
+    try:
+        unread = RawStream(server.channel, in_flight_open("s"))
+        for request in IN_FLIGHT:
+            unread.send(request)
+        deadline = time.monotonic() + 120
+        while session_state(server.channel, "s")[::2] != (final, 4):  # all processed and durable
+            assert time.monotonic() < deadline, session_state(server.channel, "s")
+            time.sleep(0.05)
+        server.kill9()
+    finally:
+        server.stop()
+    server = ServeProcess(model_dir, state)
+    try:
+        resume = resume_request("s")
+        resume.resume.results_after = 0
+        stream = RawStream(server.channel, resume)
+        opened = stream.next().session_opened
+        assert (opened.tokens_seen, opened.acked_seq) == (final, 4)
+        stream.send(pb.StreamRequest(request_id="end", append_text=pb.AppendText(flush=True)))
+        got = stream.until(lambda r: r.HasField("flushed"))
+        stream.close()
+        assert results(got) == want
+        again = RawStream(server.channel, resume)  # recovered already: nothing is sent again
+        again.next()
+        again.send(pb.StreamRequest(request_id="end", append_text=pb.AppendText(flush=True)))
+        assert results(again.until(lambda r: r.HasField("flushed"))) == []
+        again.close()
+    finally:
+        server.stop()
+
+
+# ------------------------------------------------------------------------------ refusals take their number
+def test_pipelined_refusals_take_their_numbers_and_are_acknowledged(model_dir, tmp_path):
+    """Numbered requests sent without waiting: good, refused at intake (append_message: the model has no
+    chat template; append_tokens: an id outside the vocabulary), refused at decoding (generate with a
+    negative temperature), good. Every refusal takes its number: each is answered with its own error and
+    acknowledged, the requests after it are not a gap, and the state is the good appends' alone (equal to
+    a session that only got those). A refused request sent again is a duplicate: acknowledged only. After
+    kill -9 the recovered session has the same state and acknowledged numbers."""
+    good = [append(1, "Once upon a time there was a little girl named Lily."),
+            append(5, " She loved to play outside in the park.", flush=True)]
+    refused = [pb.StreamRequest(seq=2, request_id="r2", append_message=pb.AppendMessage(role="user",
+                                                                                         content="hi")),
+               pb.StreamRequest(seq=3, request_id="r3", append_tokens=pb.AppendTokens(ids=[1, 10**6])),
+               pb.StreamRequest(seq=4, request_id="r4", generate=pb.Generate(temperature=-1.0))]
+    server = ServeProcess(model_dir, tmp_path / "state")
+    try:
+        plain = RawStream(server.channel, in_flight_open("plain"))
+        plain.next()
+        plain.send(append(1, good[0].append_text.text))
+        plain.send(append(2, good[1].append_text.text, flush=True))
+        plain.until(acked(2))
+        plain.close()
+        want = session_state(server.channel, "plain")[:2]
+
+        stream = RawStream(server.channel, in_flight_open("s"))
+        stream.next()
+        for request in [good[0], *refused, good[1]]:
+            stream.send(request)
+        got: list[pb.StreamResponse] = []
+        while not {"flushed", "ack"} <= {r.WhichOneof("kind") for r in got if r.request_id == "r5"}:
+            got.append(stream.next())
+        errors = {r.request_id: r.error for r in got if r.HasField("error")}
+        assert sorted(errors) == ["r2", "r3", "r4"]
+        assert errors["r2"].code == pb.ERROR_CODE_FAILED_PRECONDITION
+        assert errors["r3"].code == errors["r4"].code == pb.ERROR_CODE_INVALID_ARGUMENT
+        assert errors["r3"].field == "append_tokens.ids" and errors["r4"].field == "generate.temperature"
+        acks = [r.ack.seq for r in got if r.HasField("ack")]
+        assert acks == sorted(acks) and acks[-1] == 5
+        assert set(acks) == {1, 2, 3, 4, 5}  # acks are cumulative; here each request got its own
+        assert session_state(server.channel, "s") == (*want, 5)
+
+        stream.send(refused[0])  # a duplicate: acknowledged, not refused (nor processed) again
+        (again,) = stream.until(acked(2))
+        assert again.request_id == "r2"
+        stream.close()
+        server.kill9()
+    finally:
+        server.stop()
+    server = ServeProcess(model_dir, tmp_path / "state")
+    try:
+        assert session_state(server.channel, "s") == (*want, 5)
+    finally:
+        server.stop()
+
+
+# ------------------------------------------------------------------------------ group commit: what is fsync'd
+def test_only_records_someone_waits_for_are_fsynced_and_an_fsync_covers_what_came_before(
+        tmp_path, monkeypatch):
+    """A round fsyncs only the files holding a record with a waiter (an ack); records without one are
+    written at once (readable, so they survive kill -9) and become durable with the next fsync of their
+    file, or when the file is closed. Counted with the module's fsync function replaced by a counter."""
+    import sinkstream.service.write_ahead_log as wal
+
+    synced: list[int] = []
+    real_sync = wal._sync
+    monkeypatch.setattr(wal, "_sync", lambda fd: (synced.append(fd), real_sync(fd)))
+    reported = threading.Event()
+    committer = GroupCommitter(lambda results: reported.set(), sync=True)
+    waited, unwaited = tmp_path / "a.wal", tmp_path / "b.wal"
+    for i in range(20):
+        committer.append(waited, {"k": "ran", "n": i})
+        committer.append(unwaited, {"k": "ran", "n": i})
+    committer.append(waited, {"k": "seq", "seq": 1}, done=lambda error: None)
+    assert reported.wait(60)
+    assert len(synced) == 1  # one fsync, for the file whose last record is waited for
+    assert len(read_log(waited).records) == 21 and len(read_log(unwaited).records) == 20  # written
+    committer.stop()
+    assert len(synced) == 2  # the unwaited file is made durable when it is closed
+
+
+# ------------------------------------------------------------------------------ TTL of sessions not recovered
+def test_sessions_not_recovered_since_a_restart_expire_by_ttl(model_dir, tmp_path):
+    """Logged sessions found at start expire like the others, their last use taken from their files'
+    modification times (nothing is read): one last changed two hours ago is removed by the first sweep
+    (files gone, NOT_FOUND), one changed now stays, still not recovered, and recovers when asked for."""
+    config = StreamConfig(sink_tokens=4, window=64, chunk=CHUNK)
+    opening_log(tmp_path / "recent.wal", config)
+    opening_log(tmp_path / "old.wal", config)
+    two_hours_ago = time.time() - 7200
+    os.utime(tmp_path / "old.wal", (two_hours_ago, two_hours_ago))
+    server = start_server(model_dir, state_dir=tmp_path, session_ttl_s=3600)
+    channel = grpc.insecure_channel(server.address)
+    try:
+        stub = pb_grpc.SinkStreamStub(channel)
+        deadline = time.monotonic() + 60  # the sweep runs every second
+        while "old" in {s.session_id for s in stub.ListSessions(pb.ListSessionsRequest()).sessions}:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert not (tmp_path / "old.wal").exists()
+        with pytest.raises(grpc.RpcError) as gone:
+            stub.GetSession(pb.GetSessionRequest(session_id="old"))
+        assert gone.value.code() == grpc.StatusCode.NOT_FOUND
+        (recent,) = stub.ListSessions(pb.ListSessionsRequest()).sessions
+        assert recent.session_id == "recent" and not recent.HasField("settings")  # not recovered yet
+        assert stub.GetSession(pb.GetSessionRequest(session_id="recent")).tokens_seen == 0
+    finally:
+        channel.close()
+        server.stop()

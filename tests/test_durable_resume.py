@@ -202,6 +202,37 @@ def test_kill_9_mid_stream_is_invisible_to_the_client(durable_server, document, 
     assert got == want
 
 
+def test_results_unread_at_a_kill_are_delivered_once_after_the_resume(durable_server, document):
+    """The sync client reads the results of a first append, then sends a second one and reads nothing;
+    once the server has processed and acknowledged it, it is killed with SIGKILL, so those results are
+    lost in flight. The next call resumes on its own: the recovered session sends again the results past
+    what the client received, and the client hands over the second append's results exactly once, equal
+    bit for bit to an uninterrupted run's (before, it raised DATA_LOSS: the hole could not be filled)."""
+    with SinkStreamClient(durable_server.address, timeout=600, resume=POLICY) as client:
+        ids = client.tokenize(document)
+        first, second = ids[:100], ids[100:100 + 10 * SETTINGS.chunk]  # whole chunks: no flush needed
+
+        session = client.open_session(SETTINGS, seed=3)
+        want = session.append_tokens(first), session.append_tokens(second)
+        session.close()
+
+        session = client.open_session(SETTINGS, seed=3)
+        got_first = session.append_tokens(first)
+        session.send_tokens(second)  # its results are never read before the kill
+        total = len(first) + len(second)
+        while (lambda info: (info.tokens_seen, info.acked_seq))(client.get_session(session.id)) != (total, 2):
+            time.sleep(0.02)
+        durable_server.restart_in_background().join()
+        got_second = session.flush()
+        assert session.resumes == 1
+        session.close()
+
+    def values(chunks):
+        return [(c.tokens_seen, c.num_tokens, c.token_ids, [x.hex() for x in c.logprobs]) for c in chunks]
+    assert values(got_first) == values(want[0])
+    assert values(got_second) == values(want[1]) and len(got_second) == 10
+
+
 def test_analyze_cli_survives_kill_9(durable_server, document, tmp_path):
     path = tmp_path / "doc.txt"
     path.write_text(document, encoding="utf-8")

@@ -225,15 +225,17 @@ def test_a_generation_the_server_no_longer_holds_is_data_loss_not_a_hang():
     again.on_ack(1)  # the result came first: fine
 
 
-def test_a_gap_after_an_unnumbered_refusal_is_closed_only_for_the_newest_request():
+def test_a_refused_request_keeps_its_number_until_acknowledged():
+    """The server answers a refused numbered request with its error and acknowledges its number (it takes
+    it): the request stays in the buffer until that ack, and the requests after it keep their numbers."""
     buffer = ReplayBuffer(ResumePolicy())
     refused, newest = tokens(1), tokens(2)
     buffer.number(refused)
     buffer.number(newest)
     assert (refused.seq, newest.seq) == (1, 2)
-    buffer.on_error(refused.request_id)  # refused before the server took number 1
-    assert buffer.renumber_after_gap(refused.request_id, 1) is None  # not the newest: the error stands
-    again = buffer.renumber_after_gap(newest.request_id, 1)  # "expected seq 1"
-    assert again is newest and newest.seq == 1 == buffer.last_seq and buffer.unacked_count() == 1
-    assert buffer.resend_after(0, cancel_pending=False) == [newest]
-    assert buffer.renumber_after_gap(newest.request_id, 2) is None  # nothing to close above the newest
+    buffer.on_error(refused.request_id)
+    assert buffer.unacked_count() == 2
+    assert buffer.resend_after(0, cancel_pending=False) == [refused, newest]  # a duplicate, then the next
+    buffer.on_ack(1)
+    assert buffer.unacked_count() == 1 and newest.seq == 2 == buffer.last_seq
+    assert buffer.resend_after(1, cancel_pending=False) == [newest]

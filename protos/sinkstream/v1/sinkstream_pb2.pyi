@@ -143,12 +143,14 @@ class OpenSession(_message.Message):
     def __init__(self, settings: _Optional[_Union[SessionSettings, _Mapping]] = ..., seed: _Optional[int] = ..., session_id: _Optional[str] = ..., system_message: _Optional[str] = ..., pin_system: _Optional[bool] = ...) -> None: ...
 
 class ResumeSession(_message.Message):
-    __slots__ = ("session_id", "analysis")
+    __slots__ = ("session_id", "analysis", "results_after")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     ANALYSIS_FIELD_NUMBER: _ClassVar[int]
+    RESULTS_AFTER_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     analysis: AnalysisOptions
-    def __init__(self, session_id: _Optional[str] = ..., analysis: _Optional[_Union[AnalysisOptions, _Mapping]] = ...) -> None: ...
+    results_after: int
+    def __init__(self, session_id: _Optional[str] = ..., analysis: _Optional[_Union[AnalysisOptions, _Mapping]] = ..., results_after: _Optional[int] = ...) -> None: ...
 
 class AppendText(_message.Message):
     __slots__ = ("text", "flush")

@@ -30,6 +30,8 @@ from sinkstream.clients.results import GenerateParams, SessionSettings, SinkStre
 from sinkstream.clients.resume import ResumePolicy
 from sinkstream.service.redis_keys import SessionKeys
 from sinkstream.service.tenants import SessionKey
+from sinkstream.v1 import sinkstream_pb2 as pb
+from sinkstream.v1 import sinkstream_pb2_grpc as pb_grpc
 
 pytestmark = pytest.mark.skipif(HAPROXY is None, reason="haproxy is not installed (.ci/run installs it)")
 
@@ -213,6 +215,16 @@ def test_kill_9_of_a_replica_moves_only_its_sessions_with_every_acknowledged_tok
             replica.stop()
 
 
+def owner_trailer(address: str, session_id: str) -> str | None:
+    """The `x-session-owner` trailing metadata of a resume of `session_id` at `address` (None if absent)."""
+    with grpc.insecure_channel(address) as channel:
+        call = pb_grpc.SinkStreamStub(channel).Stream(
+            iter([pb.StreamRequest(resume=pb.ResumeSession(session_id=session_id))]), timeout=30)
+        with pytest.raises(grpc.RpcError) as refused:
+            list(call)
+        return dict(refused.value.trailing_metadata() or ()).get("x-session-owner")
+
+
 def test_a_paused_replica_loses_its_sessions_and_its_writes_are_refused(model_dir, redis_server, text,
                                                                           tmp_path):
     """Replica A holds a session with an open call; A is paused (SIGSTOP) past its lease; B takes the
@@ -235,6 +247,7 @@ def test_a_paused_replica_loses_its_sessions_and_its_writes_are_refused(model_di
                     client_b.resume_session("paused")
                 assert refused.value.code == grpc.StatusCode.UNAVAILABLE
                 assert a.address in refused.value.message
+                assert owner_trailer(b.address, "paused") == a.address
                 a.proc.send_signal(signal.SIGSTOP)
                 wait_for("A's lease to lapse", lambda: lease_owner(redis_server.client, "paused") is None)
                 with client_b.resume_session("paused") as session_b:

@@ -181,6 +181,10 @@ class SessionManager:
             self.sessions[key] = session
             self.recently_closed.pop(key, None)
             self._update_gauges()
+            if self.store is not None and self.store.shared:
+                # logged from its creation, numbered requests or not: whichever replica a later call
+                # reaches takes it over from the shared log (else only this replica's memory holds it)
+                await self.start_journal(session)
             return session
 
     def _held_by(self, tenant: str) -> int:

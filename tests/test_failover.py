@@ -269,3 +269,41 @@ def test_a_paused_replica_loses_its_sessions_and_its_writes_are_refused(model_di
     finally:
         a.stop()
         b.stop()
+
+
+def raw_stream(address: str, first: pb.StreamRequest, texts: list[str]) -> tuple[str, list]:
+    """One call of unnumbered requests: `first`, each text appended and flushed, then half-close; (the
+    session id, the chunk results as (token ids, log-probs))."""
+    requests = [first] + [pb.StreamRequest(append_text=pb.AppendText(text=t, flush=True)) for t in texts]
+    with grpc.insecure_channel(address) as channel:
+        replies = list(pb_grpc.SinkStreamStub(channel).Stream(iter(requests), timeout=120))
+    assert not any(r.HasField("error") or r.HasField("ack") for r in replies)
+    chunks = [(list(r.chunk.token_ids), ["nan" if math.isnan(x) else x for x in r.chunk.logprobs])
+              for r in replies if r.HasField("chunk")]
+    return replies[0].session_opened.session_id, chunks
+
+
+def test_a_session_of_unnumbered_requests_and_an_assigned_id_moves_with_every_token(model_dir, redis_server,
+                                                                                      text, tmp_path):
+    """The open went to one replica (the server chose the id) and the next call reaches another, as with
+    HAProxy's round robin for an open without `x-session-id`: that replica takes the session over from
+    the shared log (a shared store logs a session from its open, numbered requests or not) and continues
+    it exactly as the first replica would have."""
+    redis_server.client.flushdb()
+    a = Replica(model_dir, redis_server.url, tmp_path / "a.log")
+    b = Replica(model_dir, redis_server.url, tmp_path / "b.log")
+    settings = pb.SessionSettings(sink_tokens=4, window=60, chunk=16,
+                                  analysis=pb.AnalysisOptions(logprobs=True, token_ids=True))
+    open_request = pb.StreamRequest(open=pb.OpenSession(settings=settings, seed=5))
+    try:
+        a.start()
+        b.start()
+        _, want = raw_stream(a.address, open_request, [text[:700], text[700:1400]])
+        session_id, first = raw_stream(a.address, open_request, [text[:700]])
+        resume = pb.StreamRequest(resume=pb.ResumeSession(session_id=session_id))
+        _, then = raw_stream(b.address, resume, [text[700:1400]])
+        assert first + then == want
+        assert generation(redis_server.client, session_id) == 2
+    finally:
+        a.stop()
+        b.stop()

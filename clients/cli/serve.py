@@ -70,8 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="input tokens per forward pass while sessions generate (0 = no limit; "
                         f"default {d.decode_input_budget}): lower = faster tokens, slower ingest")
     p.add_argument("--durability", choices=("on", "off"), default="on" if d.durability else "off",
-                   help="with --state-dir: log numbered requests to a per-session write-ahead log and "
-                        "acknowledge them once fsync'd, so they survive kill -9 (default on)")
+                   help="with --state-dir or --state-store: log numbered requests to a per-session "
+                        "write-ahead log and acknowledge them once durable, so they survive kill -9 "
+                        "(default on)")
     p.add_argument("--grace", type=float, default=d.grace_s, metavar="SECONDS",
                    help="on SIGTERM, time open streams get to finish")
     add_security_options(p, d)

@@ -32,7 +32,7 @@ from sinkstream.service.backpressure import Outbox
 from sinkstream.service.chat_input import ChatInput
 from sinkstream.service.engine_pool import EnginePool, Residency
 from sinkstream.service.errors import Busy, RequestError, server_failure, shown_id
-from sinkstream.service.leases import Leases, SessionMoved
+from sinkstream.service.leases import Claim, Leases, SessionMoved
 from sinkstream.service.metrics import ServerMetrics
 from sinkstream.service.options import AnalysisOptions
 from sinkstream.service.quotas import NO_QUOTAS, TenantQuotas
@@ -288,7 +288,7 @@ class SessionManager:
             raise SessionMoved(key, claim.owner, "it holds the session's lease")
         raise self._not_found(key)
 
-    async def _claim(self, key: SessionKey, new: bool):
+    async def _claim(self, key: SessionKey, new: bool) -> Claim:
         try:
             return await asyncio.to_thread(self.leases.claim, key, new)
         except Exception as exc:  # Redis unreachable: the client tries again (here or elsewhere)

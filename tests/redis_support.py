@@ -13,6 +13,7 @@ from pathlib import Path
 import redis
 
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
+assert Path(REDIS_SERVER).is_file(), "redis-server is not installed (.ci/run installs it with apt-get)"
 
 
 def free_port() -> int:

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from safetensors.torch import load_file, safe_open, save_file
+from safetensors.torch import load, load_file, safe_open, save, save_file
 
 from sinkstream.core.config import StreamConfig, TierSpec
 
@@ -233,4 +233,39 @@ def load_snapshot(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dic
         raise SnapshotError(f"cannot read snapshot {path}: {type(exc).__name__}: {exc}") from exc
     if not isinstance(meta, dict):
         raise SnapshotError(f"snapshot {path} metadata is not an object")
+    return tensors, meta
+
+
+def snapshot_to_bytes(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> bytes:
+    """A snapshot as the bytes save_snapshot would write to a file (safetensors with the metadata JSON and
+    its checksum in the header), for stores that keep values rather than files."""
+    tensors = {k: v.contiguous() for k, v in tensors.items()}
+    meta_json = json.dumps(meta)
+    return save(tensors, metadata={"sinkstream": meta_json,
+                                   CHECKSUM_KEY: snapshot_checksum(tensors, meta_json)})
+
+
+HEADER_LENGTH_BYTES = 8  # safetensors: u64 little endian header length, then the JSON header
+
+
+def snapshot_from_bytes(data: bytes, name: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Read snapshot_to_bytes' output (`name` says where it came from in errors). SnapshotError as
+    load_snapshot: truncated, unparsable, no checksum, or tensors or metadata not matching it."""
+    try:
+        header_len = int.from_bytes(data[:HEADER_LENGTH_BYTES], "little")
+        header = json.loads(data[HEADER_LENGTH_BYTES:HEADER_LENGTH_BYTES + header_len])["__metadata__"]
+        meta_json, stored = header["sinkstream"], header[CHECKSUM_KEY]
+        tensors = load(data)
+        if snapshot_checksum(tensors, meta_json) != stored:
+            raise SnapshotError(f"snapshot {name} is damaged: its tensors or metadata do not match the "
+                                "checksum")
+        meta = json.loads(meta_json)
+    except SnapshotError:
+        raise
+    except MemoryError:
+        raise
+    except Exception as exc:  # a short value, JSON errors, safetensors' own error, a missing entry
+        raise SnapshotError(f"cannot read snapshot {name}: {type(exc).__name__}: {exc!r}") from exc
+    if not isinstance(meta, dict):
+        raise SnapshotError(f"snapshot {name} metadata is not an object")
     return tensors, meta

@@ -9,11 +9,13 @@ import torch
 
 
 class RequestError(Exception):
-    """A request the server refuses: a gRPC status code, the request field at fault and why."""
+    """A request the server refuses: a gRPC status code, the request field at fault, why, and trailing
+    metadata to send with the status (e.g. the replica that holds a session)."""
 
-    def __init__(self, code: grpc.StatusCode, message: str, field: str = "") -> None:
+    def __init__(self, code: grpc.StatusCode, message: str, field: str = "", *,
+                 trailers: tuple[tuple[str, str], ...] = ()) -> None:
         super().__init__(f"{field}: {message}" if field else message)
-        self.code, self.field, self.message = code, field, message
+        self.code, self.field, self.message, self.trailers = code, field, message, trailers
 
 
 class Busy(RequestError):

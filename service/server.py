@@ -21,13 +21,17 @@ from sinkstream.core.model_loading import LoadedModel
 from sinkstream.service.auth import AuthInterceptor, TokenTable
 from sinkstream.service.engine_pool import EnginePool
 from sinkstream.service.errors import RequestError
+from sinkstream.service.leases import Leases
 from sinkstream.service.metrics import ServerMetrics
 from sinkstream.service.options import Limits
 from sinkstream.service.quotas import NO_QUOTAS, TenantQuotas
+from sinkstream.service.redis_log import RedisLogCommitter
+from sinkstream.service.redis_state import LogRef, RedisStateStore, connect
 from sinkstream.service.scheduler import Scheduler
 from sinkstream.service.servicer import SinkStreamServicer
 from sinkstream.service.session_manager import SessionManager, ShutdownReport
 from sinkstream.service.session_store import SessionStore
+from sinkstream.service.state_backend import LogCommitter, StateStore
 from sinkstream.service.tls import CertificateSource, TLSFiles
 from sinkstream.service.wire import add_servicer
 from sinkstream.service.write_ahead_log import Done, GroupCommitter
@@ -52,6 +56,9 @@ class ServerConfig:
     session_ttl_s: float = 3600.0
     idle_evict_s: float = 300.0
     state_dir: Path | None = None
+    state_store: str | None = None  # redis://host:port/db: shared with other replicas (instead of state_dir)
+    advertise_address: str | None = None  # how other replicas name this one to clients (default host:port)
+    lease_ttl_s: float = 5.0  # a session's lease lapses this long after its replica stopped renewing it
     max_message_bytes: int = 64 << 20
     metrics_port: int | None = None
     metrics_host: str = "127.0.0.1"
@@ -127,14 +134,14 @@ class SinkStreamServer:
         config.defaults.validate(model_config.max_position_embeddings, chunk_within_window=True)
         pool = EnginePool(loaded.model, loaded.tokenizer, config.max_resident, config.max_cache_shapes,
                           self.metrics)
-        store = SessionStore(Path(config.state_dir)) if config.state_dir is not None else None
-        self.committer = (GroupCommitter(self._post_durable, sync=config.wal_sync) if store is not None
-                          else None)
         self._loop: asyncio.AbstractEventLoop | None = None
+        store, self.committer, self.leases = self._state_store(config)
+        self._lease_keeper: asyncio.Task | None = None
         self.manager = SessionManager(pool, store, self.metrics, max_sessions=config.max_sessions,
                                       session_ttl_s=config.session_ttl_s, idle_evict_s=config.idle_evict_s,
                                       quotas=config.quotas, stalled_reader_s=config.stalled_reader_s,
-                                      committer=self.committer, durable=config.durability)
+                                      committer=self.committer, durable=config.durability,
+                                      leases=self.leases)
         self.scheduler = Scheduler(self.manager, self.metrics, config.decode_input_budget,
                                    config.max_batch_tokens)
         self.servicer = SinkStreamServicer(self.manager, self.scheduler, self.metrics, self.limits,
@@ -149,6 +156,28 @@ class SinkStreamServer:
         self.port = 0
         self.health_port: int | None = None
         self._metrics_http = None
+
+    def _state_store(self, config: ServerConfig) -> tuple[StateStore | None, LogCommitter | None,
+                                                          Leases | None]:
+        """The store sessions are persisted in, its log committer and (for a shared store) the leases."""
+        if config.state_store is not None:
+            if config.state_dir is not None:
+                raise ValueError("--state-dir and --state-store are alternatives: give one")
+            if config.lease_ttl_s <= 0:
+                raise ValueError(f"--lease-ttl must be positive, not {config.lease_ttl_s:g}")
+            client = connect(config.state_store)
+            leases = Leases(client, config.lease_ttl_s)
+            committer = RedisLogCommitter(client, self._post_durable, self._post_fenced)
+            return RedisStateStore(client, leases), committer, leases
+        if config.state_dir is None:
+            return None, None, None
+        store = SessionStore(Path(config.state_dir))
+        return store, GroupCommitter(self._post_durable, sync=config.wal_sync), None
+
+    def _post_fenced(self, ref: LogRef) -> None:
+        """Log committer thread: the store refused a session's write (another replica owns it now)."""
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self.manager.moved, ref.key, ref.generation)
 
     def _post_durable(self, results: list[tuple[Done, BaseException | None]]) -> None:
         """Log committer thread: hand a round's durable records to the event loop (acks are sent there)."""
@@ -169,6 +198,10 @@ class SinkStreamServer:
                      if self.certificates is not None else self.server.add_insecure_port(address))
         if self.port == 0:
             raise OSError(f"cannot listen on {address}")
+        if self.leases is not None:
+            self.leases.advertise(config.advertise_address or f"{config.host}:{self.port}")
+            self._lease_keeper = asyncio.create_task(self.manager.keep_leases(config.lease_ttl_s / 3),
+                                                     name="sinkstream-leases")
         if self.health_server is not None:
             health_pb2_grpc.add_HealthServicer_to_server(self.health, self.health_server)
             self.health_port = self.health_server.add_insecure_port(f"{config.host}:{config.health_port}")
@@ -219,6 +252,8 @@ class SinkStreamServer:
             grpc.StatusCode.UNAVAILABLE, "the server is shutting down; this request was not processed (its "
             "input is kept with the session: resume it on a server with the same state directory)"))
         await stopping
+        if self._lease_keeper is not None:
+            self._lease_keeper.cancel()
         if self.health_server is not None:
             await self.health_server.stop(0)
         report = await self.manager.persist_all()

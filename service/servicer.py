@@ -83,6 +83,8 @@ class SinkStreamServicer(pb_grpc.SinkStreamServicer):
 
     async def _abort(self, context: grpc.aio.ServicerContext, exc: RequestError) -> None:
         self.metrics.errors.labels(exc.code.name).inc()
+        if exc.trailers:
+            context.set_trailing_metadata(exc.trailers)
         await context.abort(exc.code, str(exc))
 
     async def _start(self, first: pb.StreamRequest) -> tuple[Session, pb.StreamResponse, int | None]:

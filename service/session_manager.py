@@ -5,6 +5,11 @@ Sessions outlive the gRPC call that created them; idle sessions are snapshotted 
 and their row is freed (engine_pool.Residency); work for a persisted session restores it first, so
 eviction is invisible to clients except for the latency.
 
+With a shared store (Redis, several replicas) a session is served only under its lease (leases.py): a
+call about a session first claims it, which redirects the client to the replica holding it, or takes it
+over (recovered from the shared snapshot and log); the lease is renewed while a call is attached and
+given up when it ends. A session whose writes are refused (another replica took it over) is dropped here.
+
 Concurrency: everything runs on the server's event loop. `lock` is held by the scheduler around each
 forward pass (which runs in a worker thread); any other code that touches an engine takes it too.
 """
@@ -28,6 +33,7 @@ from sinkstream.service.backpressure import Outbox
 from sinkstream.service.chat_input import ChatInput
 from sinkstream.service.engine_pool import EnginePool, Residency
 from sinkstream.service.errors import Busy, RequestError, server_failure, shown_id
+from sinkstream.service.leases import Claim, Leases, SessionMoved
 from sinkstream.service.metrics import ServerMetrics
 from sinkstream.service.options import AnalysisOptions
 from sinkstream.service.quotas import NO_QUOTAS, TenantQuotas
@@ -42,10 +48,10 @@ from sinkstream.service.replies import ErrorReply, StreamEnd
 from sinkstream.service.session import Session
 from sinkstream.service.session_journal import SessionJournal, rng_from_text, rng_to_text
 from sinkstream.service.session_store import SessionStore, session_from_meta
+from sinkstream.service.state_backend import LogCommitter, StateStore
 from sinkstream.service.tenants import SessionKey
 from sinkstream.service.text_input import TextInput
 from sinkstream.service.work import AppendWork
-from sinkstream.service.write_ahead_log import GroupCommitter, recover_log
 
 log = logging.getLogger("sinkstream.sessions")
 RECENTLY_CLOSED = 1024  # closed ids remembered for a clearer NOT_FOUND message
@@ -53,9 +59,9 @@ FAILED_RETRY_S = 1.0  # a session that failed server-side is not scheduled again
 
 
 def last_changed(store: SessionStore, key: SessionKey) -> float:
-    """When a logged session was last changed, from its files' modification times (log, snapshot; the
-    files are not read): the last use of a session not recovered since the restart (its files do not
-    change until it is)."""
+    """When a logged session of a state directory (only its sessions are listed at start) was last changed,
+    from its files' modification times (log, snapshot; the files are not read): the last use of a session
+    not recovered since the restart (its files do not change until it is)."""
     times = []
     for path in (store.log_path(key), store.path(key)):
         with contextlib.suppress(FileNotFoundError):
@@ -66,13 +72,17 @@ def last_changed(store: SessionStore, key: SessionKey) -> float:
 class SessionManager:
     """All live sessions; opening, resuming, evicting, restoring, expiring and deleting them."""
 
-    def __init__(self, pool: EnginePool, store: SessionStore | None, metrics: ServerMetrics, *,
+    def __init__(self, pool: EnginePool, store: StateStore | None, metrics: ServerMetrics, *,
                  max_sessions: int, session_ttl_s: float, idle_evict_s: float,
                  quotas: TenantQuotas = NO_QUOTAS, stalled_reader_s: float = 0.0,
-                 committer: GroupCommitter | None = None, durable: bool = False) -> None:
+                 committer: LogCommitter | None = None, durable: bool = False,
+                 leases: Leases | None = None) -> None:
         """`committer`: writes the sessions' write-ahead logs (given with a store); `durable`: numbered
-        requests start a session's log (else they are acknowledged when applied, not durable)."""
+        requests start a session's log (else they are acknowledged when applied, not durable); `leases`:
+        with a shared store, this replica's leases."""
         self.pool, self.store, self.metrics = pool, store, metrics
+        self.leases = leases
+        self._background: set[asyncio.Task] = set()  # lease releases under way
         self.max_sessions, self.quotas = max_sessions, quotas
         self.stalled_reader_s = stalled_reader_s  # 0: a stream that reads nothing stays attached
         self.committer, self.durable = committer, durable and committer is not None
@@ -116,7 +126,11 @@ class SessionManager:
         return session
 
     async def lookup(self, key: SessionKey) -> Session:
-        """A session, recovered from its log first if it has not been since the restart."""
+        """A session, recovered from its log first if it has not been since the restart (with a shared
+        store: once this replica holds its lease)."""
+        if self.leases is not None:
+            async with self.lock:
+                await self._take_lease(key)
         if key in self.unrecovered:
             async with self.lock:
                 if key in self.unrecovered:
@@ -162,6 +176,7 @@ class SessionManager:
                 if len(self.sessions) + len(self.unrecovered) >= self.max_sessions:
                     raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                        f"the server holds its maximum of {self.max_sessions} sessions")
+            await self._claim_new(key)
             text = TextInput(self.pool.tokenizer) if self.pool.tokenizer is not None else None
             session = Session(key, config, analysis, text)
             session.chat = chat
@@ -169,10 +184,19 @@ class SessionManager:
                 ids = text.push_ids(first_ids) if text is not None else first_ids
                 session.add_input(AppendWork(request_id, ids, False,
                                              text_state=text.state() if text is not None else None))
-            await self.residency.take_row(session, seed=seed)
+            try:
+                await self.residency.take_row(session, seed=seed)
+            except BaseException:
+                if self.leases is not None:
+                    await asyncio.to_thread(self.leases.abandon, key)
+                raise
             self.sessions[key] = session
             self.recently_closed.pop(key, None)
             self._update_gauges()
+            if self.store is not None and self.store.shared:
+                # logged from its creation, numbered requests or not: whichever replica a later call
+                # reaches takes it over from the shared log (else only this replica's memory holds it)
+                await self.start_journal(session)
             return session
 
     def _held_by(self, tenant: str) -> int:
@@ -184,6 +208,7 @@ class SessionManager:
         if (known := self.sessions.get(key)) is not None:
             await known.wait_applied_durable()  # mostly here, not under the lock (see below)
         async with self.lock:
+            await self._take_lease(key)
             if key in self.unrecovered:
                 await self._recover(key)
             session = self.get(key)
@@ -225,6 +250,100 @@ class SessionManager:
             return
         self._update_gauges()
         self.on_work()
+        if self.leases is not None:  # another replica may take the session over from now on
+            self._in_background(asyncio.to_thread(self.leases.release, session.key), "releasing a lease")
+
+    def _in_background(self, work: Awaitable[None], what: str) -> None:
+        task = asyncio.ensure_future(work)
+        self._background.add(task)
+
+        def finished(task: asyncio.Task) -> None:
+            self._background.discard(task)
+            if not task.cancelled() and task.exception() is not None:
+                log.warning("%s failed: %r", what, task.exception())
+        task.add_done_callback(finished)
+
+    # ------------------------------------------------------------------ leases (shared store)
+    async def _claim_new(self, key: SessionKey) -> None:
+        """Shared store: hold a new session's lease (ALREADY_EXISTS if another replica stored it)."""
+        if self.leases is None:
+            return
+        claim = await self._claim(key, new=True)
+        if claim.status == "exists":
+            raise RequestError(grpc.StatusCode.ALREADY_EXISTS, f"session {shown_id(key.id)} exists",
+                               "open.session_id")
+        if claim.status != "held":
+            raise SessionMoved(key, claim.owner, "it holds the session's lease")
+
+    async def _take_lease(self, key: SessionKey) -> None:
+        """Shared store: hold the session's lease before serving it. SessionMoved (UNAVAILABLE, naming the
+        owner) while another live replica holds it; NOT_FOUND if no replica stored it. A copy kept here
+        that another replica wrote since (the generation grew) is stale: it is dropped and the session is
+        recovered from the store instead. Lock held."""
+        if self.leases is None or key in self.damaged:
+            return
+        local = self.sessions.get(key)
+        before = self.leases.generation(key)
+        claim = await self._claim(key, new=False)
+        if claim.status == "held" and (local is None or claim.generation == before):
+            if local is None:
+                self.unrecovered[key] = None  # recovered from the store by the caller
+            return
+        if local is not None:
+            self._drop(local, SessionMoved(key, claim.owner, "another replica took it over"))
+        if claim.status == "held":
+            self.unrecovered[key] = None
+            return
+        self.leases.forget(key)
+        self.unrecovered.pop(key, None)
+        if claim.status == "elsewhere":
+            raise SessionMoved(key, claim.owner, "it holds the session's lease")
+        raise self._not_found(key)
+
+    async def _claim(self, key: SessionKey, new: bool) -> Claim:
+        try:
+            return await asyncio.to_thread(self.leases.claim, key, new)
+        except Exception as exc:  # Redis unreachable: the client tries again (here or elsewhere)
+            raise RequestError(grpc.StatusCode.UNAVAILABLE, f"the session store cannot be reached: {exc}",
+                               "session_id") from exc
+
+    def _drop(self, session: Session, error: RequestError) -> None:
+        """Forget a session this replica no longer owns (its state is another replica's now): its call, if
+        any, ends with `error`; nothing is written to the store. Lock held."""
+        log.warning("session dropped: %s", error.message, extra={"session": session.key.label})
+        session.emit(StreamEnd(error))
+        session.end()
+        if self.sessions.get(session.key) is session:
+            self.sessions.pop(session.key)
+        self._update_gauges()
+
+    def moved(self, key: SessionKey, generation: int) -> None:
+        """The store refused a write of `key` under `generation`: another replica took the session over.
+        Drops it (unless it was taken back under a newer generation meanwhile)."""
+        self._in_background(self._drop_moved(key, generation), "dropping a moved session")
+
+    async def _drop_moved(self, key: SessionKey, generation: int) -> None:
+        async with self.lock:
+            if self.leases is None or self.leases.generation(key) != generation:
+                return
+            self.leases.forget(key)
+            if (session := self.sessions.get(key)) is not None:
+                self._drop(session, SessionMoved(key, "", "another replica took it over: this replica's "
+                                                          "write was refused"))
+
+    async def keep_leases(self, interval_s: float) -> None:
+        """Renew the leases of the sessions with an attached call every `interval_s`, until cancelled; a
+        session whose lease was lost (another replica took it over) is dropped."""
+        while True:
+            await asyncio.sleep(interval_s)
+            attached = [key for key, session in self.sessions.items() if session.attached]
+            try:
+                lost = await asyncio.to_thread(self.leases.renew, attached)
+            except Exception as exc:  # Redis unreachable: writes stay fenced, try again next time
+                log.warning("renewing leases failed: %r", exc)
+                continue
+            for key in lost:
+                self.moved(key, self.leases.generation(key))
 
     # ------------------------------------------------------------------ write-ahead log
     async def start_journal(self, session: Session) -> None:
@@ -255,14 +374,14 @@ class SessionManager:
         path = store.log_path(key)
         started = time.perf_counter()
         try:
-            records = (await asyncio.to_thread(recover_log, path)).records
+            records = await asyncio.to_thread(store.read_log, key)
             base = await asyncio.to_thread(self._base_snapshot, key, records)
         except OSError as exc:
             raise server_failure(exc, f"cannot read the write-ahead log of session {shown_id(key.id)}",
                                  "session_id") from exc
         if base is None and not (records and records[0].get("k") == "open"):
             self.unrecovered.pop(key, None)
-            if not records and not store.path(key).exists():  # an empty log: nothing was ever kept
+            if not records and not store.has_snapshot(key):  # an empty log: nothing was ever kept
                 self.committer.delete(path)
                 raise self._not_found(key)
             why = "no valid snapshot and its write-ahead log does not reach back to the session's start"
@@ -311,8 +430,7 @@ class SessionManager:
             try:
                 tensors, meta = self.store.load(key, previous=previous)
             except SnapshotError as exc:
-                path = self.store.previous_path(key) if previous else self.store.path(key)
-                if path.exists():  # a damaged file (a missing one is normal: no snapshot yet)
+                if self.store.has_snapshot(key, previous):  # damaged (a missing one is normal: none yet)
                     log.warning("snapshot unusable for recovery: %s", exc, extra={"session": key.label})
                 continue
             lsn = snapshot_lsn(meta)
@@ -379,14 +497,24 @@ class SessionManager:
         if len(self.recently_closed) > RECENTLY_CLOSED:
             self.recently_closed.pop(next(iter(self.recently_closed)))
         if self.store is not None:
-            self.store.delete(session.key)
-            if session.journal is not None:
-                session.journal.delete()
+            try:
+                self.store.delete(session.key)
+            except SessionMoved:  # a stale copy (e.g. expired here): the session is another replica's
+                log.info("not deleting a session another replica took over",
+                         extra={"session": session.key.label})
+            else:
+                if session.journal is not None:
+                    session.journal.delete()
+                elif self.store.shared:  # its generation and lease keys too
+                    self.committer.delete(self.store.log_path(session.key))
+        if self.leases is not None:
+            self.leases.forget(session.key)
         self._update_gauges()
 
     async def delete(self, key: SessionKey) -> int:
         """Delete a detached session; returns the tokens it had seen."""
         async with self.lock:
+            await self._take_lease(key)
             if key in self.damaged or key in self.unrecovered:
                 self._drop_files(key)
                 return 0
@@ -407,6 +535,8 @@ class SessionManager:
             self.store.delete(key)
         if self.committer is not None:
             self.committer.delete(self.store.log_path(key))
+        if self.leases is not None:
+            self.leases.forget(key)
 
     # ------------------------------------------------------------------ housekeeping
     def _expire(self, now: float) -> None:
@@ -452,7 +582,10 @@ class SessionManager:
                 return
             for session in list(self.sessions.values()):
                 if session.resident and session.idle() and now - session.last_used > self.idle_evict_s:
-                    await self.residency.evict(session)
+                    try:
+                        await self.residency.evict(session)
+                    except SessionMoved as exc:  # a stale copy: another replica took the session over
+                        self._drop(session, exc)
 
     def end_streams(self, error: RequestError) -> None:
         """At shutdown, once the scheduler stopped: end every attached call with `error`, first answering
@@ -490,6 +623,9 @@ class SessionManager:
                         await self.residency.evict(session)
                     else:  # input kept at detach while it waited for a row: its snapshot must hold it
                         await asyncio.to_thread(self.store.update_session_meta, session)
+                except SessionMoved as exc:  # not this replica's any more: nothing of it to save
+                    log.info("not persisting a session another replica took over: %s", exc.message,
+                             extra={"session": session.key.label})
                 except Exception as exc:  # disk full, unwritable, too large: the next session is still saved
                     why = f"{type(exc).__name__}: {exc}"
                     log.error("could not persist session at shutdown: %s", why,

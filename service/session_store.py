@@ -24,9 +24,10 @@ from sinkstream.service.chat_input import ChatInput
 from sinkstream.service.errors import shown_id
 from sinkstream.service.options import AnalysisOptions
 from sinkstream.service.session import Session, is_valid_session_id
+from sinkstream.service.state_backend import rewrite_session_meta
 from sinkstream.service.tenants import DEFAULT_TENANT, SessionKey, is_valid_tenant
 from sinkstream.service.text_input import TextInput
-from sinkstream.service.write_ahead_log import sync_dir
+from sinkstream.service.write_ahead_log import recover_log, sync_dir
 
 log = logging.getLogger("sinkstream.sessions")
 SNAPSHOT_SUFFIX = ".safetensors"
@@ -47,12 +48,13 @@ def prepare_state_dir(root: Path) -> None:
 
 
 class SessionStore:
-    """The state directory: one `<session id>.safetensors` per persisted session (no pickle), the default
-    tenant's in the directory itself (the layout of servers without tenants), every other tenant's in
-    `tenants/<tenant>/`."""
+    """The state directory, a StateStore (state_backend.py) for one server: one `<session id>.safetensors`
+    per persisted session (no pickle), the default tenant's in the directory itself (the layout of servers
+    without tenants), every other tenant's in `tenants/<tenant>/`."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
+        self.shared = False
         prepare_state_dir(root)
 
     def path(self, key: SessionKey) -> Path:
@@ -109,10 +111,15 @@ class SessionStore:
     def update_session_meta(self, session: Session) -> int:
         """Rewrite a persisted session's snapshot with its current session state (e.g. pending input
         added while it was not resident); returns its size in bytes."""
-        tensors, meta = self.load(session.key)
-        size = self.save(session.key, tensors, snapshot_meta(session, meta))
-        session.input_unsaved = False
-        return size
+        return rewrite_session_meta(self, session)
+
+    def has_snapshot(self, key: SessionKey, previous: bool = False) -> bool:
+        """Whether the newest (or previous) snapshot file exists, readable or not."""
+        return (self.previous_path(key) if previous else self.path(key)).exists()
+
+    def read_log(self, key: SessionKey) -> list[dict[str, Any]]:
+        """The session's good log records; a torn or corrupt tail is cut off the file (logged)."""
+        return recover_log(self.log_path(key)).records
 
     def delete(self, key: SessionKey) -> None:
         """Remove a session's snapshots (its log is removed through the log committer, in order)."""

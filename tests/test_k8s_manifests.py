@@ -61,7 +61,7 @@ def ports(container: dict) -> dict[str, int]:
 def test_there_are_manifests_of_every_kind_the_deployment_needs():
     kinds = sorted(doc["kind"] for _, doc in documents())
     assert kinds == sorted(["Service", "StatefulSet", "PodDisruptionBudget", "Deployment", "Service",
-                            "HorizontalPodAutoscaler"])
+                            "HorizontalPodAutoscaler", "Service", "StatefulSet"])
 
 
 @pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
@@ -96,13 +96,37 @@ def test_probes_and_ports_are_the_ones_the_server_arguments_open():
     assert service_port["targetPort"] == "grpc"
 
 
-def test_state_model_and_tokens_are_mounted_where_the_arguments_point():
+def test_the_state_store_is_the_redis_service_with_every_write_fsynced():
+    """The replicas share the Redis of redis.yaml (by its Service's name and port), whose append-only file
+    is fsync'd before each answer and on a persistent volume; each replica advertises its pod's name."""
+    options = serve_options(replica_container()["args"])
+    assert "--state-dir" not in options
+    service = resource("Service", "sinkstream-redis")
+    (port,) = service["spec"]["ports"]
+    assert options["--state-store"] == f"redis://{service['metadata']['name']}:{port['port']}/0"
+    redis = resource("StatefulSet", "sinkstream-redis")
+    assert redis["spec"]["template"]["metadata"]["labels"] == service["spec"]["selector"]
+    (container,) = redis["spec"]["template"]["spec"]["containers"]
+    settings = dict(zip(container["args"][::2], container["args"][1::2], strict=True))
+    assert settings["--appendonly"] == "yes" and settings["--appendfsync"] == "always"
+    assert settings["--maxmemory-policy"] == "noeviction"
+    (claim,) = redis["spec"]["volumeClaimTemplates"]
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    assert mounts[claim["metadata"]["name"]] == settings["--dir"]
+    statefulset = resource("StatefulSet", "sinkstream")
+    headless = statefulset["spec"]["serviceName"]
+    port = ports(replica_container())["grpc"]
+    pod_address = f"$(POD_NAME).{headless}.$(POD_NAMESPACE).svc.cluster.local:{port}"
+    assert options["--advertise-address"] == pod_address
+    env = {e["name"]: e["valueFrom"]["fieldRef"]["fieldPath"] for e in replica_container()["env"]}
+    assert env == {"POD_NAME": "metadata.name", "POD_NAMESPACE": "metadata.namespace"}
+
+
+def test_model_and_tokens_are_mounted_where_the_arguments_point():
     statefulset = resource("StatefulSet", "sinkstream")
     container = replica_container()
     options = serve_options(container["args"])
     mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
-    (claim,) = statefulset["spec"]["volumeClaimTemplates"]
-    assert mounts[claim["metadata"]["name"]] == options["--state-dir"]
     assert options["--model"].startswith(mounts["models"] + "/")
     assert options["--auth-tokens"].startswith(mounts["tokens"] + "/")
     volumes = {v["name"] for v in statefulset["spec"]["template"]["spec"]["volumes"]}

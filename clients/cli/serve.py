@@ -46,6 +46,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="persist and release sessions idle this long (needs --state-dir; 0 = never; "
                         f"default {d.idle_evict_s:g})")
     p.add_argument("--state-dir", type=Path, help="where sessions are persisted (default: memory only)")
+    r = p.add_argument_group("several replicas (see \"Running several replicas\" in the README)")
+    r.add_argument("--state-store", metavar="URL",
+                   help="persist sessions in Redis, shared with the other replicas (redis://host:port/db; "
+                        "instead of --state-dir): any replica can take a session over")
+    r.add_argument("--advertise-address", metavar="HOST:PORT",
+                   help="how the other replicas name this one to clients (default --host:port)")
+    r.add_argument("--lease-ttl", type=float, default=d.lease_ttl_s, metavar="SECONDS",
+                   help="with --state-store: a replica's sessions can be taken over this long after it "
+                        f"stopped renewing their leases (default {d.lease_ttl_s:g})")
     p.add_argument("--max-message-bytes", type=int, default=d.max_message_bytes,
                    help=f"largest message sent or received (default {d.max_message_bytes})")
     p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port (0 = any)")
@@ -61,8 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="input tokens per forward pass while sessions generate (0 = no limit; "
                         f"default {d.decode_input_budget}): lower = faster tokens, slower ingest")
     p.add_argument("--durability", choices=("on", "off"), default="on" if d.durability else "off",
-                   help="with --state-dir: log numbered requests to a per-session write-ahead log and "
-                        "acknowledge them once fsync'd, so they survive kill -9 (default on)")
+                   help="with --state-dir or --state-store: log numbered requests to a per-session "
+                        "write-ahead log and acknowledge them once durable, so they survive kill -9 "
+                        "(default on)")
     p.add_argument("--grace", type=float, default=d.grace_s, metavar="SECONDS",
                    help="on SIGTERM, time open streams get to finish")
     add_security_options(p, d)
@@ -120,6 +130,7 @@ def config_from_args(args: argparse.Namespace, tls: TLSFiles | None = None) -> S
         model=args.model, host=args.host, port=args.port, max_sessions=args.max_sessions,
         max_resident=args.max_resident, max_cache_shapes=args.max_cache_shapes,
         session_ttl_s=args.session_ttl, idle_evict_s=args.idle_evict, state_dir=args.state_dir,
+        state_store=args.state_store, advertise_address=args.advertise_address, lease_ttl_s=args.lease_ttl,
         max_message_bytes=args.max_message_bytes, metrics_port=args.metrics_port,
         metrics_host=args.metrics_host, keepalive_time_ms=args.keepalive_time_ms,
         keepalive_timeout_ms=args.keepalive_timeout_ms,

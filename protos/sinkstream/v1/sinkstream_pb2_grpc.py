@@ -35,6 +35,17 @@ class SinkStreamStub:
     `balance hdr(x-session-id)`, Envoy `ring_hash` on the header) routes on it, so every call about a
     session reaches the same replica. The server itself ignores it: the id in the request is the one that
     counts.
+
+    Replicas sharing a session store (`serve --state-store redis://...`): a replica serves a session only
+    while it holds the session's lease. A call about a session (`Stream` resume, `GetSession`,
+    `DeleteSession`) that reaches a replica while another live replica holds the lease fails with
+    UNAVAILABLE; the message names the owner and the trailing metadata `x-session-owner` carries its
+    address (its `--advertise-address`), so a client without a proxy can go there. A replica whose lease
+    has lapsed (it died, or its calls about the session ended) is not waited for: the replica that gets the
+    call takes the session over from the shared snapshot and write-ahead log, with every acknowledged
+    request. A replica that loses a session it still serves (another took it over while it was cut off)
+    ends the call with UNAVAILABLE and the same trailing metadata when the owner is known; resume the
+    session. An open with an id another replica stored fails with ALREADY_EXISTS.
     """
 
     def __init__(self, channel):
@@ -85,6 +96,17 @@ class SinkStreamServicer:
     `balance hdr(x-session-id)`, Envoy `ring_hash` on the header) routes on it, so every call about a
     session reaches the same replica. The server itself ignores it: the id in the request is the one that
     counts.
+
+    Replicas sharing a session store (`serve --state-store redis://...`): a replica serves a session only
+    while it holds the session's lease. A call about a session (`Stream` resume, `GetSession`,
+    `DeleteSession`) that reaches a replica while another live replica holds the lease fails with
+    UNAVAILABLE; the message names the owner and the trailing metadata `x-session-owner` carries its
+    address (its `--advertise-address`), so a client without a proxy can go there. A replica whose lease
+    has lapsed (it died, or its calls about the session ended) is not waited for: the replica that gets the
+    call takes the session over from the shared snapshot and write-ahead log, with every acknowledged
+    request. A replica that loses a session it still serves (another took it over while it was cut off)
+    ends the call with UNAVAILABLE and the same trailing metadata when the owner is known; resume the
+    session. An open with an id another replica stored fails with ALREADY_EXISTS.
     """
 
     def Stream(self, request_iterator, context):
@@ -198,6 +220,17 @@ class SinkStream:
     `balance hdr(x-session-id)`, Envoy `ring_hash` on the header) routes on it, so every call about a
     session reaches the same replica. The server itself ignores it: the id in the request is the one that
     counts.
+
+    Replicas sharing a session store (`serve --state-store redis://...`): a replica serves a session only
+    while it holds the session's lease. A call about a session (`Stream` resume, `GetSession`,
+    `DeleteSession`) that reaches a replica while another live replica holds the lease fails with
+    UNAVAILABLE; the message names the owner and the trailing metadata `x-session-owner` carries its
+    address (its `--advertise-address`), so a client without a proxy can go there. A replica whose lease
+    has lapsed (it died, or its calls about the session ended) is not waited for: the replica that gets the
+    call takes the session over from the shared snapshot and write-ahead log, with every acknowledged
+    request. A replica that loses a session it still serves (another took it over while it was cut off)
+    ends the call with UNAVAILABLE and the same trailing metadata when the owner is known; resume the
+    session. An open with an id another replica stored fails with ALREADY_EXISTS.
     """
 
     @staticmethod

@@ -40,6 +40,7 @@ from sinkstream.clients.cli.options import (
     add_dtype_option,
     add_offload_options,
     add_server_option,
+    add_weights_dtype_option,
     connection_options,
 )
 from sinkstream.clients.client import SinkStreamClient
@@ -75,6 +76,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=None, help="seed of a new session's sampling")
     add_cache_shape_options(p, names=("window", "sink_tokens"), server_default=True)
     add_dtype_option(p)  # with --model only: the model runs in this process
+    add_weights_dtype_option(p)
     add_offload_options(p)
 
 
@@ -138,6 +140,10 @@ def _run(args: argparse.Namespace) -> int:
     if args.offload != "none":
         raise CliError(f"--offload {args.offload} runs the model in this process: give --model PATH, or "
                        "start the server with `sinkstream serve --offload ...`", USAGE)
+    if args.weights_dtype is not None:
+        raise CliError(f"--weights-dtype {args.weights_dtype} sets the weights of a model run in this "
+                       "process: give --model PATH, or start the server with "
+                       "`sinkstream serve --weights-dtype ...`", USAGE)
     if not args.server:
         raise CliError("give --server HOST:PORT (or set SINKSTREAM_SERVER; start a server with "
                        "`sinkstream serve --model PATH`), or --model PATH to run the model in-process", USAGE)

@@ -18,6 +18,7 @@ from sinkstream.clients.cli.options import (
     add_kv_dtype_option,
     add_offload_options,
     add_server_option,
+    add_weights_dtype_option,
     check_offload_options,
     count,
 )
@@ -55,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_cache_shape_options(gen)
     add_kv_dtype_option(gen)
     add_dtype_option(gen)
+    add_weights_dtype_option(gen)
     add_offload_options(gen)
 
     ana = sub.add_parser("analyze", help="stream a text file and summarise per-token NLL / perplexity")
@@ -66,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_cache_shape_options(ana)
     add_kv_dtype_option(ana)
     add_dtype_option(ana)
+    add_weights_dtype_option(ana)
     add_offload_options(ana)
 
     chat.add_parser(sub)
@@ -112,6 +115,9 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         if args.kv_dtype is not None:  # the cache is the server's: `sinkstream serve --kv-dtype`
             parser.error(f"--kv-dtype {args.kv_dtype} sets the cache of an in-process run: give --model "
                          "PATH, or start the server with `sinkstream serve --kv-dtype ...`")
+        if args.weights_dtype is not None:  # the weights are the server's: `sinkstream serve --weights-dtype`
+            parser.error(f"--weights-dtype {args.weights_dtype} sets the weights of an in-process run: give "
+                         "--model PATH, or start the server with `sinkstream serve --weights-dtype ...`")
         from sinkstream.clients.cli import remote_runner
 
         remote_runner.run(args, files)

@@ -14,6 +14,7 @@ from sinkstream.clients.cli.options import (
     add_dtype_option,
     add_kv_dtype_option,
     add_offload_options,
+    add_weights_dtype_option,
     check_offload_options,
 )
 from sinkstream.core.config import ConfigError, StreamConfig
@@ -66,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_cache_shape_options(p, title="session defaults")
     add_kv_dtype_option(p)
     add_dtype_option(p)
+    add_weights_dtype_option(p)
     add_offload_options(p)
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
     p.add_argument("--log-level", default="info")
@@ -147,7 +149,8 @@ def serve_main(argv: list[str] | None = None) -> int:
         keep_freed_memory()  # passes reuse their temporaries instead of page-faulting them in each time
         if config.state_dir is not None:
             prepare_state_dir(config.state_dir)  # refused now, not once per second while serving
-        loaded = load_model(args.model, dtype=getattr(torch, args.dtype), offload=offload_from_args(args))
+        loaded = load_model(args.model, dtype=getattr(torch, args.dtype), offload=offload_from_args(args),
+                            weights_dtype=args.weights_dtype)
         report = asyncio.run(serve_until_signal(config, loaded))
     except (ConfigError, ValueError, OSError) as exc:
         print(f"sinkstream serve: error: {exc}", flush=True)

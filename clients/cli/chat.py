@@ -43,8 +43,10 @@ from sinkstream.clients.cli.options import (
     add_weights_dtype_option,
     connection_options,
 )
+from sinkstream.clients.cli.profile_options import PROFILE_SETTINGS_ATTR, add_profile_option
 from sinkstream.clients.client import SinkStreamClient
 from sinkstream.clients.results import SinkStreamError
+from sinkstream.core.config import StreamConfig, TierSpec  # torch-free
 
 STREAM_ENDING = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.INTERNAL,
                  grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNKNOWN)
@@ -77,6 +79,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_cache_shape_options(p, names=("window", "sink_tokens"), server_default=True)
     add_dtype_option(p)  # with --model only: the model runs in this process
     add_weights_dtype_option(p)
+    add_profile_option(p)
     add_offload_options(p)
 
 
@@ -105,8 +108,13 @@ def local_server(args: argparse.Namespace):
     from sinkstream.clients.cli import local_runner
     from sinkstream.service.server import ServerConfig, ServerThread
 
+    profile = {}
+    if (settings := getattr(args, PROFILE_SETTINGS_ATTR, None)) is not None:  # --profile: its cache shape
+        profile["defaults"] = StreamConfig(sink_tokens=settings.sink_tokens, window=settings.window,
+                                           chunk=settings.chunk, tiers=TierSpec.parse(settings.tiers),
+                                           kv_dtype=settings.kv_dtype)
     config = ServerConfig(model=args.model, port=0, state_dir=local_state_dir(), session_ttl_s=0,
-                          idle_evict_s=0, grace_s=0.5)
+                          idle_evict_s=0, grace_s=0.5, **profile)
     server = ServerThread(config, local_runner.load(args))
     try:
         yield server.address

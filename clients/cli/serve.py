@@ -17,6 +17,7 @@ from sinkstream.clients.cli.options import (
     add_weights_dtype_option,
     check_offload_options,
 )
+from sinkstream.clients.cli.profile_options import add_profile_option, apply_profile
 from sinkstream.core.config import ConfigError, StreamConfig
 from sinkstream.core.model_loading import load_model
 from sinkstream.core.offload.config import offload_from_args
@@ -68,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_kv_dtype_option(p)
     add_dtype_option(p)
     add_weights_dtype_option(p)
+    add_profile_option(p)
     add_offload_options(p)
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
     p.add_argument("--log-level", default="info")
@@ -138,6 +140,10 @@ def serve_main(argv: list[str] | None = None) -> int:
     session could not be persisted at shutdown, 2 when the server could not start."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    try:
+        apply_profile(args)  # before the checks: a profile may set --offload
+    except ConfigError as exc:
+        parser.error(str(exc))
     if problem := check_offload_options(args):
         parser.error(problem)
     tls = tls_files(parser, args)

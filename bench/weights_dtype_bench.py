@@ -6,7 +6,7 @@ Per weights dtype and thread count:
   prefill  tokens/s of 64-token chunks over the same full cache (as issue 17 measures: ~1k cached tokens),
            every chunk token's log-probabilities computed (as `analyze` needs);
   bytes    of the model's parameters and buffers (tied / shared storage counted once);
-  NLL      streaming NLL over a held-out slice of sotu.txt (tokens 20,000-21,536: past what the other
+  NLL      streaming NLL over a held-out slice of sotu.txt (tokens 20,000-21,024: past what the other
            benches read), relative to float32;
   greedy   the shared README's three reference outputs (dense transformers generate, greedy): held or not.
 Every dtype is loaded at once and timed in turn, step by step, so all see the same machine load.
@@ -43,7 +43,7 @@ from sinkstream.core.weight_quant import weight_bytes  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 SINKS, WINDOW, CHUNK = 4, 956, 64
-HELD_OUT = (20_000, 21_536)  # token range of sotu.txt scored for NLL
+HELD_OUT = (20_000, 21_024)  # token range of sotu.txt scored for NLL
 # The shared README's reference outputs (plain transformers, dense, greedy, fp32 de-quantised weights).
 REFERENCES = [
     ("chat", "What is the capital of France?", "The capital of France is Paris.<|im_end|>"),
@@ -85,14 +85,20 @@ def greedy_checks(loaded) -> list[dict]:
 
 
 @torch.inference_mode()
-def time_ours(engines: dict, ids: list[int], chunks: int, steps: int) -> dict:
-    """Per dtype: chunk and single-token step times, dtypes interleaved step by step."""
-    warm = SINKS + WINDOW + 2 * CHUNK
+def warm(engines: dict, ids: list[int]) -> int:
+    """Fill every engine's cache past capacity (evicting from then on); returns the next unused position."""
+    pos = SINKS + WINDOW + 2 * CHUNK
     for engine, row in engines.values():
-        for _ in engine.append(row, ids[:warm]):
+        for _ in engine.append(row, ids[:pos]):
             pass
+    return pos
+
+
+@torch.inference_mode()
+def time_ours(engines: dict, ids: list[int], pos: int, chunks: int, steps: int) -> tuple[dict, int]:
+    """Per dtype: chunk and single-token step times over full caches, dtypes interleaved step by step;
+    returns them and the next unused position of `ids`."""
     chunk_s = {k: [] for k in engines}
-    pos = warm
     for i in range(chunks + 1):  # the first round is warm-up
         piece = ids[pos : pos + CHUNK]
         pos += CHUNK
@@ -110,7 +116,7 @@ def time_ours(engines: dict, ids: list[int], chunks: int, steps: int) -> dict:
             tokens[k] = int(engine.next_logprobs(row).argmax())
             if i:
                 decode_s[k].append(time.perf_counter() - t0)
-    return {k: {"chunk_s": chunk_s[k], "decode_s": decode_s[k]} for k in engines}
+    return {k: {"chunk_s": chunk_s[k], "decode_s": decode_s[k]} for k in engines}, pos
 
 
 def time_llama_cpp(threads: int, ids: list[int], chunks: int, steps: int) -> dict | None:
@@ -188,6 +194,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", default="2,1", help="comma-separated thread counts")
     ap.add_argument("--dtypes", default=",".join(WEIGHTS_DTYPES))
+    ap.add_argument("--skip-quality", action="store_true", help="timings only (no NLL, no greedy checks)")
     ap.add_argument("--chunks", type=int, default=6, help="timed 64-token chunks per dtype")
     ap.add_argument("--steps", type=int, default=16, help="timed decode steps per dtype")
     ap.add_argument("--out", default="weights_dtype")
@@ -200,14 +207,19 @@ def main() -> None:
     held_out = ids[HELD_OUT[0] : HELD_OUT[1]]
     quality = {}
     for k, m in loaded.items():
+        if args.skip_quality:
+            quality[k] = {"bytes": weight_bytes(m.model), "nll": float("nan"), "greedy": []}
+            continue
         quality[k] = {"bytes": weight_bytes(m.model), "nll": nll(m.model, held_out),
                       "greedy": greedy_checks(m)}
         print(f"{k}: {quality[k]['bytes']:,} bytes, NLL {quality[k]['nll']:.4f}, greedy refs held "
               f"{[c['holds'] for c in quality[k]['greedy']]}", flush=True)
     timing = {}
+    engines = {k: engine_for(m.model) for k, m in loaded.items()}
+    pos = warm(engines, ids)
     for threads in map(int, args.threads.split(",")):
         torch.set_num_threads(threads)
-        run = time_ours({k: engine_for(m.model) for k, m in loaded.items()}, ids, args.chunks, args.steps)
+        run, pos = time_ours(engines, ids, pos, args.chunks, args.steps)
         if (llama := time_llama_cpp(threads, ids, args.chunks, args.steps)) is not None:
             run["llama.cpp"] = llama
         timing[threads] = run

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 from conftest import REPO_ROOT
-from test_cli_generate import PROMPT, REFERENCE_NEW_TOKENS, run_generate
+from test_cli_generate import PROMPT, REFERENCE_NEW_TOKENS, run_generate, run_generate_against_server
 from test_core_streaming import REFERENCE_CONTINUATION
 
 from sinkstream.clients.cli.main import build_parser
@@ -137,9 +137,7 @@ def test_generate_with_profiles(model_dir, tmp_path):
 def test_cli_refuses_bad_profile_uses(model_dir, tmp_path):
     proc = run_generate(model_dir, PROMPT, 4, tmp_path, "--profile", "fast")
     assert proc.returncode == 2 and "invalid choice: 'fast'" in proc.stderr
-    remote = subprocess.run([sys.executable, "-m", "sinkstream", "generate", "--server", "127.0.0.1:9",
-                             "--prompt", "x", "--profile", "memory"], cwd=REPO_ROOT, capture_output=True,
-                            text=True, timeout=120)
+    remote = run_generate_against_server("--profile", "memory")
     assert remote.returncode == 2 and "configures a model run in this process" in remote.stderr
     hub = subprocess.run([sys.executable, "-m", "sinkstream", "generate", "--model", "nobody/nothing",
                           "--prompt", "x", "--profile", "auto"], cwd=REPO_ROOT, capture_output=True,

@@ -5,14 +5,10 @@ whole quantised model streams stories260K with an NLL close to float32's and the
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import REPO_ROOT
-from test_cli_generate import PROMPT, REFERENCE_NEW_TOKENS, run_generate
+from test_cli_generate import PROMPT, REFERENCE_NEW_TOKENS, run_generate, run_generate_against_server
 from test_core_streaming import REFERENCE_CONTINUATION
 from torch import nn
 
@@ -172,7 +168,5 @@ def test_generate_with_quantised_weights(model_dir, tmp_path, fmt):
 def test_cli_refuses_a_bad_weights_dtype_and_a_remote_one(model_dir, tmp_path):
     proc = run_generate(model_dir, PROMPT, 4, tmp_path, "--weights-dtype", "int3")
     assert proc.returncode == 2 and "invalid choice: 'int3'" in proc.stderr
-    remote = subprocess.run([sys.executable, "-m", "sinkstream", "generate", "--server", "127.0.0.1:9",
-                             "--prompt", "x", "--weights-dtype", "int8"], cwd=REPO_ROOT, capture_output=True,
-                            text=True, timeout=120)
+    remote = run_generate_against_server("--weights-dtype", "int8")
     assert remote.returncode == 2 and "sets the weights of an in-process run" in remote.stderr

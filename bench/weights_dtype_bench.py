@@ -215,7 +215,20 @@ def main() -> None:
         print(f"{k}: {quality[k]['bytes']:,} bytes, NLL {quality[k]['nll']:.4f}, greedy refs held "
               f"{[c['holds'] for c in quality[k]['greedy']]}", flush=True)
     timing = {}
+
+    def write() -> None:  # after each thread count: a run cut short by the machine's load keeps its figures
+        d = {"command": "SINKSTREAM_CACHE_DIR=/tmp/ggufcache python bench/weights_dtype_bench.py "
+                        + " ".join(sys.argv[1:]),
+             "dtypes": dtypes, "quality": quality, "timing": timing, "torch": torch.__version__,
+             "cores": os.cpu_count(), "load_before": load_before, "load_after": load_average(),
+             "wall_s": time.perf_counter() - t_start}
+        RESULTS.mkdir(exist_ok=True)
+        (RESULTS / f"{args.out}.json").write_text(json.dumps(d, indent=1))
+        (RESULTS / f"{args.out}.md").write_text(markdown(d))
+        print(markdown(d), flush=True)
+
     engines = {k: engine_for(m.model) for k, m in loaded.items()}
+    torch.set_num_threads(int(args.threads.split(",")[0]))
     pos = warm(engines, ids)
     for threads in map(int, args.threads.split(",")):
         torch.set_num_threads(threads)
@@ -227,15 +240,7 @@ def main() -> None:
             print(f"threads {threads} {k}: decode {statistics.median(t['decode_s']) * 1e3:.1f} ms/token, "
                   f"prefill {CHUNK / statistics.median(t['chunk_s']):.0f} tok/s (load {load_average()})",
                   flush=True)
-    d = {"command": "SINKSTREAM_CACHE_DIR=/tmp/ggufcache python bench/weights_dtype_bench.py "
-                    + " ".join(sys.argv[1:]),
-         "dtypes": dtypes, "quality": quality, "timing": timing, "torch": torch.__version__,
-         "cores": os.cpu_count(), "load_before": load_before, "load_after": load_average(),
-         "wall_s": time.perf_counter() - t_start}
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{args.out}.json").write_text(json.dumps(d, indent=1))
-    (RESULTS / f"{args.out}.md").write_text(markdown(d))
-    print(markdown(d))
+        write()
 
 
 if __name__ == "__main__":

@@ -46,7 +46,7 @@ PROFILE_SETTINGS = {
     # Today's cache shape with an int8 cache and int8 weights (NLL within 0.1% of float32's).
     "balanced": RunSettings(sink_tokens=4, window=252, chunk=64, tiers="", kv_dtype="int8",
                             weights_dtype="int8", offload="none", speculate=0),
-    # A 4x window plus coarse tiers reaching ~1.5k tokens further back, at about balanced's float32 bytes.
+    # A 4x window plus two tiers of merged older tokens, in about the KV bytes of a float32 default window.
     "long-context": RunSettings(sink_tokens=4, window=1020, chunk=64, tiers="64x4,32x16", kv_dtype="int8",
                                 weights_dtype="int8", offload="none", speculate=0),
     # Fastest tokens: the model's own KV dtype (no de-quantisation), int4 weights (least bandwidth per

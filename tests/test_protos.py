@@ -72,8 +72,8 @@ def test_stubs_and_client_import_without_torch() -> None:
         "import sinkstream.clients.cli\n"
         "sinkstream.clients.cli.build_parser().parse_args(['analyze', 'doc.txt', '--server', 'h:1'])\n"
         "torch_free = {'sinkstream.core', 'sinkstream.core.config', 'sinkstream.core.offload',\n"
-        "             'sinkstream.core.offload.config', 'sinkstream.core.profiles',
-             'sinkstream.core.hardware_facts'}\n"
+        "             'sinkstream.core.offload.config', 'sinkstream.core.profiles',\n"
+        "             'sinkstream.core.hardware_facts'}\n"
         "bad = [m for m in sys.modules if m.startswith('sinkstream.service')\n"
         "       or (m.startswith('sinkstream.core') and m not in torch_free)]\n"
         "assert not bad, bad\n"

@@ -11,10 +11,12 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
+from sinkstream.core.config import ConfigError
 from sinkstream.core.gguf_loading import GgufCheckpoint, gguf_checkpoint, is_gguf
 from sinkstream.core.model_support import UnsupportedModelError, check_supported
 from sinkstream.core.offload.config import OffloadConfig
 from sinkstream.core.offload.loading import load_model_offloaded
+from sinkstream.core.weight_quant import check_weights_dtype, quantize_linears
 
 
 @dataclass
@@ -35,6 +37,7 @@ def load_model(
     device: str | torch.device = "cpu",
     attn_implementation: str = "sdpa",
     offload: OffloadConfig | None = None,
+    weights_dtype: str | None = None,
 ) -> LoadedModel:
     """Load model + tokenizer from a local folder, a hub id or a `.gguf` file, after checking the config is
     supported.
@@ -43,8 +46,17 @@ def load_model(
     which is then loaded like any local folder; its tokenizer and chat template come from the file.
     `offload` (mode cpu/disk) keeps the decoder layers out of memory and streams them through
     `offload.resident_layers` slots (core.offload.prefetch); it needs a local safetensors folder.
+    `weights_dtype` (core.weight_quant: bfloat16, int8, int4) replaces the Linear layers by quantised ones
+    after loading; None or float32 keeps them as loaded. It cannot be combined with offloading (offloaded
+    layers are streamed from the checkpoint as stored): ConfigError, raised before anything is loaded.
     """
     hf_logging.disable_progress_bar()  # our own progress output is the one users read
+    check_weights_dtype(weights_dtype)
+    quantized = weights_dtype not in (None, "float32")
+    if quantized and offload is not None and offload.enabled:
+        raise ConfigError("weights_dtype", f"--weights-dtype {weights_dtype} cannot be combined with "
+                          f"--offload {offload.mode}: offloaded layers are streamed from the checkpoint as "
+                          "stored; use one or the other")
     name = str(name_or_path)
     gguf = None
     if is_gguf(name):
@@ -62,6 +74,7 @@ def load_model(
         model = AutoModelForCausalLM.from_pretrained(
             name_or_path, dtype=dtype, attn_implementation=attn_implementation
         ).to(device)
+    quantize_linears(model, weights_dtype)
     model.eval()
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)

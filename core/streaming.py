@@ -98,7 +98,8 @@ class StreamingInference:
         self.lm_head = model.get_output_embeddings()
         self.vocab_size = self.lm_head.out_features
         param = next(p for p in model.parameters() if p.device.type != "meta")
-        self.device, self.dtype = param.device, self.lm_head.weight.dtype
+        # The residual stream's dtype (a quantised LM head has no float weight: core.weight_quant).
+        self.device, self.dtype = param.device, model.get_input_embeddings().weight.dtype
         num_layers, kv_heads, head_dim = model_dims(model_config)
         rope = RopeTable(self.base.rotary_emb, config.max_positions, self.dtype, self.device)
         self.cache = SinkCache(config, num_layers=num_layers, max_rows=max_rows, kv_heads=kv_heads,

@@ -24,6 +24,13 @@ def run_generate(model_dir, prompt: str, max_new_tokens: int, tmp_path,
                           capture_output=True, text=True, timeout=240)
 
 
+def run_generate_against_server(*extra: str) -> subprocess.CompletedProcess:
+    """`generate --server` at a closed port with `extra` options (for options refused before connecting)."""
+    return subprocess.run([sys.executable, "-m", "sinkstream", "generate", "--server", "127.0.0.1:9",
+                           "--prompt", "x", *extra], cwd=REPO_ROOT, capture_output=True, text=True,
+                          timeout=120)
+
+
 def test_greedy_prints_the_published_continuation(model_dir, tmp_path):
     proc = run_generate(model_dir, PROMPT, REFERENCE_NEW_TOKENS, tmp_path)
     assert proc.returncode == 0, proc.stderr

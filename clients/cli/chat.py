@@ -40,11 +40,14 @@ from sinkstream.clients.cli.options import (
     add_dtype_option,
     add_offload_options,
     add_server_option,
+    add_weights_dtype_option,
     connection_options,
     resume_policy,
 )
+from sinkstream.clients.cli.profile_options import PROFILE_SETTINGS_ATTR, add_profile_option
 from sinkstream.clients.client import SinkStreamClient
 from sinkstream.clients.results import SinkStreamError
+from sinkstream.core.config import StreamConfig, TierSpec  # torch-free
 
 STREAM_ENDING = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.INTERNAL,
                  grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNKNOWN)
@@ -76,6 +79,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=None, help="seed of a new session's sampling")
     add_cache_shape_options(p, names=("window", "sink_tokens"), server_default=True)
     add_dtype_option(p)  # with --model only: the model runs in this process
+    add_weights_dtype_option(p)
+    add_profile_option(p)
     add_offload_options(p)
 
 
@@ -104,8 +109,13 @@ def local_server(args: argparse.Namespace):
     from sinkstream.clients.cli import local_runner
     from sinkstream.service.server import ServerConfig, ServerThread
 
+    profile = {}
+    if (settings := getattr(args, PROFILE_SETTINGS_ATTR, None)) is not None:  # --profile: its cache shape
+        profile["defaults"] = StreamConfig(sink_tokens=settings.sink_tokens, window=settings.window,
+                                           chunk=settings.chunk, tiers=TierSpec.parse(settings.tiers),
+                                           kv_dtype=settings.kv_dtype)
     config = ServerConfig(model=args.model, port=0, state_dir=local_state_dir(), session_ttl_s=0,
-                          idle_evict_s=0, grace_s=0.5)
+                          idle_evict_s=0, grace_s=0.5, **profile)
     server = ServerThread(config, local_runner.load(args))
     try:
         yield server.address
@@ -139,6 +149,10 @@ def _run(args: argparse.Namespace) -> int:
     if args.offload != "none":
         raise CliError(f"--offload {args.offload} runs the model in this process: give --model PATH, or "
                        "start the server with `sinkstream serve --offload ...`", USAGE)
+    if args.weights_dtype is not None:
+        raise CliError(f"--weights-dtype {args.weights_dtype} sets the weights of a model run in this "
+                       "process: give --model PATH, or start the server with "
+                       "`sinkstream serve --weights-dtype ...`", USAGE)
     if not args.server:
         raise CliError("give --server HOST:PORT (or set SINKSTREAM_SERVER; start a server with "
                        "`sinkstream serve --model PATH`), or --model PATH to run the model in-process", USAGE)

@@ -63,7 +63,8 @@ def load(args: argparse.Namespace) -> LoadedModel:
         raise ModelNotFoundError(not_found)
     keep_freed_memory()  # passes reuse their temporaries instead of page-faulting them in each time
     try:
-        return load_model(name, dtype=getattr(torch, args.dtype), offload=offload_from_args(args))
+        return load_model(name, dtype=getattr(torch, args.dtype), offload=offload_from_args(args),
+                          weights_dtype=args.weights_dtype)
     except OSError as exc:  # transformers reports a missing hub repo (or no network) as OSError
         if local:
             raise

@@ -18,6 +18,7 @@ from sinkstream.clients.cli.options import (
     add_kv_dtype_option,
     add_offload_options,
     add_server_option,
+    add_weights_dtype_option,
     check_offload_options,
     count,
 )
@@ -28,6 +29,9 @@ from sinkstream.clients.cli.output import (
     print_generation,
     write_outputs,
 )
+from sinkstream.clients.cli.profile_options import add_profile_option, apply_profile
+from sinkstream.core.config import ConfigError  # torch-free
+from sinkstream.core.profiles import GivenOption  # torch-free
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,12 +53,14 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--repetition-penalty", type=float, default=1.0)
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--stop", action="append", help="stop sequence (repeatable)")
-    gen.add_argument("--speculate", type=count, default=0, metavar="N",
+    gen.add_argument("--speculate", type=count, default=0, metavar="N", action=GivenOption,
                      help="speculative decoding: verify up to N prompt-lookup draft tokens per forward "
                           "pass, same output (0 = off; in-process only)")
     add_cache_shape_options(gen)
     add_kv_dtype_option(gen)
     add_dtype_option(gen)
+    add_weights_dtype_option(gen)
+    add_profile_option(gen)
     add_offload_options(gen)
 
     ana = sub.add_parser("analyze", help="stream a text file and summarise per-token NLL / perplexity")
@@ -66,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_cache_shape_options(ana)
     add_kv_dtype_option(ana)
     add_dtype_option(ana)
+    add_weights_dtype_option(ana)
+    add_profile_option(ana)
     add_offload_options(ana)
 
     chat.add_parser(sub)
@@ -112,6 +120,9 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         if args.kv_dtype is not None:  # the cache is the server's: `sinkstream serve --kv-dtype`
             parser.error(f"--kv-dtype {args.kv_dtype} sets the cache of an in-process run: give --model "
                          "PATH, or start the server with `sinkstream serve --kv-dtype ...`")
+        if args.weights_dtype is not None:  # the weights are the server's: `sinkstream serve --weights-dtype`
+            parser.error(f"--weights-dtype {args.weights_dtype} sets the weights of an in-process run: give "
+                         "--model PATH, or start the server with `sinkstream serve --weights-dtype ...`")
         from sinkstream.clients.cli import remote_runner
 
         remote_runner.run(args, files)
@@ -130,6 +141,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "analyze" and (problem := check_output_options(args)):
         parser.error(problem)
+    if args.profile is not None and not args.model:
+        parser.error(f"--profile {args.profile} configures a model run in this process: give --model PATH, "
+                     "or start the server with `sinkstream serve --profile ...`")
+    try:
+        apply_profile(args)
+    except ConfigError as exc:
+        return report(exc, USAGE)
     if problem := check_offload_options(args):
         parser.error(problem)
     if args.command == "chat":

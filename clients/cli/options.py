@@ -11,15 +11,17 @@ from sinkstream.clients.resume import ResumePolicy
 from sinkstream.core.config import (  # torch-free
     KV_DTYPES,
     MERGE_POLICIES,
+    WEIGHTS_DTYPES,
     ConfigError,
     StreamConfig,
     TierSpec,
 )
 from sinkstream.core.offload.config import add_offload_options, check_offload_options  # torch-free
+from sinkstream.core.profiles import GivenOption  # torch-free
 
 __all__ = ["CACHE_SHAPE_OPTIONS", "MODEL_DTYPES", "add_cache_shape_options", "add_dtype_option",
-           "add_kv_dtype_option", "add_offload_options", "add_server_option", "check_offload_options",
-           "connection_options", "count", "resume_policy", "tier_specs"]
+           "add_kv_dtype_option", "add_offload_options", "add_server_option", "add_weights_dtype_option",
+           "check_offload_options", "connection_options", "count", "resume_policy", "tier_specs"]
 
 DEFAULT_SERVER = os.environ.get("SINKSTREAM_SERVER")
 CACHE_SHAPE_OPTIONS = ("sink_tokens", "window", "chunk", "tiers", "merge_policy")
@@ -76,9 +78,16 @@ def add_dtype_option(p: argparse.ArgumentParser) -> None:
 
 def add_kv_dtype_option(p: argparse.ArgumentParser) -> None:
     """--kv-dtype: how the KV cache stores keys and values (core.kv_quant); None = the model's dtype."""
-    p.add_argument("--kv-dtype", choices=KV_DTYPES[1:], default=None,
+    p.add_argument("--kv-dtype", choices=KV_DTYPES[1:], default=None, action=GivenOption,
                    help="KV cache storage: float32, bfloat16 or int8 (per-token scales, de-quantised for "
                         "attention); default: the model's dtype (in-process and serve only)")
+
+
+def add_weights_dtype_option(p: argparse.ArgumentParser) -> None:
+    """--weights-dtype: how the Linear layers' weights are stored (core.weight_quant); None = as loaded."""
+    p.add_argument("--weights-dtype", choices=WEIGHTS_DTYPES, default=None, action=GivenOption,
+                   help="Linear weights: float32 (as loaded), bfloat16, int8 (per-channel) or int4 (groups "
+                        "of 32), run by torch's packed CPU kernels (with --model / serve only)")
 
 
 def tier_specs(text: str) -> tuple[TierSpec, ...]:
@@ -130,4 +139,4 @@ def add_cache_shape_options(p: argparse.ArgumentParser, title: str = "bounded ca
     group = p.add_argument_group(title)
     for name in names:
         flag, kwargs = options[name]
-        group.add_argument(flag, **kwargs)
+        group.add_argument(flag, action=GivenOption, **kwargs)  # recorded: it overrides a --profile

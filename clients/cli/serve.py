@@ -14,8 +14,10 @@ from sinkstream.clients.cli.options import (
     add_dtype_option,
     add_kv_dtype_option,
     add_offload_options,
+    add_weights_dtype_option,
     check_offload_options,
 )
+from sinkstream.clients.cli.profile_options import add_profile_option, apply_profile
 from sinkstream.core.config import ConfigError, StreamConfig
 from sinkstream.core.model_loading import load_model
 from sinkstream.core.offload.config import offload_from_args
@@ -79,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_cache_shape_options(p, title="session defaults")
     add_kv_dtype_option(p)
     add_dtype_option(p)
+    add_weights_dtype_option(p)
+    add_profile_option(p)
     add_offload_options(p)
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
     p.add_argument("--log-level", default="info")
@@ -151,6 +155,10 @@ def serve_main(argv: list[str] | None = None) -> int:
     session could not be persisted at shutdown, 2 when the server could not start."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    try:
+        apply_profile(args)  # before the checks: a profile may set --offload
+    except ConfigError as exc:
+        parser.error(str(exc))
     if problem := check_offload_options(args):
         parser.error(problem)
     tls = tls_files(parser, args)
@@ -162,7 +170,8 @@ def serve_main(argv: list[str] | None = None) -> int:
         keep_freed_memory()  # passes reuse their temporaries instead of page-faulting them in each time
         if config.state_dir is not None:
             prepare_state_dir(config.state_dir)  # refused now, not once per second while serving
-        loaded = load_model(args.model, dtype=getattr(torch, args.dtype), offload=offload_from_args(args))
+        loaded = load_model(args.model, dtype=getattr(torch, args.dtype), offload=offload_from_args(args),
+                            weights_dtype=args.weights_dtype)
         report = asyncio.run(serve_until_signal(config, loaded))
     except (ConfigError, ValueError, OSError) as exc:
         print(f"sinkstream serve: error: {exc}", flush=True)

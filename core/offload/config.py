@@ -6,6 +6,7 @@ import argparse
 from dataclasses import dataclass
 
 from sinkstream.core.config import ConfigError
+from sinkstream.core.profiles import GivenOption
 
 OFFLOAD_MODES = ("none", "cpu", "disk")
 
@@ -64,7 +65,7 @@ def add_offload_options(parser: argparse.ArgumentParser) -> None:
     """--offload, --resident-layers and --prefetch-depth (shared by analyze, generate and serve)."""
     d = OffloadConfig()
     g = parser.add_argument_group("weight offloading")
-    g.add_argument("--offload", choices=OFFLOAD_MODES, default=d.mode,
+    g.add_argument("--offload", choices=OFFLOAD_MODES, default=d.mode, action=GivenOption,
                    help="keep the decoder layers on disk (read as needed) or in host memory, only "
                         f"--resident-layers of them materialised at once (default {d.mode})")
     g.add_argument("--resident-layers", type=int, default=d.resident_layers, metavar="K",

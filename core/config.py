@@ -48,7 +48,10 @@ class StreamConfig:
 
     Slots, in position order: ``sink_tokens`` sinks, the tier slots (coarsest first), a window of the
     ``window`` most recent tokens, and room for one chunk of up to ``chunk`` new tokens per forward pass.
-    ``kv_dtype`` is how keys and values are stored (see core.kv_quant).
+    ``kv_dtype`` is how keys and values are stored (see core.kv_quant). ``keep_rotated_keys`` keeps a
+    second copy of the keys rotated to their positions between passes, so a pass rotates only the new and
+    the sink/tier keys instead of every kept key (faster decode for one more key copy of memory; see
+    core.sink_cache).
     """
 
     sink_tokens: int = 4
@@ -57,6 +60,7 @@ class StreamConfig:
     tiers: tuple[TierSpec, ...] = field(default_factory=tuple)
     merge_policy: str = "mean"
     kv_dtype: str = "model"
+    keep_rotated_keys: bool = False
 
     @property
     def tier_slots(self) -> int:

@@ -14,6 +14,18 @@ class UnsupportedModelError(ValueError):
     """The model or its config cannot be streamed by the core; the message names what is unsupported."""
 
 
+def position_limit(config: PretrainedConfig) -> int:
+    """Positions a stream may use without leaving the model's trained context (longrope: the context
+    before it switches frequencies)."""
+    rope = getattr(config, "rope_parameters", None) or {}
+    if rope.get("rope_type", "default") == "longrope":
+        original = getattr(config, "original_max_position_embeddings", None) or rope.get(
+            "original_max_position_embeddings")
+        if original is not None:
+            return int(original)
+    return int(config.max_position_embeddings)
+
+
 def check_supported(config: PretrainedConfig, max_positions: int | None = None) -> None:
     """Raise UnsupportedModelError unless `config` describes a RoPE decoder the core handles.
 

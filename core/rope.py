@@ -59,7 +59,9 @@ def apply_rotation(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
     return out
 
 
-def remove_rotation(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                    inv_scale2: float = 1.0) -> torch.Tensor:
-    """Inverse of `apply_rotation`: keys rotated by (cos, sin) back to position-free keys."""
-    return apply_rotation(x, cos * inv_scale2, -sin * inv_scale2)
+def inverse_rotation(cos: torch.Tensor, sin: torch.Tensor,
+                     inv_scale2: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (cos, sin) with which `apply_rotation` undoes a rotation by (cos, sin): rotated keys back to
+    position-free ones (see RopeTable.inv_scale2)."""
+    return cos * inv_scale2, -sin * inv_scale2
+

@@ -13,6 +13,17 @@ chunk, numbered contiguously, so positions never exceed S + T + W + C - 1 howeve
 (StreamingLLM's re-numbering). The ring means eviction never moves data: a token leaves by having its
 slot count zeroed.
 
+Kept rotated keys (`StreamConfig.keep_rotated_keys`): re-rotating every kept key at every pass is most of a
+decoded token's cache work, although only the sinks and tiers change position relative to the window.
+With the option, each layer keeps its keys rotated between passes, in a frame per row: every position of
+a pass is the re-numbered one plus a drift `shift = anchor mod frame_span` (anchor = window start minus
+prefix slots, which grows as tokens leave). A uniform shift changes no attention score (RoPE scores depend
+on position differences only), so a pass rotates just the chunk and the sink/tier slots; the window's kept
+keys still sit where they belong. When the drift wraps (every `frame_span` evictions), the rows' keys are
+all rotated again from the position-free storage, as is done on every tentative pass and after any row
+state is loaded. The copy of a slot is always derived from the stored key, so it does not depend on how
+the stream was chunked.
+
 Update contract (Hugging Face `Cache`): `begin_step` -> model forward, whose attention layers call
 `update(k, v, layer)` with the chunk's rotated keys [b, kv_heads, n, head_dim] and get back the keys and
 values of every slot [b, kv_heads, num_slots, head_dim] -> `end_step` commits the chunk and evicts.
@@ -31,7 +42,7 @@ from transformers.cache_utils import Cache
 
 from sinkstream.core.config import StreamConfig
 from sinkstream.core.kv_quant import KVStorage
-from sinkstream.core.rope import RopeTable, apply_rotation, remove_rotation
+from sinkstream.core.rope import RopeTable, apply_rotation, inverse_rotation
 
 
 @dataclass
@@ -48,6 +59,9 @@ class ForwardStep:
     chunk_sin: torch.Tensor
     all_rows: bool  # rows == 0..R-1: storage views can be returned without a gather
     backup: list[torch.Tensor] | None = None  # tentative steps: the chunk slots' storage before the pass
+    incremental: bool = False  # kept rotated keys: rotate only the chunk and the sink/tier slots
+    chunk_index: tuple[torch.Tensor, ...] = ()  # (row, head, slot) of the chunk in a [R, H, N, D] layer
+    unrotate: tuple[torch.Tensor, torch.Tensor] | None = None  # cos, sin taking chunk keys back to raw
 
 
 @dataclass
@@ -100,7 +114,10 @@ class SinkCache(Cache):
         rope: RopeTable,
         dtype: torch.dtype,
         device: torch.device,
+        frame_span: int = 0,
     ) -> None:
+        """`frame_span`: how far the frame of kept rotated keys may drift (module docstring); `rope` must
+        cover config.max_positions + frame_span positions."""
         super().__init__(layers=[])
         self.config = config
         self.rope = rope
@@ -114,9 +131,13 @@ class SinkCache(Cache):
         self.count = torch.zeros(max_rows, self.num_slots, dtype=torch.float32, device=device)
         # Token id held by each slot (sinks and ring), used for repetition penalties and snapshots.
         self.token_ids = torch.zeros(max_rows, self.num_slots, dtype=torch.long, device=device)
-        # Workspace for the keys rotated to their slot positions: each layer's attention consumes them
-        # before the next layer's update, so one buffer serves every layer of every step.
-        self.rotated_keys = torch.empty(shape[1:], dtype=dtype, device=device)
+        # Keys rotated to their slot positions. By default a workspace: each layer's attention consumes
+        # them before the next layer's update, so one buffer serves every layer of every step. With
+        # keep_rotated_keys, one copy per layer kept between passes (module docstring).
+        self.keep_rotated = config.keep_rotated_keys
+        self.frame_span = frame_span
+        self.rotated_keys = torch.empty(shape if self.keep_rotated else shape[1:], dtype=dtype, device=device)
+        self._frame: list[int | None] = [None] * max_rows  # base of each row's kept rotated keys
         self.tokens_seen = [0] * max_rows
         self.sink_used = [0] * max_rows
         self.window_used = [0] * max_rows
@@ -166,10 +187,11 @@ class SinkCache(Cache):
         ring_tokens = self._ring_token_index(seen)  # [b, ring]
         ring_tokens.scatter_(1, chunk_slots - self.ring_start, chunk_tokens)
         max_pos = self.rope.cos.shape[0] - 1
+        shift, incremental = self._frames(rows, window_start[:, None] - prefix_len, tentative)
         slot_pos = torch.cat(
             (prefix_valid.cumsum(1) - 1, prefix_len + ring_tokens - window_start[:, None]), dim=1
-        ).clamp_(0, max_pos)
-        position_ids = prefix_len + chunk_tokens - window_start[:, None]
+        ).add_(shift).clamp_(0, max_pos)
+        position_ids = prefix_len + chunk_tokens - window_start[:, None] + shift
 
         is_chunk = torch.zeros(b, self.num_slots, dtype=torch.bool, device=device)
         is_chunk.scatter_(1, chunk_slots, True)
@@ -184,16 +206,32 @@ class SinkCache(Cache):
         slot_cos, slot_sin = self.rope.gather(slot_pos)
         chunk_cos, chunk_sin = self.rope.gather(position_ids)
         all_rows = rows == list(range(self.keys.shape[1]))
+        heads = torch.arange(self.keys.shape[2], device=device)
+        chunk_index = (rows_t[:, None, None], heads[None, :, None], chunk_slots[:, None, :])
         backup = None
         if tentative:  # [L, b, H, n, *] per stored tensor: a few slots, not the cache
-            heads = torch.arange(self.keys.shape[2], device=device)
-            index = (rows_t[:, None, None], heads[None, :, None], chunk_slots[:, None, :])
-            backup = [t[:, index[0], index[1], index[2]].clone() for t in self.storage.tensors()]
+            backup = [t[:, chunk_index[0], chunk_index[1], chunk_index[2]].clone()
+                      for t in self.storage.tensors()]
         self._step = ForwardStep(rows_t, lengths, chunk_slots, chunk_tokens, slot_cos, slot_sin,
-                                 chunk_cos, chunk_sin, all_rows, backup)
+                                 chunk_cos, chunk_sin, all_rows, backup, incremental, chunk_index,
+                                 inverse_rotation(chunk_cos, chunk_sin, self.rope.inv_scale2))
         self._step_ids = input_ids
         self.hooks.step_started(self._step)
         return position_ids, mask
+
+    def _frames(self, rows: list[int], anchor: torch.Tensor, tentative: bool) -> tuple[torch.Tensor, bool]:
+        """For a pass over `rows` whose re-numbering anchors are anchor [b, 1] (window start minus prefix
+        slots): the drift of each row's frame [b, 1] (zeros without kept rotated keys), and whether the
+        kept copy can be updated incrementally (every row's frame unchanged since its last pass)."""
+        if not self.keep_rotated:
+            return torch.zeros_like(anchor), False
+        shift = anchor % self.frame_span if self.frame_span else torch.zeros_like(anchor)
+        bases = (anchor - shift)[:, 0].tolist()
+        incremental = not tentative and all(
+            self._frame[r] == base for r, base in zip(rows, bases, strict=True))
+        for r, base in zip(rows, bases, strict=True):
+            self._frame[r] = base
+        return shift, incremental
 
     def update(
         self,
@@ -207,13 +245,35 @@ class SinkCache(Cache):
         st = self._step
         if st is None:
             raise RuntimeError("SinkCache.update called outside begin_step/end_step")
-        b, heads, n, _ = key_states.shape
-        raw = remove_rotation(key_states, st.chunk_cos, st.chunk_sin, self.rope.inv_scale2)
-        index = (st.rows[:, None, None], torch.arange(heads, device=raw.device)[None, :, None],
-                 st.chunk_slots[:, None, :])
-        self.storage.put(layer_idx, index, raw, value_states)
+        b = key_states.shape[0]
+        raw = apply_rotation(key_states, *st.unrotate)  # position-free
+        self.storage.put(layer_idx, st.chunk_index, raw, value_states)
         keys, values = self.storage.read(layer_idx, None if st.all_rows else st.rows)
-        return apply_rotation(keys, st.slot_cos, st.slot_sin, out=self.rotated_keys[:b]), values
+        if not self.keep_rotated:
+            return apply_rotation(keys, st.slot_cos, st.slot_sin, out=self.rotated_keys[:b]), values
+        return self._update_kept(self.rotated_keys[layer_idx], keys, raw, st), values
+
+    def _update_kept(self, kept: torch.Tensor, keys: torch.Tensor, raw: torch.Tensor,
+                     st: ForwardStep) -> torch.Tensor:
+        """Bring one layer's kept rotated keys kept [R, H, N, D] up to date for this pass from its stored
+        keys [b, H, N, D] (compute dtype; raw [b, H, n, D] the chunk's, as put) and return the rows'
+        rotated keys [b, H, N, D]."""
+        b = keys.shape[0]
+        if not st.incremental:  # every slot, from storage
+            rotated = apply_rotation(keys, st.slot_cos, st.slot_sin, out=kept[:b] if st.all_rows else None)
+            if not st.all_rows:
+                kept.index_copy_(0, st.rows, rotated)
+            return rotated
+        p = self.ring_start
+        if p:  # sinks and tiers move relative to the window: rotate them to this pass's positions
+            prefix = apply_rotation(keys[:, :, :p], st.slot_cos[:, :, :p], st.slot_sin[:, :, :p],
+                                    out=kept[:b, :, :p] if st.all_rows else None)
+            if not st.all_rows:
+                kept[:, :, :p].index_copy_(0, st.rows, prefix)
+        if self.storage.converts:  # rotate what was stored (de-quantised), as a full rotation would
+            raw = keys[(torch.arange(b, device=keys.device)[:, None, None], *st.chunk_index[1:])]
+        kept.index_put_(st.chunk_index, apply_rotation(raw, st.chunk_cos, st.chunk_sin))
+        return kept[:b] if st.all_rows else kept.index_select(0, st.rows)
 
     def end_step(self, keep: list[int] | None = None) -> None:
         """Commit the real chunk tokens into the window and evict what no longer fits.
@@ -250,6 +310,9 @@ class SinkCache(Cache):
         st = self._step
         if st is not None and st.backup is not None:
             self._restore_rejected(st, [0] * len(st.lengths))
+        if st is not None:  # a failed pass may have left kept rotated keys half updated
+            for row in st.rows.tolist():
+                self._frame[row] = None
         self.hooks.step_aborted()
         self._step = None
 
@@ -294,6 +357,7 @@ class SinkCache(Cache):
         self.count[row] = 0.0
         self.token_ids[row] = 0
         self.tokens_seen[row] = self.sink_used[row] = self.window_used[row] = 0
+        self._frame[row] = None
 
     def row_state(self, row: int) -> CacheRowState:
         """The row's state; its tensors are views of the cache's storage (clone them to keep them)."""
@@ -313,6 +377,7 @@ class SinkCache(Cache):
         self.token_ids[row].copy_(state.token_ids)
         self.tokens_seen[row], self.sink_used[row] = state.tokens_seen, state.sink_used
         self.window_used[row] = state.window_used
+        self._frame[row] = None  # kept rotated keys are rebuilt from the loaded storage
 
     def context_token_ids(self, row: int) -> torch.Tensor:
         """Ids of the plain tokens currently kept for `row` (sinks and window) [k], in slot order."""

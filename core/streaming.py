@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from sinkstream.core.config import StreamConfig
-from sinkstream.core.model_support import check_supported
+from sinkstream.core.model_support import check_supported, position_limit
 from sinkstream.core.rope import RopeTable
 from sinkstream.core.sink_cache import CacheRowState, SinkCache
 from sinkstream.core.snapshot import restore_row, snapshot_row
@@ -101,9 +101,14 @@ class StreamingInference:
         # The residual stream's dtype (a quantised LM head has no float weight: core.weight_quant).
         self.device, self.dtype = param.device, model.get_input_embeddings().weight.dtype
         num_layers, kv_heads, head_dim = model_dims(model_config)
-        rope = RopeTable(self.base.rotary_emb, config.max_positions, self.dtype, self.device)
+        # Kept rotated keys live in a frame that drifts by up to `frame_span` positions before the copy is
+        # re-rotated (SinkCache); the drift must stay inside the trained context.
+        frame_span = (min(config.window, position_limit(model_config) - config.max_positions)
+                      if config.keep_rotated_keys else 0)
+        rope = RopeTable(self.base.rotary_emb, config.max_positions + frame_span, self.dtype, self.device)
         self.cache = SinkCache(config, num_layers=num_layers, max_rows=max_rows, kv_heads=kv_heads,
-                               head_dim=head_dim, rope=rope, dtype=self.dtype, device=self.device)
+                               head_dim=head_dim, rope=rope, dtype=self.dtype, device=self.device,
+                               frame_span=frame_span)
         # Distribution over the next token of each row, from the last forward pass.
         self._next_logprobs = torch.zeros(max_rows, self.vocab_size, dtype=torch.float32)
         self._has_next = [False] * max_rows

@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from batched_streams import feed_batched
 from tiny_models import FAMILIES, tiny_config, tiny_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, BertConfig, GPT2Config, GPT2LMHeadModel
 
@@ -348,19 +349,9 @@ def test_batched_rows_equal_each_stream_alone(stories):
 
     engine = StreamingInference(model, config, max_rows=4)
     rows = [engine.open_row() for _ in streams]
-    got: list[list[torch.Tensor]] = [[] for _ in streams]
-    offsets = [0, 0, 0]
-    # Uneven chunk sizes in every step exercise the padding path.
-    while any(o < len(s) for o, s in zip(offsets, streams, strict=True)):
-        batch = {}
-        for i, (row, s) in enumerate(zip(rows, streams, strict=True)):
-            if offsets[i] < len(s):
-                batch[row] = s[offsets[i] : offsets[i] + sizes[i]]
-                offsets[i] += len(batch[row])
-        for row, result in engine.step(batch).items():
-            got[rows.index(row)].append(result.logprobs)
+    got = feed_batched(engine, rows, streams, sizes)
     for i in range(len(streams)):
-        assert torch.allclose(torch.cat(got[i]), alone[i], atol=1e-5, equal_nan=True)
+        assert torch.allclose(got[i], alone[i], atol=1e-5, equal_nan=True)
 
 
 # ------------------------------------------------------------------ bad input

@@ -8,6 +8,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+from batched_streams import feed_batched
 from transformers import AutoModelForCausalLM
 
 from sinkstream.core.config import StreamConfig, TierSpec
@@ -102,18 +103,9 @@ def test_kept_rotated_keys_batched_rows_equal_each_stream_alone(model):
              for s, size in zip(streams, sizes, strict=True)]
     engine = StreamingInference(model, config, max_rows=4)  # 3 of 4 rows: passes gather their rows
     rows = [engine.open_row() for _ in streams]
-    got: list[list[torch.Tensor]] = [[] for _ in streams]
-    offsets = [0, 0, 0]
-    while any(o < len(s) for o, s in zip(offsets, streams, strict=True)):
-        batch = {}
-        for i, (row, s) in enumerate(zip(rows, streams, strict=True)):
-            if offsets[i] < len(s):
-                batch[row] = s[offsets[i] : offsets[i] + sizes[i]]
-                offsets[i] += len(batch[row])
-        for row, result in engine.step(batch).items():
-            got[rows.index(row)].append(result.logprobs)
+    got = feed_batched(engine, rows, streams, sizes)
     for i, row in enumerate(rows):
-        mine = torch.cat((*got[i], engine.next_logprobs(row)))
+        mine = torch.cat((got[i], engine.next_logprobs(row)))
         assert torch.allclose(mine, alone[i], atol=TOL, equal_nan=True)
 
 

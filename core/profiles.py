@@ -21,7 +21,8 @@ GIB = 1 << 30
 class RunSettings:
     """What a profile sets. `tiers` is a spec like ``"32x4,16x4"`` ("" = none); `kv_dtype` ``model`` = the
     model's dtype; `weights_dtype` ``float32`` = weights as loaded; `offload` none/cpu/disk; `speculate` =
-    draft tokens verified per pass with `generate` (0 = off)."""
+    draft tokens verified per pass with `generate` (0 = off); `keep_rotated_keys` keeps the keys rotated
+    between passes (StreamConfig.keep_rotated_keys)."""
 
     sink_tokens: int
     window: int
@@ -31,6 +32,7 @@ class RunSettings:
     weights_dtype: str
     offload: str
     speculate: int
+    keep_rotated_keys: bool = False
 
 
 SETTING_NAMES = tuple(f.name for f in fields(RunSettings))
@@ -50,9 +52,9 @@ PROFILE_SETTINGS = {
     "long-context": RunSettings(sink_tokens=4, window=1020, chunk=64, tiers="64x4,32x16", kv_dtype="int8",
                                 weights_dtype="int8", offload="none", speculate=0),
     # Fastest tokens: the model's own KV dtype (no de-quantisation), int4 weights (least bandwidth per
-    # decoded token), larger prefill chunks, prompt-lookup speculation.
+    # decoded token), larger prefill chunks, prompt-lookup speculation, keys kept rotated between passes.
     "throughput": RunSettings(sink_tokens=4, window=252, chunk=128, tiers="", kv_dtype="model",
-                              weights_dtype="int4", offload="none", speculate=4),
+                              weights_dtype="int4", offload="none", speculate=4, keep_rotated_keys=True),
 }
 
 

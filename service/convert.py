@@ -86,6 +86,7 @@ def stream_config_from_pb(settings: pb.SessionSettings, defaults: StreamConfig, 
         tiers=tuple(TierSpec(t.slots, t.ratio) for t in settings.tiers),
         merge_policy=settings.merge_policy or defaults.merge_policy,
         kv_dtype=defaults.kv_dtype,  # the server's (serve --kv-dtype); not a per-session setting
+        keep_rotated_keys=defaults.keep_rotated_keys,  # the server's too (serve --keep-rotated-keys)
     )
     try:
         config.validate(limits.max_positions, chunk_within_window=True)

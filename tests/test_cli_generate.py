@@ -50,3 +50,18 @@ def test_speculative_and_int8_cache_runs_print_the_published_continuation(model_
         proc = run_generate(model_dir, PROMPT, REFERENCE_NEW_TOKENS, tmp_path, *extra)
         assert proc.returncode == 0, proc.stderr
         assert proc.stdout == REFERENCE_CONTINUATION + "\n", extra
+
+
+def test_kept_rotated_keys_print_what_rotating_every_pass_prints(model_dir, tmp_path):
+    """--keep-rotated-keys on: the published continuation with the default window, and the same text as
+    without it when a 24-token window slides (and its frame wraps) many times over a long continuation."""
+    proc = run_generate(model_dir, PROMPT, REFERENCE_NEW_TOKENS, tmp_path, "--keep-rotated-keys", "on")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == REFERENCE_CONTINUATION + "\n"
+    small = ("--window", "24", "--chunk", "8")
+    plain = run_generate(model_dir, PROMPT, 150, tmp_path, *small)
+    kept = run_generate(model_dir, PROMPT, 150, tmp_path, *small, "--keep-rotated-keys", "on")
+    assert plain.returncode == kept.returncode == 0, kept.stderr
+    assert kept.stdout == plain.stdout and len(plain.stdout) > 300
+    bad = run_generate(model_dir, PROMPT, 5, tmp_path, "--keep-rotated-keys", "yes")
+    assert bad.returncode == 2 and "expected on or off" in bad.stderr

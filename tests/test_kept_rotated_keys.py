@@ -9,8 +9,11 @@ from dataclasses import replace
 import pytest
 import torch
 from batched_streams import feed_batched
+from service_support import reference_chat, start_server, stories
 from transformers import AutoModelForCausalLM
 
+from sinkstream.clients.client import SinkStreamClient
+from sinkstream.clients.results import GenerateParams, SessionSettings
 from sinkstream.core.config import StreamConfig, TierSpec
 from sinkstream.core.sampling import SamplingParams
 from sinkstream.core.sink_cache import CacheHooks, ForwardStep
@@ -140,3 +143,20 @@ def test_speculation_with_kept_rotated_keys_is_plain_greedy(model):
         return [t.token_id for t in generate_speculative(engine, row, params, k=k)]
 
     assert tokens(4) == tokens(0)
+
+
+def test_server_with_kept_rotated_keys_generates_what_the_plain_core_does(model_dir):
+    """`serve --keep-rotated-keys on`: a session's greedy reply over a sliding 24-token window is the
+    in-process core's without the option, token for token."""
+    plain = StreamConfig(sink_tokens=4, window=24, chunk=8)
+    params = SamplingParams(temperature=0.0, max_new_tokens=120)
+    want = reference_chat(stories(model_dir), plain, [("Tom had a red kite.", params)])
+    server = start_server(model_dir, defaults=replace(plain, keep_rotated_keys=True))
+    try:
+        with SinkStreamClient(server.address, timeout=60) as client, \
+                client.open_session(SessionSettings(sink_tokens=4, window=24, chunk=8)) as session:
+            session.send_text("Tom had a red kite.")
+            result = session.generate(GenerateParams(temperature=0.0, max_new_tokens=120))
+    finally:
+        server.stop()
+    assert [t.token_id for t in result.tokens] == want[0][0] and len(want[0][0]) == 120

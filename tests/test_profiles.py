@@ -28,7 +28,7 @@ DOCUMENTED = {
     "long-context": dict(sink_tokens=4, window=1020, chunk=64, tiers="64x4,32x16", kv_dtype="int8",
                          weights_dtype="int8", offload="none", speculate=0),
     "throughput": dict(sink_tokens=4, window=252, chunk=128, tiers="", kv_dtype="model", weights_dtype="int4",
-                       offload="none", speculate=4),
+                       offload="none", speculate=4, keep_rotated_keys=True),
 }
 
 
@@ -46,7 +46,8 @@ def test_no_profile_is_every_default_of_before():
     d = StreamConfig()
     assert resolve(None, {}).settings == RunSettings(
         sink_tokens=d.sink_tokens, window=d.window, chunk=d.chunk, tiers="", kv_dtype=d.kv_dtype,
-        weights_dtype="float32", offload=OffloadConfig().mode, speculate=0)
+        weights_dtype="float32", offload=OffloadConfig().mode, speculate=0,
+        keep_rotated_keys=d.keep_rotated_keys)
     assert resolve(None, {}).settings == DEFAULTS
 
 
@@ -106,6 +107,9 @@ def test_cli_options_take_the_profile_and_explicit_flags_win():
         500, 64, TierSpec.parse("64x4,32x16"), "int8", "int4", 0)
     args = parse("--profile", "throughput", "--speculate", "0", "--kv-dtype", "bfloat16")
     assert (args.chunk, args.speculate, args.kv_dtype, args.weights_dtype) == (128, 0, "bfloat16", "int4")
+    assert args.keep_rotated_keys is True and plain.keep_rotated_keys is False
+    assert parse("--profile", "throughput", "--keep-rotated-keys", "off").keep_rotated_keys is False
+    assert parse("--keep-rotated-keys", "on").keep_rotated_keys is True
     # a flag given with its default value still wins
     assert parse("--profile", "memory", "--window", "252", "--offload", "none").window == 252
 
@@ -120,6 +124,9 @@ def test_serve_profile_sets_the_session_defaults():
     tiers = TierSpec.parse("64x4,32x16")
     assert (d.sink_tokens, d.window, d.chunk, d.tiers, d.kv_dtype) == (8, 1020, 64, tiers, "int8")
     assert args.weights_dtype == "int8"
+    args = serve_parser().parse_args(["--model", "m", "--profile", "throughput"])
+    apply_profile(args)
+    assert config_from_args(args).defaults.keep_rotated_keys is True
 
 
 def test_generate_with_profiles(model_dir, tmp_path):

@@ -113,7 +113,8 @@ def local_server(args: argparse.Namespace):
     if (settings := getattr(args, PROFILE_SETTINGS_ATTR, None)) is not None:  # --profile: its cache shape
         profile["defaults"] = StreamConfig(sink_tokens=settings.sink_tokens, window=settings.window,
                                            chunk=settings.chunk, tiers=TierSpec.parse(settings.tiers),
-                                           kv_dtype=settings.kv_dtype)
+                                           kv_dtype=settings.kv_dtype,
+                                           keep_rotated_keys=settings.keep_rotated_keys)
     config = ServerConfig(model=args.model, port=0, state_dir=local_state_dir(), session_ttl_s=0,
                           idle_evict_s=0, grace_s=0.5, **profile)
     server = ServerThread(config, local_runner.load(args))

@@ -50,7 +50,7 @@ def stream_config(args: argparse.Namespace) -> StreamConfig:
     """StreamConfig from the cache-shape options (options.add_cache_shape_options; --tiers already parsed)."""
     return StreamConfig(sink_tokens=args.sink_tokens, window=args.window, chunk=args.chunk,
                         tiers=args.tiers, merge_policy=args.merge_policy,
-                        kv_dtype=args.kv_dtype or "model")
+                        kv_dtype=args.kv_dtype or "model", keep_rotated_keys=args.keep_rotated_keys)
 
 
 def load(args: argparse.Namespace) -> LoadedModel:
@@ -93,6 +93,8 @@ def analyze(args: argparse.Namespace, sink: ChunkSink) -> AnalysisSummary:
             settings.update(tiers=",".join(map(str, config.tiers)), merge_policy=config.merge_policy)
         if config.kv_dtype != "model":
             settings["kv_dtype"] = config.kv_dtype
+        if config.keep_rotated_keys:
+            settings["keep_rotated_keys"] = True
 
         def append(ids: list[int]) -> Iterator:
             return engine.append(row, ids)

@@ -120,6 +120,9 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         if args.kv_dtype is not None:  # the cache is the server's: `sinkstream serve --kv-dtype`
             parser.error(f"--kv-dtype {args.kv_dtype} sets the cache of an in-process run: give --model "
                          "PATH, or start the server with `sinkstream serve --kv-dtype ...`")
+        if args.keep_rotated_keys:  # the cache is the server's: `sinkstream serve --keep-rotated-keys`
+            parser.error("--keep-rotated-keys sets the cache of an in-process run: give --model PATH, or "
+                         "start the server with `sinkstream serve --keep-rotated-keys on`")
         if args.weights_dtype is not None:  # the weights are the server's: `sinkstream serve --weights-dtype`
             parser.error(f"--weights-dtype {args.weights_dtype} sets the weights of an in-process run: give "
                          "--model PATH, or start the server with `sinkstream serve --weights-dtype ...`")

@@ -143,7 +143,7 @@ def config_from_args(args: argparse.Namespace, tls: TLSFiles | None = None) -> S
         durability=args.durability == "on",
         defaults=StreamConfig(sink_tokens=args.sink_tokens, window=args.window, chunk=args.chunk,
                               tiers=args.tiers, merge_policy=args.merge_policy,
-                              kv_dtype=args.kv_dtype or "model"),
+                              kv_dtype=args.kv_dtype or "model", keep_rotated_keys=args.keep_rotated_keys),
         tls=tls, auth_tokens=args.auth_tokens, health_port=args.health_port,
         insecure_allow_remote=args.insecure_allow_remote,
         quotas=TenantQuotas(max_sessions=args.tenant_max_sessions, max_rows=args.tenant_max_rows),

@@ -9,6 +9,7 @@ Per weights dtype and thread count:
   NLL      streaming NLL over a held-out slice of sotu.txt (tokens 20,000-21,024: past what the other
            benches read), relative to float32;
   greedy   the shared README's three reference outputs (dense transformers generate, greedy): held or not.
+`--kept-keys int4` also times int4 with the keys kept rotated between passes (StreamConfig.keep_rotated_keys).
 Every dtype is loaded at once and timed in turn, step by step, so all see the same machine load.
 
 llama.cpp (if `llama_cpp` imports: `pip install llama-cpp-python`): the same GGUF and thread count; decode =
@@ -54,8 +55,12 @@ REFERENCES = [
 ]
 
 
-def engine_for(model) -> tuple[StreamingInference, int]:
-    engine = StreamingInference(model, StreamConfig(sink_tokens=SINKS, window=WINDOW, chunk=CHUNK))
+KEPT = " +kept keys"  # suffix of a variant with StreamConfig.keep_rotated_keys (--keep-rotated-keys)
+
+
+def engine_for(model, keep_rotated_keys: bool = False) -> tuple[StreamingInference, int]:
+    engine = StreamingInference(model, StreamConfig(sink_tokens=SINKS, window=WINDOW, chunk=CHUNK,
+                                                    keep_rotated_keys=keep_rotated_keys))
     return engine, engine.open_row()
 
 
@@ -169,8 +174,8 @@ def markdown(d: dict) -> str:
         "|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     for threads, run in d["timing"].items():
-        for k in dtypes:
-            t, q = run[k], d["quality"][k]
+        for k in [k for k in run if k != "llama.cpp"]:
+            t, q = run[k], d["quality"][k.removesuffix(KEPT)]
             held = sum(c["holds"] for c in q["greedy"])
             lines.append(
                 f"| {k} | {threads} | {statistics.median(t['decode_s']) * 1e3:.1f} | "
@@ -198,6 +203,9 @@ def main() -> None:
     ap.add_argument("--chunks", type=int, default=6, help="timed 64-token chunks per dtype")
     ap.add_argument("--steps", type=int, default=16, help="timed decode steps per dtype")
     ap.add_argument("--out", default="weights_dtype")
+    ap.add_argument("--kept-keys", default="",
+                    help="comma-separated dtypes also timed with keys kept rotated between passes "
+                         "(--keep-rotated-keys on; bytes and NLL columns: the dtype's own)")
     args = ap.parse_args()
     dtypes = args.dtypes.split(",")
     load_before, t_start = load_average(), time.perf_counter()
@@ -228,6 +236,8 @@ def main() -> None:
         print(markdown(d), flush=True)
 
     engines = {k: engine_for(m.model) for k, m in loaded.items()}
+    engines.update({k + KEPT: engine_for(loaded[k].model, keep_rotated_keys=True)
+                    for k in filter(None, args.kept_keys.split(","))})
     torch.set_num_threads(int(args.threads.split(",")[0]))
     pos = warm(engines, ids)
     for threads in map(int, args.threads.split(",")):

@@ -1,14 +1,14 @@
 """KV cache storage formats (issue 17): bytes per session, NLL and throughput of --kv-dtype.
 
 For each model, the first TOKENS tokens of sotu.txt stream through StreamingInference (S = 4, chunk C)
-with the cache stored as float32, bfloat16 and int8 at a window W, and as float32 and int8 at 4W:
+with the cache stored as float32, bfloat16, int8 and int4 at a window W, and as float32, int8 and int4 at 4W:
 
-  kv bytes/session  the stored keys, values (and int8 scales) of one row, plus its count and token ids
+  kv bytes/session  the stored keys, values (and int8/int4 scales) of one row, plus its count and token ids
   NLL               mean next-token NLL over every scored token; relative to float32 at the same window
   tokens/s          analysis throughput of the run (the configurations run one after another in one process:
                     compare ratios, and only on a quiet machine)
 
-"Equal bytes" compares int8 at 4W with float32 at W: is quantising better than a shorter window?
+"Equal bytes" compares int8 and int4 at 4W with float32 at W: is quantising better than a shorter window?
 
   SINKSTREAM_CACHE_DIR=/tmp/ggufcache python bench/kv_dtype_bench.py [--tokens 3000] [--models stories]
   (results: bench/results/kv_dtype_<models>.md and .json)
@@ -39,7 +39,7 @@ MODELS = {  # name: (path, window, chunk); 4 * window + chunk + 4 sinks fits the
     "stories": (SHARED / "models" / "stories260K", 96, 32),
     "smollm2": (SHARED / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf", 128, 64),
 }
-RUNS = (("float32", 1), ("bfloat16", 1), ("int8", 1), ("float32", 4), ("int8", 4))
+RUNS = (("float32", 1), ("bfloat16", 1), ("int8", 1), ("int4", 1), ("float32", 4), ("int8", 4), ("int4", 4))
 
 
 def session_kv_bytes(engine: StreamingInference) -> int:

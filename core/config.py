@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 MERGE_POLICIES = ("mean", "attention", "heavy-hitters")
 # How the cache stores keys and values (core.kv_quant): "model" is the model's own dtype.
-KV_DTYPES = ("model", "float32", "bfloat16", "int8")
+KV_DTYPES = ("model", "float32", "bfloat16", "int8", "int4")
 # How the Linear layers' weights are stored (core.weight_quant); "float32" leaves them as loaded.
 WEIGHTS_DTYPES = ("float32", "bfloat16", "int8", "int4")
 

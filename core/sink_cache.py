@@ -75,7 +75,7 @@ class CacheRowState:
     tokens_seen: int
     sink_used: int
     window_used: int
-    key_scales: torch.Tensor | None = None  # [L, kv_heads, num_slots, 1] float32 (int8 storage only)
+    key_scales: torch.Tensor | None = None  # [L, kv_heads, num_slots, P] float32 (int8/int4 only)
     value_scales: torch.Tensor | None = None
 
 

@@ -44,7 +44,7 @@ def _fingerprint(engine: StreamingInference) -> dict[str, Any]:
 
 def _tensors(state: RowState) -> dict[str, torch.Tensor]:
     """A row state's tensors under their snapshot names: keys/values [L, kv_heads, slots, D],
-    key_scales/value_scales [L, kv_heads, slots, 1] (int8 storage only), count/token_ids [slots],
+    key_scales/value_scales [L, kv_heads, slots, P] (int8/int4 storage only), count/token_ids [slots],
     next_logprobs [vocab], rng_state [bytes]."""
     cache = state.cache
     scales = ({"key_scales": cache.key_scales, "value_scales": cache.value_scales}

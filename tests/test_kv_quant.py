@@ -1,6 +1,6 @@
-"""The KV cache stored as float32, bfloat16 or int8 (core.kv_quant): the model-dtype path is unchanged bit
-for bit, int8 storage de-quantises to what a plain reference quantiser written here gives, and int8 sessions
-snapshot and restore exactly."""
+"""The KV cache stored as float32, bfloat16, int8 or int4 (core.kv_quant): the model-dtype path is unchanged
+bit for bit, int8 and int4 storage de-quantise to what plain reference quantisers written here give, and
+quantised sessions snapshot and restore exactly."""
 
 from __future__ import annotations
 
@@ -35,6 +35,54 @@ def reference_int8(x: torch.Tensor) -> torch.Tensor:
     scale = x.abs().amax(-1, keepdim=True) / 127
     q = torch.where(scale > 0, torch.round(x / scale), torch.zeros_like(x)).clamp(-127, 127)
     return q * scale
+
+
+def reference_int4(x: torch.Tensor, group: int) -> torch.Tensor:
+    """De-quantised x [..., D]: each run of `group` elements mapped to 16 levels from its min to its max."""
+    *lead, d = x.shape
+    out = torch.empty_like(x)
+    for start in range(0, d, group):
+        g = x[..., start : start + group]
+        lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
+        step = (hi - lo) / 15
+        q = torch.where(step > 0, torch.round((g - lo) / step), torch.zeros_like(g)).clamp(0, 15)
+        out[..., start : start + group] = lo + q * step
+    return out
+
+
+@pytest.mark.parametrize("dim, group", [(64, 32), (8, 8), (48, 16)])
+def test_storage_int4_matches_reference_quantiser(dim, group):
+    """put/read and assign/gather de-quantise to the reference's values, within half a step of the
+    original; the codes take half a byte per element; zero vectors stay zero; a move is exact."""
+    layers, rows, heads, slots = 2, 3, 2, 10
+    storage = KVStorage((layers, rows, heads, slots, dim), "int4", torch.float32, torch.device("cpu"))
+    assert storage.keys.shape[-1] == dim // 2 and storage.keys.dtype == torch.uint8
+    assert storage.key_scales.shape[-1] == 2 * dim // group
+    gen = torch.Generator().manual_seed(7)
+    keys = torch.randn(2, heads, 4, dim, generator=gen) * torch.logspace(-3, 2, dim)
+    values = torch.randn(2, heads, 4, dim, generator=gen)
+    values[0, 0, 0] = 0.0
+    chosen_rows, chosen_slots = torch.tensor([2, 0]), torch.tensor([[1, 3, 5, 7], [0, 2, 4, 6]])
+    index = (chosen_rows[:, None, None], torch.arange(heads)[None, :, None], chosen_slots[:, None, :])
+    storage.put(1, index, keys, values)
+    read_k, read_v = storage.read(1, chosen_rows)
+    written = (torch.arange(2)[:, None, None], torch.arange(heads)[None, :, None], chosen_slots[:, None, :])
+    for got, x in ((read_k[written], keys), (read_v[written], values)):
+        # float rounding only (a code off by one would be a whole step, (max - min) / 15, off)
+        torch.testing.assert_close(got, reference_int4(x, group), rtol=1e-5, atol=1e-6 * float(x.abs().max()))
+        spread = x.reshape(*x.shape[:-1], -1, group)
+        half_step = ((spread.amax(-1) - spread.amin(-1)) / 30).repeat_interleave(group, -1)
+        assert bool(((got - x).abs() <= half_step * (1 + 1e-4) + 1e-6).all())
+    assert bool((read_v[written][0, 0, 0] == 0).all())
+    tier_k = torch.randn(layers, heads, 3, dim, generator=gen)
+    tier_v = torch.randn(layers, heads, 3, dim, generator=gen)
+    storage.assign(1, 4, tier_k, tier_v)
+    back_k, back_v = storage.gather(1, torch.tensor([4, 5, 6]))
+    torch.testing.assert_close(back_k, reference_int4(tier_k, group), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(back_v, reference_int4(tier_v, group), rtol=1e-5, atol=1e-6)
+    storage.move(1, slice(0, 3), torch.tensor([4, 5, 6]))
+    moved_k, moved_v = storage.gather(1, torch.tensor([0, 1, 2]))
+    assert torch.equal(moved_k, back_k) and torch.equal(moved_v, back_v)
 
 
 def test_storage_int8_matches_reference_quantiser():
@@ -94,18 +142,19 @@ def test_float32_kv_dtype_is_the_model_path_bit_for_bit(model, shapes):
     assert default.cache_bytes == explicit.cache_bytes
 
 
-@pytest.mark.parametrize("kv_dtype", ["bfloat16", "int8"])
-def test_quantised_cache_stays_close_to_float(model, kv_dtype):
-    """A stream through a bfloat16 or int8 cache (keys rotated after de-quantisation) scores every token
-    close to the float32 cache: if positions were wrong the NLL would not stay within 2%."""
+@pytest.mark.parametrize("kv_dtype, within", [("bfloat16", 0.02), ("int8", 0.02), ("int4", 0.05)])
+def test_quantised_cache_stays_close_to_float(model, kv_dtype, within):
+    """A stream through a bfloat16, int8 or int4 cache (keys rotated after de-quantisation) scores every
+    token close to the float32 cache: if positions were wrong the NLL would not stay within 2% (int4: 5%)."""
     ids = token_stream(300, model.config.vocab_size, seed=3)
     _, reference = run(StreamingInference(model, StreamConfig(**SHAPES)), ids)
     engine = StreamingInference(model, StreamConfig(**SHAPES, kv_dtype=kv_dtype))
     _, got = run(engine, ids)
     ref_nll, got_nll = -float(reference[1:].mean()), -float(got[1:].mean())
-    assert abs(got_nll - ref_nll) / ref_nll < 0.02
-    assert float((got[1:] - reference[1:]).abs().max()) < 0.5
-    assert engine.cache.keys.dtype == {"bfloat16": torch.bfloat16, "int8": torch.int8}[kv_dtype]
+    assert abs(got_nll - ref_nll) / ref_nll < within
+    assert float((got[1:] - reference[1:]).abs().max()) < 0.5 if kv_dtype != "int4" else 1.5
+    stored = {"bfloat16": torch.bfloat16, "int8": torch.int8, "int4": torch.uint8}
+    assert engine.cache.keys.dtype == stored[kv_dtype]
 
 
 def test_int8_cache_bytes_are_smaller(model):
@@ -119,15 +168,16 @@ def test_int8_cache_bytes_are_smaller(model):
     assert int8.cache.storage.nbytes == vectors * (dim + 4) + 2 * rows * heads * slots * dim * 4
 
 
-def test_int8_snapshot_restores_exactly(model, tmp_path):
-    """An int8 session saved to a file and restored into a fresh engine continues exactly as the original:
-    same logprobs, same stored int8 data and scales."""
-    config = StreamConfig(**SHAPES, kv_dtype="int8")
+@pytest.mark.parametrize("kv_dtype, stored", [("int8", torch.int8), ("int4", torch.uint8)])
+def test_quantised_snapshot_restores_exactly(model, tmp_path, kv_dtype, stored):
+    """An int8 or int4 session saved to a file and restored into a fresh engine continues exactly as the
+    original: same logprobs, same stored data and scales."""
+    config = StreamConfig(**SHAPES, kv_dtype=kv_dtype)
     ids = token_stream(260, model.config.vocab_size, seed=4)
     first = StreamingInference(model, config)
     row, _ = run(first, ids[:200])
     tensors, meta = first.snapshot(row)
-    assert set(tensors) >= {"key_scales", "value_scales"} and tensors["keys"].dtype == torch.int8
+    assert set(tensors) >= {"key_scales", "value_scales"} and tensors["keys"].dtype == stored
     save_snapshot(tmp_path / "s.safetensors", tensors, meta)
     second = StreamingInference(model, config, max_rows=2)
     second.open_row()  # restore into row 1, not the row the snapshot came from
@@ -140,15 +190,16 @@ def test_int8_snapshot_restores_exactly(model, tmp_path):
         assert torch.equal(a[:, row], b[:, other])
 
 
-def test_snapshot_of_another_kv_dtype_is_refused(model):
-    int8 = StreamingInference(model, StreamConfig(**SHAPES, kv_dtype="int8"))
-    row, _ = run(int8, token_stream(50, model.config.vocab_size))
-    plain = StreamingInference(model, StreamConfig(**SHAPES))
-    target = plain.open_row()
-    before = plain.cache.keys.clone()
+@pytest.mark.parametrize("saved, loaded", [("int8", "model"), ("int4", "int8"), ("int8", "int4")])
+def test_snapshot_of_another_kv_dtype_is_refused(model, saved, loaded):
+    source = StreamingInference(model, StreamConfig(**SHAPES, kv_dtype=saved))
+    row, _ = run(source, token_stream(50, model.config.vocab_size))
+    target_engine = StreamingInference(model, StreamConfig(**SHAPES, kv_dtype=loaded))
+    target = target_engine.open_row()
+    before = [t.clone() for t in target_engine.cache.storage.tensors()]
     with pytest.raises(ValueError, match="snapshot"):
-        plain.restore(target, *int8.snapshot(row))
-    assert torch.equal(plain.cache.keys, before)
+        target_engine.restore(target, *source.snapshot(row))
+    assert all(torch.equal(a, b) for a, b in zip(target_engine.cache.storage.tensors(), before, strict=True))
 
 
 def test_unknown_kv_dtype_is_a_config_error():

@@ -87,8 +87,9 @@ def add_kv_dtype_option(p: argparse.ArgumentParser) -> None:
     """--kv-dtype: how the KV cache stores keys and values (core.kv_quant); None = the model's dtype.
     --keep-rotated-keys: keep a rotated copy of the keys between passes (StreamConfig.keep_rotated_keys)."""
     p.add_argument("--kv-dtype", choices=KV_DTYPES[1:], default=None, action=GivenOption,
-                   help="KV cache storage: float32, bfloat16 or int8 (per-token scales, de-quantised for "
-                        "attention); default: the model's dtype (in-process and serve only)")
+                   help="KV cache storage: float32, bfloat16, int8 (per-token scales) or int4 (scale and "
+                        "minimum per 32 values), de-quantised for attention; default: the model's dtype "
+                        "(in-process and serve only)")
     p.add_argument("--keep-rotated-keys", type=on_off, default=False, action=GivenOption, metavar="on|off",
                    help="keep the keys rotated between passes, so decoding rotates only new keys: faster "
                         "tokens for one more copy of the keys in memory (default off; in-process and serve "

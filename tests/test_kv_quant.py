@@ -37,6 +37,21 @@ def reference_int8(x: torch.Tensor) -> torch.Tensor:
     return q * scale
 
 
+def put_and_read(storage: KVStorage, heads: int, dim: int, gen: torch.Generator):
+    """Put random keys (with outlier channels) and values (one all-zero vector) of two rows at scattered
+    slots of layer 1 (the chunk path), read them back: (keys, values, read keys, read values), each
+    [2, H, 4, D]."""
+    keys = torch.randn(2, heads, 4, dim, generator=gen) * torch.logspace(-3, 2, dim)
+    values = torch.randn(2, heads, 4, dim, generator=gen)
+    values[0, 0, 0] = 0.0
+    chosen_rows, chosen_slots = torch.tensor([2, 0]), torch.tensor([[1, 3, 5, 7], [0, 2, 4, 6]])
+    index = (chosen_rows[:, None, None], torch.arange(heads)[None, :, None], chosen_slots[:, None, :])
+    storage.put(1, index, keys, values)
+    read_k, read_v = storage.read(1, chosen_rows)
+    written = (torch.arange(2)[:, None, None], torch.arange(heads)[None, :, None], chosen_slots[:, None, :])
+    return keys, values, read_k[written], read_v[written]
+
+
 def reference_int4(x: torch.Tensor, group: int) -> torch.Tensor:
     """De-quantised x [..., D]: each run of `group` elements mapped to 16 levels from its min to its max."""
     *lead, d = x.shape
@@ -59,21 +74,14 @@ def test_storage_int4_matches_reference_quantiser(dim, group):
     assert storage.keys.shape[-1] == dim // 2 and storage.keys.dtype == torch.uint8
     assert storage.key_scales.shape[-1] == 2 * dim // group
     gen = torch.Generator().manual_seed(7)
-    keys = torch.randn(2, heads, 4, dim, generator=gen) * torch.logspace(-3, 2, dim)
-    values = torch.randn(2, heads, 4, dim, generator=gen)
-    values[0, 0, 0] = 0.0
-    chosen_rows, chosen_slots = torch.tensor([2, 0]), torch.tensor([[1, 3, 5, 7], [0, 2, 4, 6]])
-    index = (chosen_rows[:, None, None], torch.arange(heads)[None, :, None], chosen_slots[:, None, :])
-    storage.put(1, index, keys, values)
-    read_k, read_v = storage.read(1, chosen_rows)
-    written = (torch.arange(2)[:, None, None], torch.arange(heads)[None, :, None], chosen_slots[:, None, :])
-    for got, x in ((read_k[written], keys), (read_v[written], values)):
+    keys, values, got_k, got_v = put_and_read(storage, heads, dim, gen)
+    for got, x in ((got_k, keys), (got_v, values)):
         # float rounding only (a code off by one would be a whole step, (max - min) / 15, off)
         torch.testing.assert_close(got, reference_int4(x, group), rtol=1e-5, atol=1e-6 * float(x.abs().max()))
         spread = x.reshape(*x.shape[:-1], -1, group)
         half_step = ((spread.amax(-1) - spread.amin(-1)) / 30).repeat_interleave(group, -1)
         assert bool(((got - x).abs() <= half_step * (1 + 1e-4) + 1e-6).all())
-    assert bool((read_v[written][0, 0, 0] == 0).all())
+    assert bool((got_v[0, 0, 0] == 0).all())
     tier_k = torch.randn(layers, heads, 3, dim, generator=gen)
     tier_v = torch.randn(layers, heads, 3, dim, generator=gen)
     storage.assign(1, 4, tier_k, tier_v)
@@ -91,15 +99,7 @@ def test_storage_int8_matches_reference_quantiser():
     layers, rows, heads, slots, dim = 2, 3, 2, 10, 8
     storage = KVStorage((layers, rows, heads, slots, dim), "int8", torch.float32, torch.device("cpu"))
     gen = torch.Generator().manual_seed(1)
-    keys = torch.randn(2, heads, 4, dim, generator=gen) * torch.logspace(-3, 2, dim)  # outlier channels
-    values = torch.randn(2, heads, 4, dim, generator=gen)
-    values[0, 0, 0] = 0.0
-    chosen_rows, chosen_slots = torch.tensor([2, 0]), torch.tensor([[1, 3, 5, 7], [0, 2, 4, 6]])
-    index = (chosen_rows[:, None, None], torch.arange(heads)[None, :, None], chosen_slots[:, None, :])
-    storage.put(1, index, keys, values)
-    read_k, read_v = storage.read(1, chosen_rows)
-    written = (torch.arange(2)[:, None, None], torch.arange(heads)[None, :, None], chosen_slots[:, None, :])
-    got_k, got_v = read_k[written], read_v[written]
+    keys, values, got_k, got_v = put_and_read(storage, heads, dim, gen)
     for got, x in ((got_k, keys), (got_v, values)):
         torch.testing.assert_close(got, reference_int8(x), rtol=1e-6, atol=0)
         bound = x.abs().amax(-1, keepdim=True) / 254

@@ -17,6 +17,7 @@ from typing import Any
 
 from sinkstream.core.config import StreamConfig
 from sinkstream.core.generation import Generation
+from sinkstream.core.speculative import SpeculativeDecoder
 from sinkstream.core.streaming import RowStats, StreamingInference
 from sinkstream.service.backpressure import Inbox, Outbox
 from sinkstream.service.chat_input import ChatInput
@@ -51,6 +52,8 @@ class ActiveGeneration:
     text_parts: list[str] = field(default_factory=list)
     first_token_at: float | None = None
     last_token_at: float | None = None
+    decoder: SpeculativeDecoder | None = None  # set by the scheduler on its first decode step
+    speculated_round: int = -1  # the scheduler round of its last speculative pass (who speculates next)
 
     def record_token(self, text: str, now: float) -> tuple[bool, float]:
         """Note a generated token's text at time `now` (perf_counter); returns whether it is the first

@@ -59,6 +59,7 @@ def run_case(address: str, window: int, text: str | None, message: str | None,
         for token in session.generate_stream(params):
             ids.append(token.token_id)
             times.append(time.perf_counter())
+        session.close()  # free its row
     return ids, (len(ids) - 1) / (times[-1] - times[0])
 
 

@@ -11,11 +11,12 @@ Speculative decoding (`serve --speculate N`, core/speculative.py): per engine an
 session whose prompt-lookup draft is non-empty runs a verification pass of its own row (`step_prefix`,
 in the compute thread, after the batched pass) instead of its one-token step, so the others wait at most
 one extra pass per round; sessions take that turn in order of their last one. Each token it accepts is
-delivered, logged and counted like a plainly decoded token, and EOS, stop sequences and max_new_tokens end
+delivered, logged (after a record of the pass, which recovery runs again) and counted like a plainly
+decoded token, and EOS, stop sequences and max_new_tokens end
 the kept prefix where plain decoding would stop; cancellation and time limits are checked before each pass,
-as for plain decoding. Greedy generations speculate always (their output is plain greedy's, so recovery may
-replay them as plain steps); sampled ones only without a write-ahead log, since a crash-exact continuation
-needs one sampler draw per logged token, which a round's acceptance draws break.
+as for plain decoding. Greedy generations speculate always; sampled ones only without a write-ahead
+log, since a crash-exact continuation needs one sampler draw per logged token (recovery sets the RNG
+state from the last), which a round's acceptance draws break.
 
 Backpressure (see backpressure.py): a session is skipped while its attached call's outbox is full, for
 replies without a forward pass too. The scheduler produces plain replies (replies.py); the servicer sends
@@ -81,6 +82,7 @@ class Piece:
     token: int = -1
     logprob: float = math.nan
     emitted: list[GeneratedToken] | None = None  # set when this decode step ran as a speculative pass
+    verified: list[int] | None = None  # that pass's ids: the round's first token and its draft
 
 
 class Scheduler:
@@ -351,6 +353,7 @@ class Scheduler:
                     self._deliver_chunk(p, result)
                 elif p.emitted is not None:
                     self._count_speculation(p)
+                    p.session.record_speculation(p.verified, len(p.emitted))
                     self._deliver_tokens(p.session, p.emitted)
                 else:
                     self._deliver_tokens(p.session, [p.session.generation.gen.accept(p.token, p.logprob)])
@@ -393,6 +396,7 @@ class Scheduler:
             if speculative is not None:
                 p, first, drafts = speculative
                 try:
+                    p.verified = [first[0], *drafts]
                     p.emitted = p.session.generation.decoder.verify(first, drafts)
                     outcome[p.session.row] = None
                 except Exception as exc:  # this row's pass; the cache step was aborted

@@ -466,6 +466,12 @@ class Session:
             self.journal.generation_started(work.request_id, work.client_seq, work.params, work.chat_reply,
                                             generation.input_tokens, rng, work.text_state)
 
+    def record_speculation(self, ids: list[int], kept: int) -> None:
+        """A speculative pass over `ids` kept the first `kept` (the tokens record_token gets next): log it,
+        so a replay runs the same pass."""
+        if self.journal is not None:
+            self.journal.speculated(ids, kept)
+
     def record_token(self, reply: TokenReply) -> None:
         """A generated token was accepted: log it (with the sampler's RNG state when it samples), keep it
         for a repeated Generate, send it."""

@@ -6,12 +6,14 @@ the core's own speculative decoder on the same stream."""
 
 from __future__ import annotations
 
+import random
 import threading
 import urllib.request
 from dataclasses import dataclass
 
 import pytest
 import torch
+from durable_support import killed_run, mismatches, uninterrupted
 from service_support import pieces, reference_chunks, start_server, stories
 
 from sinkstream.clients.client import SinkStreamClient
@@ -22,6 +24,7 @@ from sinkstream.core.sampling import SamplingParams
 from sinkstream.core.speculative import SpeculativeDecoder
 from sinkstream.core.streaming import StreamingInference
 from sinkstream.core.text import IncrementalEncoder
+from sinkstream.v1 import sinkstream_pb2 as pb
 
 K = 4
 CONFIG = StreamConfig(sink_tokens=4, window=252, chunk=32)
@@ -72,11 +75,11 @@ class Rounds:
 
 
 @torch.inference_mode()
-def core_rounds(model_dir, prompt: str, params: SamplingParams) -> Rounds:
+def core_rounds(model_dir, prompt: str, params: SamplingParams, seed: int | None = None) -> Rounds:
     """The prompt appended, then SpeculativeDecoder rounds on one stream in this process."""
     loaded = stories(model_dir)
     engine = StreamingInference(loaded.model, CONFIG, tokenizer=loaded.tokenizer)
-    row = engine.open_row()
+    row = engine.open_row(seed)
     encoder = IncrementalEncoder(loaded.tokenizer)
     for _ in engine.append(row, encoder.push(prompt) + encoder.flush()):
         pass
@@ -104,8 +107,9 @@ def counters(server) -> tuple[float, float]:
     return values[PASSES], values[ACCEPTED]
 
 
-def generate(server, prompt: str, params: GenerateParams) -> GenerationResult:
-    with SinkStreamClient(server.address, timeout=120) as client, client.open_session(SETTINGS) as session:
+def generate(server, prompt: str, params: GenerateParams, seed: int | None = None) -> GenerationResult:
+    with SinkStreamClient(server.address, timeout=120) as client, \
+            client.open_session(SETTINGS, seed=seed) as session:
         session.append_text(prompt)
         return session.generate(params)
 
@@ -211,3 +215,65 @@ def test_speculating_beside_an_appending_session_equals_each_alone(plain, specul
     have = torch.tensor([lp for c in got["chunks"] for lp in c.logprobs])
     assert have.shape == want.shape
     assert torch.allclose(have[1:], want[1:], atol=1e-4)  # the first token has no prediction (nan)
+
+
+SAMPLED = GenerateParams(max_new_tokens=60, ignore_eos=True, temperature=0.8, top_k=40)
+SAMPLED_CORE = SamplingParams(max_new_tokens=60, stop_on_eos=False, temperature=0.8, top_k=40)
+
+
+def test_sampled_generation_is_the_core_speculative_decoders(speculating, model_dir):
+    """Without a write-ahead log a sampled generation speculates too: seeded, it draws exactly the tokens
+    the core's speculative decoder draws on the same stream (its distribution is checked in
+    tests/test_speculative.py)."""
+    before = counters(speculating)
+    got = generate(speculating, PROMPT, SAMPLED, seed=7)
+    after = counters(speculating)
+    rounds = core_rounds(model_dir, PROMPT, SAMPLED_CORE, seed=7)
+    assert [t.token_id for t in got.tokens] == rounds.token_ids and len(rounds.token_ids) == 60
+    assert (after[0] - before[0], after[1] - before[1]) == (rounds.passes, rounds.accepted) != (0, 0)
+
+
+def test_durable_server_speculates_greedy_but_not_sampled_generations(plain, model_dir, tmp_path):
+    """With a write-ahead log (numbered requests) a sampled generation decodes plainly, one sampler draw per
+    logged token as crash recovery needs: same tokens as the plain server, no speculative pass. Greedy
+    generations still speculate, with the plain server's output."""
+    durable = start_server(model_dir, speculate=K, metrics_port=0, state_dir=tmp_path)
+    try:
+        before = counters(durable)
+        assert_same_generation(generate(durable, PROMPT, SAMPLED, seed=7), generate(plain, PROMPT, SAMPLED,
+                                                                                      seed=7))
+        assert counters(durable) == before
+        greedy = GenerateParams(max_new_tokens=60, ignore_eos=True)
+        assert_same_generation(generate(durable, PROMPT, greedy), generate(plain, PROMPT, greedy))
+        rounds = core_rounds(model_dir, PROMPT, SamplingParams(max_new_tokens=60, stop_on_eos=False))
+        after = counters(durable)
+        assert (after[0] - before[0], after[1] - before[1]) == (rounds.passes, rounds.accepted) != (0, 0)
+    finally:
+        durable.stop()
+
+
+def speculating_script() -> list[pb.StreamRequest]:
+    """Numbered requests: the repetitive prompt, a greedy generation, more text, another."""
+    requests = [pb.StreamRequest(append_text=pb.AppendText(text=PROMPT, flush=True)),
+                pb.StreamRequest(generate=pb.Generate(max_new_tokens=60, ignore_eos=True)),
+                pb.StreamRequest(append_text=pb.AppendText(text=" Tom had a red ball.", flush=True)),
+                pb.StreamRequest(generate=pb.Generate(max_new_tokens=40, ignore_eos=True))]
+    for seq, request in enumerate(requests, 1):
+        request.seq, request.request_id = seq, f"r{seq}"
+    return requests
+
+
+@pytest.mark.parametrize("trial", range(2))
+def test_kill9_mid_speculation_then_resume_equals_an_uninterrupted_run(model_dir, tmp_path, trial):
+    """A speculating durable server killed with SIGKILL mid-generation and restarted: the resumed session
+    gives bit for bit the tokens, log-probs and state of an uninterrupted speculating run (recovery runs the
+    logged speculative passes again)."""
+    script, extra = speculating_script(), ("--speculate", str(K))
+    want, want_state = uninterrupted(model_dir, tmp_path / "reference", script, 7, CONFIG.chunk,
+                                     window=CONFIG.window, extra=extra)
+    kill_at = random.Random(2000 + trial).randrange(5, want.responses - 5)
+    got, state, run = killed_run(model_dir, tmp_path / "killed", script, 7, CONFIG.chunk, kill_at,
+                                 window=CONFIG.window, extra=extra)
+    assert run["killed"] == 1
+    assert state == want_state
+    assert mismatches(got, want) == []

@@ -277,3 +277,28 @@ def test_kill9_mid_speculation_then_resume_equals_an_uninterrupted_run(model_dir
     assert run["killed"] == 1
     assert state == want_state
     assert mismatches(got, want) == []
+
+
+def test_cancellation_and_time_limit_leave_exactly_the_sent_tokens_in_the_stream(speculating):
+    """Checked before each pass, as for plain decoding: a cancelled or timed-out speculating generation
+    ends with every token it emitted sent, and the stream holds the prompt and exactly those tokens (no
+    rejected or unsent draft); the session goes on."""
+    long = GenerateParams(max_new_tokens=200, ignore_eos=True)
+    with SinkStreamClient(speculating.address, timeout=120) as client, \
+            client.open_session(SETTINGS) as session:
+        prompt_seen = session.append_text(PROMPT)[-1].tokens_seen
+        sent = []
+        for token in session.generate_stream(long):
+            sent.append(token)
+            if token.index == 4:
+                session.cancel_generation()
+        result = session.last_generation
+        assert result.stop_reason == "CANCELLED" and 5 <= result.generated_tokens < 200
+        assert [t.index for t in sent] == list(range(result.generated_tokens))
+        assert result.tokens_seen == prompt_seen + result.generated_tokens
+        seen = result.tokens_seen
+        timed = session.generate(GenerateParams(max_new_tokens=4096, ignore_eos=True, time_limit_ms=200))
+        assert timed.stop_reason == "TIME_LIMIT" and len(timed.tokens) == timed.generated_tokens
+        assert timed.tokens_seen == seen + timed.generated_tokens
+        again = session.generate(GenerateParams(max_new_tokens=3, ignore_eos=True))
+        assert again.stop_reason == "MAX_TOKENS" and again.tokens_seen == timed.tokens_seen + 3

@@ -8,15 +8,14 @@ Requests that need no forward pass (flush acknowledgements, checkpoints, close, 
 order as the scheduler reaches them.
 
 Speculative decoding (`serve --speculate N`, core/speculative.py): per engine and round, one generating
-session whose prompt-lookup draft is non-empty runs a verification pass of its own row (`step_prefix`,
-in the compute thread, after the batched pass) instead of its one-token step, so the others wait at most
-one extra pass per round; sessions take that turn in order of their last one. Each token it accepts is
-delivered, logged (after a record of the pass, which recovery runs again) and counted like a plainly
-decoded token, and EOS, stop sequences and max_new_tokens end
-the kept prefix where plain decoding would stop; cancellation and time limits are checked before each pass,
-as for plain decoding. Greedy generations speculate always; sampled ones only without a write-ahead
-log, since a crash-exact continuation needs one sampler draw per logged token (recovery sets the RNG
-state from the last), which a round's acceptance draws break.
+session whose prompt-lookup draft is non-empty runs a verification pass of its own row (`step_prefix`, in the
+compute thread, after the batched pass) instead of its one-token step, so the others wait at most one extra
+pass per round; sessions take that turn in order of their last one. Each token it accepts is delivered, logged
+(after a record of the pass, which recovery runs again) and counted like a plainly decoded token, and EOS,
+stop sequences and max_new_tokens end the kept prefix where plain decoding would stop; cancellation and time
+limits are checked before each pass, as for plain decoding. Greedy generations speculate always; sampled ones
+only without a write-ahead log, since a crash-exact continuation needs one sampler draw per logged token
+(recovery sets the RNG state from the last), which a round's acceptance draws break.
 
 Backpressure (see backpressure.py): a session is skipped while its attached call's outbox is full, for
 replies without a forward pass too. The scheduler produces plain replies (replies.py); the servicer sends

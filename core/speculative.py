@@ -99,28 +99,66 @@ class SpeculativeRound:
         return int(torch.multinomial(residual, 1, generator=sampler.generator))
 
 
+def round_room(engine: StreamingInference, gen: Generation, k: int) -> int:
+    """How many draft tokens the next round of `gen` may verify (<= 0: none): within k, the chunk (with the
+    round's first token), the tokens max_new_tokens still allows after it, and no eviction inside a round
+    (module docstring)."""
+    return min(k, engine.config.chunk - 1, gen.params.max_new_tokens - len(gen.generated) - 1,
+               engine.config.window - engine.cache.window_used[gen.row])
+
+
+class SpeculativeDecoder:
+    """One generation decoded in rounds: `round()` runs one forward pass and returns the tokens it emitted.
+
+    Stepwise, so a caller can run a round's parts itself (a server batches plain steps of many streams):
+    `first()` gives the round's first token (carried over from the previous round's rejection, else sampled),
+    `propose(first)` its draft, then either the caller feeds `first` in a plain step and calls
+    `gen.accept(*first)`, or `verify(first, drafts)` runs the verification pass. k = 0, or settings that
+    `speculation_applies` refuses: no drafts, one token per pass (plain decoding)."""
+
+    def __init__(self, gen: Generation, k: int, draft: Draft = ngram_draft) -> None:
+        self.gen, self.draft = gen, draft
+        self.k = k if k > 0 and speculation_applies(gen.engine, gen.params) else 0
+        self.carry: tuple[int, float] | None = None  # the next round's first token, when a draft was rejected
+
+    def first(self) -> tuple[int, float]:
+        """The next round's first token (id, log-probability): the carried one, else sampled now."""
+        first, self.carry = self.carry, None
+        return first if first is not None else self.gen.choose()
+
+    def propose(self, first: tuple[int, float]) -> list[int]:
+        """The draft to verify after `first` ([] when this round cannot or need not speculate)."""
+        gen = self.gen
+        room = round_room(gen.engine, gen, self.k)
+        if self.k == 0 or room <= 0 or first[0] in gen.eos:
+            return []
+        history = gen.engine.cache.recent_token_ids(gen.row, LOOKUP_TOKENS) + [first[0]]
+        return self.draft(history, room)[:room]
+
+    def verify(self, first: tuple[int, float], drafts: list[int]) -> list[GeneratedToken]:
+        """One pass over [first, *drafts] (drafts non-empty) that commits the accepted prefix; returns the
+        emitted tokens in order (the generation has accepted them) and keeps a rejection's replacement as
+        the next round's first token."""
+        spec = SpeculativeRound(self.gen, first, drafts)
+        self.gen.engine.step_prefix(self.gen.row, [first[0], *drafts], spec.keep)
+        self.carry = spec.carry
+        return spec.emitted
+
+    def round(self) -> list[GeneratedToken]:
+        """One forward pass: a verified draft, or one plain decode step when there is no draft."""
+        first = self.first()
+        drafts = self.propose(first)
+        if drafts:
+            return self.verify(first, drafts)
+        self.gen.engine.step({self.gen.row: [first[0]]})
+        return [self.gen.accept(*first)]
+
+
 def generate_speculative(engine: StreamingInference, row: int, params: SamplingParams, tokenizer=None,
                          k: int = 4, draft: Draft = ngram_draft,
                          stop_ids: Sequence[int] = ()) -> Iterator[GeneratedToken]:
     """`generate` with up to k drafted tokens verified per forward pass (k = 0 or settings that
     `speculation_applies` refuses: one token per pass). Yields tokens as they are accepted."""
-    gen = Generation(engine, row, params, tokenizer, stop_ids)
-    speculate = k > 0 and speculation_applies(engine, params)
-    carry: tuple[int, float] | None = None
-    while not gen.finished:
-        first = carry if carry is not None else gen.choose()
-        room = min(k, engine.config.chunk - 1, params.max_new_tokens - len(gen.generated) - 1,
-                   engine.config.window - engine.cache.window_used[row])  # no eviction inside a round
-        drafts: list[int] = []
-        if speculate and room > 0 and first[0] not in gen.eos:
-            history = engine.cache.recent_token_ids(row, LOOKUP_TOKENS) + [first[0]]
-            drafts = draft(history, room)[:room]
-        if not drafts:
-            engine.step({row: [first[0]]})
-            carry = None
-            yield gen.accept(*first)
-            continue
-        spec = SpeculativeRound(gen, first, drafts)
-        engine.step_prefix(row, [first[0], *drafts], spec.keep)
-        carry = spec.carry
-        yield from spec.emitted
+    decoder = SpeculativeDecoder(Generation(engine, row, params, tokenizer, stop_ids), k, draft)
+    while not decoder.gen.finished:
+        yield from decoder.round()

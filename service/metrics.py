@@ -41,6 +41,10 @@ class ServerMetrics:
         self.token_seconds = Histogram("sinkstream_inter_token_seconds",
                                        "Time between generated tokens of one generation",
                                        buckets=_LATENCY_BUCKETS, registry=r)
+        self.speculative_passes = Counter("sinkstream_speculative_passes", "Speculative decoding passes "
+                                          "(one per round that verified a draft)", registry=r)
+        self.speculative_accepted = Counter("sinkstream_speculative_accepted_tokens", "Draft tokens "
+                                            "accepted by speculative passes", registry=r)
         self.cache_bytes = Gauge("sinkstream_cache_bytes", "Bytes of preallocated KV cache", registry=r)
         self.requests = Counter("sinkstream_requests", "Stream requests received", ["kind"], registry=r)
         self.errors = Counter("sinkstream_errors", "Requests or streams refused", ["code"], registry=r)

@@ -4,7 +4,10 @@ to start from, and the replay of the records after that snapshot through the mod
 Replay feeds the logged ids exactly as they ran: each "ran" record is one forward pass over the first n
 pending ids (so chunk boundaries are the original ones), generated tokens are fed as logged (never
 sampled again; batch composition could change a float and so a sample), and the sampler's RNG state is
-set from the log, so a generation a crash interrupted continues as an uninterrupted one would have.
+set from the log, so a generation a crash interrupted continues as an uninterrupted one would have. A
+speculative pass ("spec") is run again over the same ids, keeping the same prefix, once its tokens' records
+are read; a log that ends before all of them (a crash between its records) feeds the ones it has as plain
+steps.
 """
 
 from __future__ import annotations
@@ -81,12 +84,18 @@ class Replay:
     session: Session
     tokenizer: Any
     results: ReplayedResults = field(default_factory=ReplayedResults)
+    speculative: tuple[list[int], int] | None = None  # a "spec" record's (ids, kept) whose tokens are read
+    held: list[dict[str, Any]] = field(default_factory=list)  # its tok records read so far
 
     def run(self, records: list[dict[str, Any]]) -> None:
         """Worker thread (the scheduler's compute thread): apply every record in order."""
         with torch.inference_mode():
             for record in records:
+                if self.speculative is not None and record["k"] != "tok":
+                    self._release(False)
                 getattr(self, "_" + record["k"])(record)
+            if self.speculative is not None:
+                self._release(False)
         s = self.session
         s.replayed = self.results
         if s.generation is not None:  # interrupted: continued when its Generate comes again
@@ -139,11 +148,35 @@ class Replay:
         s.start_generation(ActiveGeneration(work, gen, input_tokens=work.input_tokens))
         self.results.generation_started()
 
+    def _spec(self, record: dict[str, Any]) -> None:
+        self.speculative = (list(record["ids"]), int(record["n"]))
+
+    def _release(self, whole: bool) -> None:
+        """The held tok records of a speculative pass: `whole` (all of them came): run the pass again and
+        accept them; else feed them as plain steps."""
+        (ids, kept), held = self.speculative, self.held
+        self.speculative, self.held = None, []
+        if whole:
+            s = self.session
+            s.engine.step_prefix(s.row, ids, lambda _: kept)
+        for record in held:
+            self._token(record, fed=whole)
+
     def _tok(self, record: dict[str, Any]) -> None:
+        if self.speculative is None:
+            self._token(record, fed=False)
+            return
+        self.held.append(record)
+        if len(self.held) == self.speculative[1]:
+            self._release(True)
+
+    def _token(self, record: dict[str, Any], fed: bool) -> None:
+        """A generated token (`fed`: already in the stream, by its speculative pass)."""
         s = self.session
         g = s.generation
         token_id, logprob = int(record["id"]), float(record["lp"])
-        s.engine.step({s.row: [token_id]})
+        if not fed:
+            s.engine.step({s.row: [token_id]})
         token = g.gen.accept(token_id, logprob)
         g.record_token(token.text, time.perf_counter())
         if record.get("rng"):

@@ -7,6 +7,16 @@ I/O while the model computes, and N concurrent sessions cost about one pass per 
 Requests that need no forward pass (flush acknowledgements, checkpoints, close, errors) are answered in
 order as the scheduler reaches them.
 
+Speculative decoding (`serve --speculate N`, core/speculative.py): per engine and round, one generating
+session whose prompt-lookup draft is non-empty runs a verification pass of its own row (`step_prefix`, in the
+compute thread, after the batched pass) instead of its one-token step, so the others wait at most one extra
+pass per round; sessions take that turn in order of their last one. Each token it accepts is delivered, logged
+(after a record of the pass, which recovery runs again) and counted like a plainly decoded token, and EOS,
+stop sequences and max_new_tokens end the kept prefix where plain decoding would stop; cancellation and time
+limits are checked before each pass, as for plain decoding. Greedy generations speculate always; sampled ones
+only without a write-ahead log, since a crash-exact continuation needs one sampler draw per logged token
+(recovery sets the RNG state from the last), which a round's acceptance draws break.
+
 Backpressure (see backpressure.py): a session is skipped while its attached call's outbox is full, for
 replies without a forward pass too. The scheduler produces plain replies (replies.py); the servicer sends
 them as messages.
@@ -26,7 +36,8 @@ from dataclasses import dataclass
 import grpc
 import torch
 
-from sinkstream.core.generation import Generation
+from sinkstream.core.generation import GeneratedToken, Generation
+from sinkstream.core.speculative import SpeculativeDecoder
 from sinkstream.core.streaming import ChunkResult, StreamingInference
 from sinkstream.service.batch import run_rows
 from sinkstream.service.errors import RequestError, server_failure
@@ -62,20 +73,26 @@ SWEEP_INTERVAL_S = 1.0
 
 @dataclass
 class Piece:
-    """One session's part of a forward pass: input ids, or a decode step of its generation."""
+    """One session's part of a forward pass: input ids, or a decode step of its generation (one token, or
+    the tokens its own speculative pass emitted)."""
 
     session: Session
     ids: list[int] | None = None
     token: int = -1
     logprob: float = math.nan
+    emitted: list[GeneratedToken] | None = None  # set when this decode step ran as a speculative pass
+    verified: list[int] | None = None  # that pass's ids: the round's first token and its draft
 
 
 class Scheduler:
     """Runs forever on the server's loop; `wake()` whenever a session may have new work."""
 
     def __init__(self, manager: SessionManager, metrics: ServerMetrics, decode_input_budget: int = 0,
-                 max_batch_tokens: int = 0) -> None:
+                 max_batch_tokens: int = 0, speculate: int = 0) -> None:
+        """`speculate`: draft tokens a speculative pass may verify (0: plain decoding only)."""
         self._progressed = False
+        self.speculate = speculate
+        self._rounds = 0
         self._stopping = False
         self.decode_input_budget = decode_input_budget
         self.max_batch_tokens = max_batch_tokens
@@ -141,6 +158,7 @@ class Scheduler:
     async def _round(self) -> bool:
         """Advance every session; run one forward pass per engine with work. True if anything happened."""
         self._progressed = False
+        self._rounds += 1
         async with self.manager.lock:
             by_engine: dict[int, tuple[StreamingInference, list[Piece]]] = {}
             now = time.monotonic()
@@ -269,6 +287,9 @@ class Scheduler:
             s.finish_generation("TIME_LIMIT")
             self._progressed = True
         elif not s.outbox_full():
+            if g.decoder is None:
+                sampled_logged = g.work.params.temperature > 0 and s.journal is not None  # module docstring
+                g.decoder = SpeculativeDecoder(g.gen, 0 if sampled_logged else self.speculate)
             return Piece(s)
         return None
 
@@ -310,7 +331,7 @@ class Scheduler:
         started = time.perf_counter()
         try:
             outcome = await asyncio.get_running_loop().run_in_executor(
-                self._compute_thread, self._compute, engine, pieces, top_k, embeddings)
+                self._compute_thread, self._compute, engine, pieces, top_k, embeddings, self._rounds)
         except Exception as exc:  # _compute handles failures per piece; this is a bug, reported to all
             log.exception("forward pass failed")
             outcome = {p.session.row: exc for p in pieces}
@@ -320,7 +341,8 @@ class Scheduler:
         elapsed = time.perf_counter() - started
         self.metrics.step_seconds.observe(elapsed)
         self.metrics.batch_rows.observe(len(pieces))
-        self.metrics.batch_tokens.observe(sum(len(p.ids) if p.ids is not None else 1 for p in pieces))
+        self.metrics.batch_tokens.observe(sum(len(p.ids) if p.ids is not None else 1 for p in pieces
+                                              if p.emitted is None))
         for p in pieces:  # each piece on its own: one session's failure never stops another's delivery
             result = outcome[p.session.row]
             try:
@@ -328,33 +350,56 @@ class Scheduler:
                     self._fail_piece(p, result)
                 elif p.ids is not None:
                     self._deliver_chunk(p, result)
+                elif p.emitted is not None:
+                    self._count_speculation(p)
+                    p.session.record_speculation(p.verified, len(p.emitted))
+                    self._deliver_tokens(p.session, p.emitted)
                 else:
-                    self._deliver_token(p)
+                    self._deliver_tokens(p.session, [p.session.generation.gen.accept(p.token, p.logprob)])
             except Exception as exc:  # e.g. this generation's stop matcher: fail this session only
                 log.exception("delivering a result failed", extra={"session": p.session.key.label})
                 self.manager.fail(p.session, server_failure(exc, "the server failed serving this session"))
 
     @staticmethod
-    def _compute(engine: StreamingInference, pieces: list[Piece], top_k: int,
-                 embeddings: bool) -> dict[int, ChunkResult | Exception]:
-        """Worker thread: sample each decode token, then run the pieces as one batched pass. A failure
-        belongs to the piece it came from: a piece whose sampling fails is left out of the pass, and a
-        failed pass is run again row by row. Returns each piece's result or exception, by row."""
-        outcome: dict[int, ChunkResult | Exception] = {}
+    def _compute(engine: StreamingInference, pieces: list[Piece], top_k: int, embeddings: bool,
+                 round_number: int) -> dict[int, ChunkResult | Exception | None]:
+        """Worker thread: choose each decode step's first token (and at most one speculative pass, by the
+        generation that speculated least recently), then run the other pieces as one batched pass and the
+        speculative pass after it. A failure belongs to the piece it came from: a piece whose sampling
+        fails is left out of the pass, and a failed pass is run again row by row. Returns each piece's
+        result (None for the speculative piece, whose tokens are in its `emitted`) or exception, by row."""
+        outcome: dict[int, ChunkResult | Exception | None] = {}
         inputs: dict[int, list[int]] = {}
+        speculative: tuple[Piece, tuple[int, float], list[int]] | None = None
+        decoding = sorted((p for p in pieces if p.ids is None),
+                          key=lambda p: p.session.generation.speculated_round)
         with torch.inference_mode():
             for p in pieces:
-                row = p.session.row
                 if p.ids is not None:
-                    inputs[row] = p.ids
-                    continue
+                    inputs[p.session.row] = p.ids
+            for p in decoding:
+                row, g = p.session.row, p.session.generation
                 try:
-                    p.token, p.logprob = p.session.generation.gen.choose()
+                    first = g.decoder.first()
+                    drafts = g.decoder.propose(first) if speculative is None else []
                 except Exception as exc:  # this session's sampler or parameters
                     outcome[row] = exc
                     continue
-                inputs[row] = [p.token]
+                if drafts:
+                    speculative = (p, first, drafts)
+                    g.speculated_round = round_number
+                else:
+                    p.token, p.logprob = first
+                    inputs[row] = [p.token]
             outcome.update(run_rows(engine, inputs, top_k, embeddings))
+            if speculative is not None:
+                p, first, drafts = speculative
+                try:
+                    p.verified = [first[0], *drafts]
+                    p.emitted = p.session.generation.decoder.verify(first, drafts)
+                    outcome[p.session.row] = None
+                except Exception as exc:  # this row's pass; the cache step was aborted
+                    outcome[p.session.row] = exc
         return outcome
 
     def _fail_piece(self, p: Piece, exc: Exception) -> None:
@@ -380,15 +425,21 @@ class Scheduler:
             return
         s.emit(ChunkReply.of(request_id, len(p.ids), result, s.analysis, s.row_stats()))
 
-    def _deliver_token(self, p: Piece) -> None:
-        s = p.session
+    def _count_speculation(self, p: Piece) -> None:
+        """A speculative pass ran: it emitted the round's first token and the accepted drafts."""
+        self.metrics.speculative_passes.inc()
+        self.metrics.speculative_accepted.inc(len(p.emitted) - 1)
+
+    def _deliver_tokens(self, s: Session, tokens: list[GeneratedToken]) -> None:
+        """Tokens the generation accepted (in order; the last may end it): record, log, send each."""
         g = s.generation
-        token = g.gen.accept(p.token, p.logprob)
-        first, latency = g.record_token(token.text, time.perf_counter())
-        (self.metrics.ttft_seconds if first else self.metrics.token_seconds).observe(latency)
-        self.metrics.tokens.labels("generated").inc()
-        self.metrics.tenant_tokens.labels(p.session.key.tenant, "generated").inc()
-        s.record_token(TokenReply(g.work.request_id, token.token_id, token.text, token.logprob,
-                                  index=len(g.gen.generated) - 1))
-        if token.stop_reason is not None:
-            s.finish_generation(token.stop_reason)
+        for i, token in enumerate(tokens):
+            first, latency = g.record_token(token.text, time.perf_counter())
+            (self.metrics.ttft_seconds if first else self.metrics.token_seconds).observe(latency)
+            self.metrics.tokens.labels("generated").inc()
+            self.metrics.tenant_tokens.labels(s.key.tenant, "generated").inc()
+            index = len(g.gen.generated) - len(tokens) + i
+            s.record_token(TokenReply(g.work.request_id, token.token_id, token.text, token.logprob,
+                                      index=index))
+            if token.stop_reason is not None:
+                s.finish_generation(token.stop_reason)

@@ -80,6 +80,7 @@ class ServerConfig:
     quotas: TenantQuotas = NO_QUOTAS
     max_batch_tokens: int = 0
     stalled_reader_s: float = 60.0
+    speculate: int = 0  # draft tokens a speculative decoding pass verifies (0 = off; scheduler.py)
 
 
 def is_loopback(host: str) -> bool:
@@ -122,6 +123,8 @@ class SinkStreamServer:
 
     def __init__(self, config: ServerConfig, loaded: LoadedModel) -> None:
         check_exposure(config)  # before anything starts (the log committer's thread)
+        if config.speculate < 0:
+            raise ValueError(f"speculate must be >= 0, got {config.speculate}")
         self.config = config
         self.metrics = ServerMetrics()
         model_config = loaded.model.config
@@ -143,7 +146,7 @@ class SinkStreamServer:
                                       committer=self.committer, durable=config.durability,
                                       leases=self.leases)
         self.scheduler = Scheduler(self.manager, self.metrics, config.decode_input_budget,
-                                   config.max_batch_tokens)
+                                   config.max_batch_tokens, config.speculate)
         self.servicer = SinkStreamServicer(self.manager, self.scheduler, self.metrics, self.limits,
                                            config.defaults, loaded.name)
         self.health = health.aio.HealthServicer()

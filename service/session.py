@@ -17,6 +17,7 @@ from typing import Any
 
 from sinkstream.core.config import StreamConfig
 from sinkstream.core.generation import Generation
+from sinkstream.core.speculative import SpeculativeDecoder
 from sinkstream.core.streaming import RowStats, StreamingInference
 from sinkstream.service.backpressure import Inbox, Outbox
 from sinkstream.service.chat_input import ChatInput
@@ -51,6 +52,8 @@ class ActiveGeneration:
     text_parts: list[str] = field(default_factory=list)
     first_token_at: float | None = None
     last_token_at: float | None = None
+    decoder: SpeculativeDecoder | None = None  # set by the scheduler on its first decode step
+    speculated_round: int = -1  # the scheduler round of its last speculative pass (who speculates next)
 
     def record_token(self, text: str, now: float) -> tuple[bool, float]:
         """Note a generated token's text at time `now` (perf_counter); returns whether it is the first
@@ -462,6 +465,12 @@ class Session:
             rng = rng_to_text(sampler.generator) if work.params.temperature > 0 else None
             self.journal.generation_started(work.request_id, work.client_seq, work.params, work.chat_reply,
                                             generation.input_tokens, rng, work.text_state)
+
+    def record_speculation(self, ids: list[int], kept: int) -> None:
+        """A speculative pass over `ids` kept the first `kept` (the tokens record_token gets next): log it,
+        so a replay runs the same pass."""
+        if self.journal is not None:
+            self.journal.speculated(ids, kept)
 
     def record_token(self, reply: TokenReply) -> None:
         """A generated token was accepted: log it (with the sampler's RNG state when it samples), keep it

@@ -12,6 +12,9 @@ state changes and a snapshot covers exactly the records up to its lsn. Record ki
 - ran / drop: the first n pending ids were run as one forward pass / dropped after a failed pass;
 - flushed: no flush is waiting any more (answered, or dropped when the call ended);
 - gen: a generation started (request id, seq, sampling parameters, chat_reply, the sampler's RNG state);
+- spec: a speculative decoding pass (core/speculative.py) ran over ids and kept the first n: the next n
+  tok records are its tokens, fed by that pass (replayed as the same pass, so their keys and values are
+  the ones it computed, bit for bit);
 - tok: a generated token (id, logprob, the sampler's RNG state after drawing it when it samples);
 - done: the generation ended (stop reason, error);
 - seq: a numbered request was answered without changing the state (refused by the scheduler).
@@ -100,6 +103,9 @@ class SessionJournal:
                            input_tokens: int, rng: str | None, text: dict | None) -> None:
         self.write({"k": "gen", "rid": request_id, "seq": seq, "params": params_to_record(params),
                     "chat_reply": chat_reply, "input_tokens": input_tokens, "rng": rng, "text": text})
+
+    def speculated(self, ids: list[int], kept: int) -> None:
+        self.write({"k": "spec", "ids": ids, "n": kept})
 
     def token(self, token_id: int, logprob: float, rng: str | None) -> None:
         self.write({"k": "tok", "id": token_id, "lp": logprob, "rng": rng})

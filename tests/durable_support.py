@@ -193,10 +193,12 @@ def session_state(channel: grpc.Channel, session_id: str) -> tuple[int, float, i
 
 
 def uninterrupted(model_dir: Path, state_dir: Path, requests: list[pb.StreamRequest], seed: int,
-                  chunk: int) -> tuple[Outcome, tuple[int, float, int]]:
-    server = ServeProcess(model_dir, state_dir)
+                  chunk: int, window: int = 64,
+                  extra: tuple[str, ...] = ()) -> tuple[Outcome, tuple[int, float, int]]:
+    """`extra`: more `serve` options."""
+    server = ServeProcess(model_dir, state_dir, *extra)
     try:
-        stream = RawStream(server.channel, open_request("ref", chunk=chunk, seed=seed))
+        stream = RawStream(server.channel, open_request("ref", chunk=chunk, window=window, seed=seed))
         stream.next()
         outcome = Outcome()
         assert drive(stream, requests, 0, outcome)
@@ -207,13 +209,14 @@ def uninterrupted(model_dir: Path, state_dir: Path, requests: list[pb.StreamRequ
 
 
 def killed_run(model_dir: Path, state_dir: Path, requests: list[pb.StreamRequest], seed: int, chunk: int,
-               kill_at: int) -> tuple[Outcome, tuple[int, float, int], dict[str, int]]:
+               kill_at: int, window: int = 64,
+               extra: tuple[str, ...] = ()) -> tuple[Outcome, tuple[int, float, int], dict[str, int]]:
     """The scripted session, its server killed with SIGKILL after `kill_at` responses, restarted on the
     same state directory, resumed, and every request after SessionOpened.acked_seq sent again."""
-    server = ServeProcess(model_dir, state_dir)
+    server = ServeProcess(model_dir, state_dir, *extra)
     outcome = Outcome()
     try:
-        stream = RawStream(server.channel, open_request("s", chunk=chunk, seed=seed))
+        stream = RawStream(server.channel, open_request("s", chunk=chunk, window=window, seed=seed))
         stream.next()
         killed = []
         finished = drive(stream, requests, 0, outcome, kill_at, lambda: (killed.append(1), server.kill9()))
@@ -222,7 +225,7 @@ def killed_run(model_dir: Path, state_dir: Path, requests: list[pb.StreamRequest
     # "killed": the server was killed as planned; "died": the call ended without the kill (a failure)
     info = {"killed": len(killed), "died": int(not finished and not killed),
             "responses_before": outcome.responses}
-    server = ServeProcess(model_dir, state_dir)
+    server = ServeProcess(model_dir, state_dir, *extra)
     try:
         stream = RawStream(server.channel, resume_request("s"))
         opened = stream.next().session_opened

@@ -125,3 +125,26 @@ def test_in_process_chat_persists_the_conversation_between_runs(model_dir, tmp_p
     second = run(["/stats", "What next?", "/stats", "/quit"])
     (id_a, tokens_a, used_a, _), (_, tokens_b, _, _) = stats(second)
     assert (id_a, tokens_a, used_a) == (session_id, tokens, used) and tokens_b > tokens_a
+
+
+def test_in_process_chat_speculating_gives_the_same_replies(model_dir, tmp_path):
+    """chat --model --speculate 4 (greedy, no repetition penalty: the settings that speculate) replies as
+    without; a repetitive conversation, so drafts are found. --speculate without --model is a usage error."""
+    lines = ["Tom had a red ball. Tom had a red ball. Tom had a red ball.", "Tom had a red ball. Tom had",
+             "/quit"]
+    outputs = []
+    for name, extra in (("plain", ()), ("speculating", ("--speculate", "4"))):
+        env = {**os.environ, "XDG_CONFIG_HOME": str(tmp_path / name / "config"),
+               "XDG_STATE_HOME": str(tmp_path / name / "state")}
+        command = [sys.executable, "-m", "sinkstream", "chat", "--model", str(model_dir), "--temperature",
+                   "0", "--repetition-penalty", "1", "--max-new-tokens", "40", *extra]
+        proc = subprocess.run(command, input="".join(f"{x}\n" for x in lines), cwd=REPO_ROOT, env=env,
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        outputs.append([line for line in proc.stdout.splitlines() if line.startswith("model> ")])
+    assert outputs[0] == outputs[1] and len(outputs[0]) == 2
+    proc = subprocess.run([sys.executable, "-m", "sinkstream", "chat", "--server", "127.0.0.1:1",
+                           "--speculate", "4"], input="", cwd=REPO_ROOT, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 2
+    assert "--speculate 4 sets the decoding of a model run in this process" in proc.stderr

@@ -129,6 +129,26 @@ def test_serve_profile_sets_the_session_defaults():
     assert config_from_args(args).defaults.keep_rotated_keys is True
 
 
+def test_serve_and_chat_take_speculate_from_the_profile_and_the_flag_wins():
+    from sinkstream.clients.cli.serve import build_parser as serve_parser
+    from sinkstream.clients.cli.serve import config_from_args
+
+    def serve(*argv: str) -> int:
+        args = serve_parser().parse_args(["--model", "m", *argv])
+        apply_profile(args)
+        return config_from_args(args).speculate
+
+    def chat(*argv: str) -> int:
+        args = build_parser().parse_args(["chat", "--model", "m", *argv])
+        apply_profile(args)
+        return args.speculate
+
+    for command in (serve, chat):
+        assert (command(), command("--speculate", "3"), command("--profile", "throughput"),
+                command("--profile", "throughput", "--speculate", "0"), command("--profile", "memory")) == (
+            0, 3, 4, 0, 0), command.__name__
+
+
 def test_generate_with_profiles(model_dir, tmp_path):
     """balanced (int8 weights and cache) prints the published continuation; auto says what it chose."""
     proc = run_generate(model_dir, PROMPT, REFERENCE_NEW_TOKENS, tmp_path, "--profile", "balanced")

@@ -11,7 +11,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from sinkstream.core.config import StreamConfig, TierSpec
 from sinkstream.core.generation import Generation, generate
 from sinkstream.core.sampling import Sampler, SamplingParams
-from sinkstream.core.speculative import SpeculativeRound, generate_speculative, ngram_draft
+from sinkstream.core.speculative import (
+    SpeculativeDecoder,
+    SpeculativeRound,
+    generate_speculative,
+    ngram_draft,
+)
 from sinkstream.core.streaming import StreamingInference
 
 REPETITIVE = "Tom has a red ball. Tom has a red ball. Tom has a red ball. Tom has a red ball. Tom has a"
@@ -172,3 +177,36 @@ def test_sampled_speculative_generation_runs_end_to_end(stories):
         runs.append([t.token_id for t in generate_speculative(engine, row, params, k=4)])
         assert engine.cache.tokens_seen[row] == len(prompt) + 30
     assert runs[0] == runs[1] and len(runs[0]) == 30
+
+
+def test_an_end_of_sequence_id_inside_a_round_ends_it_as_plain_decoding_does(stories):
+    """A token that ends the generation like EOS (`stop_ids`) accepted mid-round: the round keeps nothing
+    after it, the generation ends with EOS_TOKEN there, and the stream holds what plain decoding left."""
+    model, tok = stories
+    config = StreamConfig(sink_tokens=4, window=200, chunk=16)
+    ids = tok(REPETITIVE)["input_ids"]
+
+    def run(k: int, stop_ids: tuple[int, ...]) -> tuple[list[tuple[int, float, str | None]], list[int], int]:
+        engine = StreamingInference(model, config)
+        row = engine.open_row()
+        list(engine.append(row, ids))
+        params = SamplingParams(max_new_tokens=60, stop_on_eos=True)
+        decoder = SpeculativeDecoder(Generation(engine, row, params, None, stop_ids), k)
+        tokens, emitted = [], []
+        while not decoder.gen.finished:
+            got = decoder.round()
+            tokens += [(t.token_id, t.logprob, t.stop_reason) for t in got]
+            emitted.append(len(got))
+        return tokens, emitted, engine.cache.tokens_seen[row]
+
+    free, rounds, _ = run(4, ())
+    ends = {sum(rounds[:i + 1]) for i in range(len(rounds))}
+    # a token first seen inside a multi-token round: stopping on it cuts that round
+    end = next(i + 1 for i, (t, _, _) in enumerate(free) if i + 1 not in ends and t not in
+               {x for x, _, _ in free[:i]} and t != free[-1][0])
+    stop = (free[end - 1][0],)
+    plain, _, plain_seen = run(0, stop)
+    spec, _, spec_seen = run(4, stop)
+    assert [(t, r) for t, _, r in spec] == [(t, r) for t, _, r in plain]
+    assert len(spec) == end and spec[-1][2] == "EOS_TOKEN" and spec_seen == plain_seen == len(ids) + end
+    assert all(abs(a[1] - b[1]) <= 1e-4 for a, b in zip(spec, plain, strict=True))

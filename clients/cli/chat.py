@@ -40,6 +40,7 @@ from sinkstream.clients.cli.options import (
     add_dtype_option,
     add_offload_options,
     add_server_option,
+    add_speculate_option,
     add_weights_dtype_option,
     connection_options,
     resume_policy,
@@ -80,6 +81,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_cache_shape_options(p, names=("window", "sink_tokens"), server_default=True)
     add_dtype_option(p)  # with --model only: the model runs in this process
     add_weights_dtype_option(p)
+    add_speculate_option(p, "with --model only; a server's is `serve --speculate`")
     add_profile_option(p)
     add_offload_options(p)
 
@@ -116,7 +118,7 @@ def local_server(args: argparse.Namespace):
                                            kv_dtype=settings.kv_dtype,
                                            keep_rotated_keys=settings.keep_rotated_keys)
     config = ServerConfig(model=args.model, port=0, state_dir=local_state_dir(), session_ttl_s=0,
-                          idle_evict_s=0, grace_s=0.5, **profile)
+                          idle_evict_s=0, grace_s=0.5, speculate=args.speculate, **profile)
     server = ServerThread(config, local_runner.load(args))
     try:
         yield server.address
@@ -154,6 +156,9 @@ def _run(args: argparse.Namespace) -> int:
         raise CliError(f"--weights-dtype {args.weights_dtype} sets the weights of a model run in this "
                        "process: give --model PATH, or start the server with "
                        "`sinkstream serve --weights-dtype ...`", USAGE)
+    if args.speculate:
+        raise CliError(f"--speculate {args.speculate} sets the decoding of a model run in this process: give "
+                       "--model PATH, or start the server with `sinkstream serve --speculate ...`", USAGE)
     if not args.server:
         raise CliError("give --server HOST:PORT (or set SINKSTREAM_SERVER; start a server with "
                        "`sinkstream serve --model PATH`), or --model PATH to run the model in-process", USAGE)

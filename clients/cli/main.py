@@ -18,9 +18,9 @@ from sinkstream.clients.cli.options import (
     add_kv_dtype_option,
     add_offload_options,
     add_server_option,
+    add_speculate_option,
     add_weights_dtype_option,
     check_offload_options,
-    count,
 )
 from sinkstream.clients.cli.output import (
     add_output_options,
@@ -31,7 +31,6 @@ from sinkstream.clients.cli.output import (
 )
 from sinkstream.clients.cli.profile_options import add_profile_option, apply_profile
 from sinkstream.core.config import ConfigError  # torch-free
-from sinkstream.core.profiles import GivenOption  # torch-free
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,9 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--repetition-penalty", type=float, default=1.0)
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--stop", action="append", help="stop sequence (repeatable)")
-    gen.add_argument("--speculate", type=count, default=0, metavar="N", action=GivenOption,
-                     help="speculative decoding: verify up to N prompt-lookup draft tokens per forward "
-                          "pass, same output (0 = off; in-process only)")
+    add_speculate_option(gen, "in-process only; a server's is `serve --speculate`")
     add_cache_shape_options(gen)
     add_kv_dtype_option(gen)
     add_dtype_option(gen)

@@ -20,8 +20,9 @@ from sinkstream.core.offload.config import add_offload_options, check_offload_op
 from sinkstream.core.profiles import GivenOption  # torch-free
 
 __all__ = ["CACHE_SHAPE_OPTIONS", "MODEL_DTYPES", "add_cache_shape_options", "add_dtype_option",
-           "add_kv_dtype_option", "add_offload_options", "add_server_option", "add_weights_dtype_option",
-           "check_offload_options", "connection_options", "count", "resume_policy", "tier_specs"]
+           "add_kv_dtype_option", "add_offload_options", "add_server_option", "add_speculate_option",
+           "add_weights_dtype_option", "check_offload_options", "connection_options", "count",
+           "resume_policy", "tier_specs"]
 
 DEFAULT_SERVER = os.environ.get("SINKSTREAM_SERVER")
 CACHE_SHAPE_OPTIONS = ("sink_tokens", "window", "chunk", "tiers", "merge_policy")
@@ -101,6 +102,13 @@ def add_weights_dtype_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights-dtype", choices=WEIGHTS_DTYPES, default=None, action=GivenOption,
                    help="Linear weights: float32 (as loaded), bfloat16, int8 (per-channel) or int4 (groups "
                         "of 32), run by torch's packed CPU kernels (with --model / serve only)")
+
+
+def add_speculate_option(p: argparse.ArgumentParser, where: str) -> None:
+    """--speculate N: speculative decoding (core.speculative), `where` it applies (for the help)."""
+    p.add_argument("--speculate", type=count, default=0, metavar="N", action=GivenOption,
+                   help="speculative decoding: verify up to N prompt-lookup draft tokens per forward pass, "
+                        f"same greedy output (0 = off; {where})")
 
 
 def tier_specs(text: str) -> tuple[TierSpec, ...]:

@@ -14,6 +14,7 @@ from sinkstream.clients.cli.options import (
     add_dtype_option,
     add_kv_dtype_option,
     add_offload_options,
+    add_speculate_option,
     add_weights_dtype_option,
     check_offload_options,
 )
@@ -82,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_kv_dtype_option(p)
     add_dtype_option(p)
     add_weights_dtype_option(p)
+    add_speculate_option(p, "every session's greedy generations, and sampled ones without a write-ahead log")
     add_profile_option(p)
     add_offload_options(p)
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
@@ -147,7 +149,8 @@ def config_from_args(args: argparse.Namespace, tls: TLSFiles | None = None) -> S
         tls=tls, auth_tokens=args.auth_tokens, health_port=args.health_port,
         insecure_allow_remote=args.insecure_allow_remote,
         quotas=TenantQuotas(max_sessions=args.tenant_max_sessions, max_rows=args.tenant_max_rows),
-        max_batch_tokens=args.max_batch_tokens, stalled_reader_s=args.stalled_reader_timeout)
+        max_batch_tokens=args.max_batch_tokens, stalled_reader_s=args.stalled_reader_timeout,
+        speculate=args.speculate)
 
 
 def serve_main(argv: list[str] | None = None) -> int:

@@ -157,7 +157,7 @@ def time_llama_cpp(threads: int, ids: list[int], chunks: int, steps: int) -> dic
 
 def markdown(d: dict) -> str:
     dtypes = d["dtypes"]
-    base_nll = d["quality"]["float32"]["nll"]
+    base_nll = d["quality"].get("float32", {}).get("nll", float("nan"))  # float32 may not have run
     lines = [
         "# SmolLM2-135M-Instruct: `--weights-dtype` (weight-only quantised Linear layers) vs llama.cpp",
         "",

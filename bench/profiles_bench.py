@@ -43,7 +43,8 @@ PROMPT_TOKENS, NEW_TOKENS = 128, 48
 
 def stream_config(s: RunSettings) -> StreamConfig:
     return StreamConfig(sink_tokens=s.sink_tokens, window=s.window, chunk=s.chunk,
-                        tiers=TierSpec.parse(s.tiers), kv_dtype=s.kv_dtype)
+                        tiers=TierSpec.parse(s.tiers), kv_dtype=s.kv_dtype,
+                        keep_rotated_keys=s.keep_rotated_keys)
 
 
 @torch.inference_mode()

@@ -82,15 +82,16 @@ def markdown(d: dict) -> str:
         f"{d['threads']} thread(s), {d['cores']} shared cores, load average {d['load_before']} before, "
         f"{d['load_after']} after (timings are noisy).",
         "",
-        "| profile | window | tiers | chunk | kv | weights | speculate | KV bytes/session | weight bytes | "
-        "NLL | vs none | ingest tok/s | decode ms/token |",
-        "|---|---:|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| profile | window | tiers | chunk | kv | weights | speculate | kept keys | KV bytes/session | "
+        "weight bytes | NLL | vs none | ingest tok/s | decode ms/token |",
+        "|---|---:|---|---:|---|---|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
     for name, r in d["rows"].items():
         s = r["settings"]
         lines.append(
             f"| {name} | {s['window']} | {s['tiers'] or '-'} | {s['chunk']} | {s['kv_dtype']} | "
-            f"{s['weights_dtype']} | {s['speculate']} | {r['kv_bytes_session']:,} | {r['weight_bytes']:,} | "
+            f"{s['weights_dtype']} | {s['speculate']} | {'on' if s.get('keep_rotated_keys') else 'off'} | "
+            f"{r['kv_bytes_session']:,} | {r['weight_bytes']:,} | "
             f"{r['nll']:.4f} | {(r['nll'] / base['nll'] - 1) * 100:+.2f}% | {r['ingest_tok_s']:.0f} | "
             f"{r['decode_ms_token']:.1f} |")
     return "\n".join(lines) + "\n"

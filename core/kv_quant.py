@@ -127,10 +127,16 @@ class KVStorage:
             self.keys[:, row, :, dst] = keys.to(self.keys.dtype)
             self.values[:, row, :, dst] = values.to(self.values.dtype)
 
-    def move(self, row: int, dst: slice, src: torch.Tensor) -> None:
-        """Copy the stored slots `src` of `row` to `dst`, every layer, exactly (no re-quantisation)."""
+    def move(self, row: int, dst: slice | torch.Tensor, src: torch.Tensor) -> None:
+        """Copy the stored slots `src` [n] of `row` to `dst` (a slice or slots [n]), every layer, exactly
+        (no re-quantisation)."""
         for t in self.tensors():
             t[:, row, :, dst] = t[:, row, :, src]
+
+    def clear(self, row: int, dst: slice) -> None:
+        """Zero the slots `dst` of `row`, every layer (int8 scales too)."""
+        for t in self.tensors():
+            t[:, row, :, dst] = 0
 
     # ----------------------------------------------------------------- persistence and size
     def tensors(self) -> list[torch.Tensor]:

@@ -109,8 +109,8 @@ def generate_speculative(engine: StreamingInference, row: int, params: SamplingP
     carry: tuple[int, float] | None = None
     while not gen.finished:
         first = carry if carry is not None else gen.choose()
-        room = min(k, engine.config.chunk - 1, params.max_new_tokens - len(gen.generated) - 1,
-                   engine.config.window - engine.cache.window_used[row])  # no eviction inside a round
+        room = min(k, params.max_new_tokens - len(gen.generated) - 1,
+                   engine.decode_equivalent_room(row) - 1)  # one pass must equal one-by-one decoding
         drafts: list[int] = []
         if speculate and room > 0 and first[0] not in gen.eos:
             history = engine.cache.recent_token_ids(row, LOOKUP_TOKENS) + [first[0]]

@@ -16,6 +16,8 @@ slot count zeroed.
 Update contract (Hugging Face `Cache`): `begin_step` -> model forward, whose attention layers call
 `update(k, v, layer)` with the chunk's rotated keys [b, kv_heads, n, head_dim] and get back the keys and
 values of every slot [b, kv_heads, num_slots, head_dim] -> `end_step` commits the chunk and evicts.
+A tentative step may commit only a prefix of its chunk; a decode-equivalent one computes for each chunk
+token what a one-token pass over it would (speculative decoding verifies drafts with both).
 
 Extension point: one `CacheHooks` object, registered once with `set_hooks`, hears about each forward pass
 and about tokens leaving the window (core.tiers registers its TierMemory).
@@ -59,7 +61,6 @@ class ForwardStep:
     all_rows: bool  # rows == 0..R-1: storage views can be returned without a gather
     backup: list[torch.Tensor] | None = None  # tentative steps: the chunk slots' storage before the pass
     scratch: list[ScratchSlots] = field(default_factory=list)  # decode-equivalent steps: shifted sinks
-
 
 
 @dataclass

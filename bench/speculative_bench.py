@@ -56,8 +56,9 @@ def prompts(tokenizer, name: str) -> dict[str, tuple[list[int], StreamConfig]]:
                                          add_generation_prompt=True, tokenize=True)
     if not isinstance(chat, list):
         chat = chat["input_ids"]
+    # window full: shorter than the prompt but holding one passage (the draft looks up only the window).
     return {"repetitive text (copy)": (copy, roomy(copy)), "chat": (list(chat), roomy(chat)),
-            "repetitive text (copy), window full": (copy, StreamConfig(sink_tokens=4, window=64, chunk=32))}
+            "repetitive text (copy), window full": (copy, StreamConfig(sink_tokens=4, window=128, chunk=32))}
 
 
 def decode(model, ids: list[int], config: StreamConfig, new_tokens: int,

@@ -1,9 +1,11 @@
 """Speculative decoding (issue 17): greedy decode tokens/s with and without --speculate, same output.
 
-Cases: stories260K continuing a repetitive story; SmolLM2-135M-Instruct copying a repeated passage of
-sotu.txt (repetitive text) and answering a chat message (its chat template). Each case generates the same
-greedy continuation plainly and with prompt-lookup drafts (k tokens per round), alternating, `--repeats`
-times each; reported: median tokens/s, forward passes, and whether the outputs are identical.
+Cases: stories260K continuing a repetitive story, with a window that stays roomy and with one shorter than
+the prompt (every token generated with the window full); SmolLM2-135M-Instruct copying a repeated passage
+of sotu.txt (repetitive text, roomy and full window) and answering a chat message (its chat template).
+Each case generates the same greedy continuation plainly and with prompt-lookup drafts (k tokens per
+round), alternating, `--repeats` times each; reported: median tokens/s, forward passes, and whether the
+outputs are identical.
 
   SINKSTREAM_CACHE_DIR=/tmp/ggufcache python bench/speculative_bench.py [--k 4] [--repeats 2]
 """
@@ -34,24 +36,35 @@ SHARED = Path(os.environ.get("SINKSTREAM_SHARED", ROOT.parent / "shared"))
 STORIES = SHARED / "models" / "stories260K"
 SMOLLM2 = SHARED / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 REPETITIVE_STORY = "Tom has a red ball. Tom has a red ball. Tom has a red ball. Tom has a"
+FULL_WINDOW = 32  # stories' "window full" case: shorter than its prompt
 
 
-def prompts(tokenizer, name: str) -> dict[str, list[int]]:
+def prompts(tokenizer, name: str) -> dict[str, tuple[list[int], StreamConfig]]:
+    """Each case's prompt and stream config."""
+    def roomy(ids: list[int]) -> StreamConfig:  # the window never fills during generation
+        return StreamConfig(sink_tokens=4, window=1020 if len(ids) > 200 else 400, chunk=32)
+
     if name == "stories":
-        return {"repetitive story": tokenizer(REPETITIVE_STORY)["input_ids"]}
+        story = tokenizer(REPETITIVE_STORY)["input_ids"]
+        # A prompt longer than the window: every token is generated with the window full.
+        return {"repetitive story": (story, roomy(story)),
+                "repetitive story, window full": (story, StreamConfig(sink_tokens=4, window=FULL_WINDOW,
+                                                                      chunk=32))}
     passage = (SHARED / "data" / "sotu.txt").read_text()[:400]
     copy = tokenizer(f"{passage}\n\n{passage}\n\n{passage[:80]}", add_special_tokens=False)["input_ids"]
     chat = tokenizer.apply_chat_template([{"role": "user", "content": "Write a short story about a cat."}],
                                          add_generation_prompt=True, tokenize=True)
     if not isinstance(chat, list):
         chat = chat["input_ids"]
-    return {"repetitive text (copy)": copy, "chat": list(chat)}
+    # window full: shorter than the prompt but holding one passage (the draft looks up only the window).
+    return {"repetitive text (copy)": (copy, roomy(copy)), "chat": (list(chat), roomy(chat)),
+            "repetitive text (copy), window full": (copy, StreamConfig(sink_tokens=4, window=128, chunk=32))}
 
 
-def decode(model, ids: list[int], new_tokens: int, k: int) -> tuple[list[int], float, int]:
+def decode(model, ids: list[int], config: StreamConfig, new_tokens: int,
+           k: int) -> tuple[list[int], float, int]:
     """Greedy continuation of ids: (tokens, seconds of generation, forward passes of generation)."""
-    engine = StreamingInference(model, StreamConfig(sink_tokens=4, window=1020 if len(ids) > 200 else 400,
-                                                    chunk=32))
+    engine = StreamingInference(model, config)
     row = engine.open_row(seed=0)
     list(engine.append(row, ids))
     passes = [0]
@@ -70,29 +83,32 @@ def main() -> None:
     parser.add_argument("--models", default="stories,smollm2")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    load_before = f"{os.getloadavg()[0]:.1f}"
     rows = []
     for name in args.models.split(","):
         loaded = load_model(str(STORIES if name == "stories" else SMOLLM2))
         new_tokens = 100 if name == "stories" else 48
-        for case, ids in prompts(loaded.tokenizer, name).items():
+        for case, (ids, config) in prompts(loaded.tokenizer, name).items():
             times: dict[int, list[float]] = {0: [], args.k: []}
             outputs, passes = {}, {}
             for _ in range(args.repeats):
                 for k in (0, args.k):  # alternate, so both see the same machine load
-                    tokens, seconds, passes[k] = decode(loaded.model, ids, new_tokens, k)
+                    tokens, seconds, passes[k] = decode(loaded.model, ids, config, new_tokens, k)
                     times[k].append(len(tokens) / seconds)
                     outputs[k] = tokens
-            row = {"model": name, "case": case, "k": args.k, "new_tokens": new_tokens,
+            row = {"model": name, "case": case, "window": config.window, "prompt_tokens": len(ids),
+                   "k": args.k, "new_tokens": new_tokens,
                    "plain_tok_s": statistics.median(times[0]), "spec_tok_s": statistics.median(times[args.k]),
                    "plain_passes": passes[0], "spec_passes": passes[args.k],
                    "identical": outputs[0] == outputs[args.k]}
             row["speedup"] = row["spec_tok_s"] / row["plain_tok_s"]
             print(json.dumps(row), flush=True)
             rows.append(row)
-    lines = ["| model | case | plain tok/s | --speculate tok/s | speed-up | forward passes | same output |",
-             "|---|---|---:|---:|---:|---:|---|"]
+    lines = ["| model | case | prompt / window | plain tok/s | --speculate tok/s | speed-up | forward passes "
+             "| same output |", "|---|---|---|---:|---:|---:|---:|---|"]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['case']} | {r['plain_tok_s']:.1f} | {r['spec_tok_s']:.1f} | "
+        lines.append(f"| {r['model']} | {r['case']} | {r['prompt_tokens']} / {r['window']} | "
+                     f"{r['plain_tok_s']:.1f} | {r['spec_tok_s']:.1f} | "
                      f"{r['speedup']:.2f}x | {r['plain_passes']} -> {r['spec_passes']} | {r['identical']} |")
     stem = "speculative_" + args.models.replace(",", "_")
     RESULTS.mkdir(exist_ok=True)
@@ -100,7 +116,9 @@ def main() -> None:
     (RESULTS / f"{stem}.md").write_text(
         f"# Speculative decoding (--speculate {args.k})\n\n`python bench/speculative_bench.py --k {args.k} "
         f"--repeats {args.repeats} --models {args.models} --threads {args.threads}` (greedy, median of "
-        f"{args.repeats}; plain and speculative alternate; the machine was shared)\n\n"
+        f"{args.repeats}; plain and speculative alternate; the machine was shared, load average "
+        f"{load_before} before and {os.getloadavg()[0]:.1f} after on {os.cpu_count()} cores: timings are "
+        f"noisy, forward-pass counts are exact)\n\n"
         + "\n".join(lines) + "\n")
     print("\n".join(lines))
 

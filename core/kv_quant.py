@@ -169,8 +169,9 @@ class KVStorage:
             self.keys[:, row, :, dst] = keys.to(self.keys.dtype)
             self.values[:, row, :, dst] = values.to(self.values.dtype)
 
-    def move(self, row: int, dst: slice, src: torch.Tensor) -> None:
-        """Copy the stored slots `src` of `row` to `dst`, every layer, exactly (no re-quantisation)."""
+    def move(self, row: int, dst: slice | torch.Tensor, src: torch.Tensor) -> None:
+        """Copy the stored slots `src` [n] of `row` to `dst` (a slice or slots [n]), every layer, exactly
+        (no re-quantisation)."""
         for t in self.tensors():
             t[:, row, :, dst] = t[:, row, :, src]
 
@@ -185,6 +186,11 @@ class KVStorage:
         if self.kv_dtype == "int4":
             return dequantize_int4(data, scales, self.group, out)
         return torch.mul(data, scales, out=out) if out is not None else data.float() * scales
+
+    def clear(self, row: int, dst: slice) -> None:
+        """Zero the slots `dst` of `row`, every layer (int8 scales too)."""
+        for t in self.tensors():
+            t[:, row, :, dst] = 0
 
     # ----------------------------------------------------------------- persistence and size
     def tensors(self) -> list[torch.Tensor]:

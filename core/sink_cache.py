@@ -27,6 +27,8 @@ the stream was chunked.
 Update contract (Hugging Face `Cache`): `begin_step` -> model forward, whose attention layers call
 `update(k, v, layer)` with the chunk's rotated keys [b, kv_heads, n, head_dim] and get back the keys and
 values of every slot [b, kv_heads, num_slots, head_dim] -> `end_step` commits the chunk and evicts.
+A tentative step may commit only a prefix of its chunk; a decode-equivalent one computes for each chunk
+token what a one-token pass over it would (speculative decoding verifies drafts with both).
 
 Extension point: one `CacheHooks` object, registered once with `set_hooks`, hears about each forward pass
 and about tokens leaving the window (core.tiers registers its TierMemory).
@@ -34,7 +36,7 @@ and about tokens leaving the window (core.tiers registers its TierMemory).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -43,6 +45,16 @@ from transformers.cache_utils import Cache
 from sinkstream.core.config import StreamConfig
 from sinkstream.core.kv_quant import KVStorage
 from sinkstream.core.rope import RopeTable, apply_rotation, inverse_rotation
+
+
+@dataclass
+class ScratchSlots:
+    """Free ring slots of one row that hold shifted copies of its sinks during one decode-equivalent pass
+    (see SinkCache.begin_step); `saved` is their storage before, put back when the pass ends."""
+
+    row: int
+    slots: torch.Tensor  # [m] ring slots
+    saved: list[torch.Tensor]  # per stored tensor [L, H, m, *]
 
 
 @dataclass
@@ -62,6 +74,7 @@ class ForwardStep:
     incremental: bool = False  # kept rotated keys: rotate only the chunk and the sink/tier slots
     chunk_index: tuple[torch.Tensor, ...] = ()  # (row, head, slot) of the chunk in a [R, H, N, D] layer
     unrotate: tuple[torch.Tensor, torch.Tensor] | None = None  # cos, sin taking chunk keys back to raw
+    scratch: list[ScratchSlots] = field(default_factory=list)  # decode-equivalent steps: shifted sinks
 
 
 @dataclass
@@ -91,6 +104,12 @@ class CacheHooks:
 
     def step_aborted(self) -> None:
         """The forward pass failed; the cache forgets it."""
+
+    def evictions_kept_in_place(self, row: int) -> int | None:
+        """How many more tokens evicted from `row`'s window (beyond the free sink slots) the hooks keep
+        visible exactly where they were (same position, count 1) before rearranging anything; None: the
+        hooks drop evicted tokens (this default). begin_step(decode_equivalent=True) relies on it."""
+        return None
 
     def evicted(self, row: int, slots: torch.Tensor) -> None:
         """Tokens leave the window of `row` and the sinks do not take them: ring slots [e], stream order.
@@ -162,18 +181,33 @@ class SinkCache(Cache):
 
     # ----------------------------------------------------------------- the forward-pass protocol
     def begin_step(
-        self, rows: list[int], input_ids: torch.Tensor, lengths: list[int], *, tentative: bool = False
+        self, rows: list[int], input_ids: torch.Tensor, lengths: list[int], *, tentative: bool = False,
+        decode_equivalent: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Prepare a forward pass of input_ids [b, n] (row i has lengths[i] real tokens).
 
         `tentative`: `end_step(keep=...)` may commit only a prefix of each row's chunk; the storage of the
         chunk slots is saved first so the rest can be put back as it was (see end_step).
 
+        `decode_equivalent`: chunk token i attends as it would if the chunk were fed one token per pass
+        (so the window would already have evicted max(0, window_used + i - W) tokens): an eviction that
+        keeps the token in place (a free sink slot, the tiers' pending area) changes nothing; one that
+        drops it hides that slot from query i, and query i then sees the sinks (with the tokens still on
+        their way to the sink slots) d_i positions further away, d_i = tokens dropped before it. Those
+        sinks are read from shifted copies written into free ring slots for this pass only, one copy per
+        distinct d > 0 (their storage is put back by end_step/abort_step). Raises ValueError, changing
+        nothing, for a chunk longer than `decode_equivalent_room`.
+
         Returns position_ids [b, n] and the additive attention mask [b, 1, n, num_slots]: a chunk token
         sees every kept slot (with +log(count) for merged slots) and the chunk tokens up to itself.
         """
         device = self.count.device
         b, n = input_ids.shape
+        if decode_equivalent:
+            for row, length in zip(rows, lengths, strict=True):
+                if length > self.decode_equivalent_room(row, n):
+                    raise ValueError(f"row {row}: {length} tokens in a {n}-token pass do not fit a "
+                                     f"decode-equivalent pass (room {self.decode_equivalent_room(row, n)})")
         rows_t = torch.tensor(rows, dtype=torch.long, device=device)
         seen = torch.tensor([self.tokens_seen[r] for r in rows], device=device)
         window_start = seen - torch.tensor([self.window_used[r] for r in rows], device=device)
@@ -190,7 +224,7 @@ class SinkCache(Cache):
         shift, incremental = self._frames(rows, window_start[:, None] - prefix_len, tentative)
         slot_pos = torch.cat(
             (prefix_valid.cumsum(1) - 1, prefix_len + ring_tokens - window_start[:, None]), dim=1
-        ).add_(shift).clamp_(0, max_pos)
+        ).add_(shift)  # clamped below, once decode-equivalent passes have placed their sink copies
         position_ids = prefix_len + chunk_tokens - window_start[:, None] + shift
 
         is_chunk = torch.zeros(b, self.num_slots, dtype=torch.bool, device=device)
@@ -203,7 +237,14 @@ class SinkCache(Cache):
         kept = torch.where(count > 0, count.clamp(min=1).log(), neg)  # [b, N]
         mask = torch.where(sees_chunk, 0.0, kept[:, None, :]).to(dtype)[:, None]  # [b, 1, n, N]
 
-        slot_cos, slot_sin = self.rope.gather(slot_pos)
+        scratch = []
+        if decode_equivalent:
+            for i, row in enumerate(rows):
+                window_index = slot_tokens[i] - window_start[i]  # [N] (< 0: sink, tier or stale slot)
+                copies = self._follow_decoding(i, row, n, lengths[i], window_index, slot_pos, mask[i, 0])
+                if copies is not None:
+                    scratch.append(copies)
+        slot_cos, slot_sin = self.rope.gather(slot_pos.clamp_(0, max_pos))
         chunk_cos, chunk_sin = self.rope.gather(position_ids)
         all_rows = rows == list(range(self.keys.shape[1]))
         heads = torch.arange(self.keys.shape[2], device=device)
@@ -214,7 +255,7 @@ class SinkCache(Cache):
                       for t in self.storage.tensors()]
         self._step = ForwardStep(rows_t, lengths, chunk_slots, chunk_tokens, slot_cos, slot_sin,
                                  chunk_cos, chunk_sin, all_rows, backup, incremental, chunk_index,
-                                 inverse_rotation(chunk_cos, chunk_sin, self.rope.inv_scale2))
+                                 inverse_rotation(chunk_cos, chunk_sin, self.rope.inv_scale2), scratch)
         self._step_ids = input_ids
         self.hooks.step_started(self._step)
         return position_ids, mask
@@ -232,6 +273,66 @@ class SinkCache(Cache):
         for r, base in zip(rows, bases, strict=True):
             self._frame[r] = base
         return shift, incremental
+
+    def decode_equivalent_room(self, row: int, width: int | None = None) -> int:
+        """Most tokens (1..chunk) one decode-equivalent pass (begin_step(decode_equivalent=True)) may feed
+        `row` now, in a pass `width` tokens wide (default: as many as it feeds).
+
+        A pass of n tokens evicts max(0, u + n - 1 - W) of the u window tokens before its last token
+        (u = window_used). All of them must be old window tokens (n - 1 <= W). Those that a free sink slot
+        or the hooks keep in place (`CacheHooks.evictions_kept_in_place`) cost nothing; with hooks that
+        keep tokens (tiers) nothing else may happen before the last token (a tier merge is not
+        reproducible in one pass). Hooks that drop tokens allow any number of drops, each distinct drop
+        count needing one shifted copy of the S sinks in the ring slots the window and the pass leave
+        free: S * drops + width <= ring - u.
+        """
+        window, u = self.config.window, self.window_used[row]
+        kept = self.hooks.evictions_kept_in_place(row)
+        in_place = window - u + self.sink_slots - self.sink_used[row] + (kept or 0) + 1  # n with no drop
+        limit = min(self.config.chunk, window + 1)
+        if kept is not None or self.sink_slots == 0:
+            return min(limit, in_place) if kept is not None else limit
+        if width is not None:  # drops = n - in_place for n > in_place
+            fits = in_place + (self.ring_size - u - width) // self.sink_slots
+        else:  # width = n: S * (n - in_place) + n <= ring - u
+            fits = (self.ring_size - u + self.sink_slots * in_place) // (self.sink_slots + 1)
+        return min(limit, max(in_place, fits))
+
+    def _follow_decoding(self, i: int, row: int, n: int, length: int, window_index: torch.Tensor,
+                         slot_pos: torch.Tensor, mask: torch.Tensor) -> ScratchSlots | None:
+        """Make batch row i of a begun pass (n tokens wide, `length` real) decode-equivalent (see
+        begin_step): window_index [N] is each slot's index in the old window; slot_pos [b, N] and the
+        row's mask [n, N] are edited in place. Returns the scratch slots written, None if none were."""
+        device = mask.device
+        u, sink_room = self.window_used[row], self.sink_slots - self.sink_used[row]
+        if self.hooks.evictions_kept_in_place(row) is not None:
+            return None  # decode_equivalent_room allowed no eviction that is not kept in place
+        query = torch.arange(n, device=device).clamp_(max=length - 1)  # padding queries copy the last
+        evicted = (u + query - self.config.window).clamp_(min=0)  # before each query, one by one
+        drops = (evicted - sink_room).clamp_(min=0)  # [n]
+        shifts = int(drops[-1])
+        if shifts == 0:
+            return None
+        # The sinks: the sink slots, then the oldest window tokens that will move into the free ones.
+        seen = self.tokens_seen[row]
+        on_the_way = seen - u + torch.arange(min(sink_room, u), device=device)
+        anchors = torch.cat((torch.arange(self.sink_used[row], device=device),
+                             self.ring_start + on_the_way % self.ring_size))  # [A]
+        a = anchors.numel()
+        free = self.ring_start + (seen + n + torch.arange(a * shifts, device=device)) % self.ring_size
+        shift = torch.arange(1, shifts + 1, device=device).repeat_interleave(a)  # [A * shifts]
+        source = anchors.repeat(shifts)
+        saved = [t[:, row, :, free].clone() for t in self.storage.tensors()]
+        self.storage.move(row, free, source)
+        slot_pos[i, free] = slot_pos[i, source] + shift
+        neg = torch.finfo(mask.dtype).min
+        dropped = drops[:, None] > 0
+        gone = (window_index[None, :] >= 0) & (window_index[None, :] < (drops + sink_room)[:, None])
+        hidden = dropped & gone  # [n, N]: the sinks on their way and the dropped window tokens
+        hidden[:, anchors] = dropped
+        mask.masked_fill_(hidden, neg)
+        mask[:, free] = torch.where(drops[:, None] == shift[None, :], 0.0, neg).to(mask.dtype)
+        return ScratchSlots(row, free, saved)
 
     def update(
         self,
@@ -284,6 +385,7 @@ class SinkCache(Cache):
         st = self._step
         if st is None:
             raise RuntimeError("end_step without begin_step")
+        self._restore_scratch(st)
         if keep is not None:
             if st.backup is None:
                 raise RuntimeError("end_step(keep=...) needs a tentative step")
@@ -308,6 +410,8 @@ class SinkCache(Cache):
         """Forget a forward pass that failed: chunk slots were never counted, so nothing else changes
         (a tentative step also gets its chunk slots' storage back)."""
         st = self._step
+        if st is not None:
+            self._restore_scratch(st)
         if st is not None and st.backup is not None:
             self._restore_rejected(st, [0] * len(st.lengths))
         if st is not None:  # a failed pass may have left kept rotated keys half updated
@@ -324,6 +428,13 @@ class SinkCache(Cache):
             slots = st.chunk_slots[i, k:]
             for stored, saved in zip(self.storage.tensors(), st.backup, strict=True):
                 stored[:, row, heads[:, None], slots[None, :]] = saved[:, i, :, k:]
+
+    def _restore_scratch(self, st: ForwardStep) -> None:
+        """Put back the storage of the ring slots that held shifted sinks during the pass."""
+        for copies in st.scratch:
+            for stored, saved in zip(self.storage.tensors(), copies.saved, strict=True):
+                stored[:, copies.row, :, copies.slots] = saved
+        st.scratch = []
 
     # ----------------------------------------------------------------- eviction
     def _evict_oldest(self, row: int, e: int) -> None:

@@ -13,13 +13,14 @@ chunk token; d_i is judged against the distribution after t, d1..d_{i-1}:
   point-mass draft).
 
 The cache keeps t and the accepted prefix only (`StreamingInference.step_prefix`): it is as if those tokens
-had been decoded one by one. That holds only while the round evicts nothing before its last token: a chunk
-token sees the window plus the chunk tokens before it, while a token decoded alone sees a window that has
-already dropped its oldest tokens (and whose sinks and tiers sit at other relative positions). So a round
-drafts at most W - window_used tokens: rounds speculate while the window is filling and stop once it is
-full (exactness over speed; lifting this needs per-query positions for the sinks and tiers). A token that
-ends the generation (EOS, stop sequence, max_new_tokens) ends the kept prefix, as plain decoding would stop
-feeding there.
+had been decoded one by one, also once the window is full. The verification pass is decode-equivalent
+(SinkCache.begin_step): chunk token i does not see the window tokens one-by-one decoding would already have
+dropped, and sees the sinks as far away as it would then (shifted copies in free ring slots). A round feeds
+at most `StreamingInference.decode_equivalent_room` tokens: with tiers, none may evict past tier 1's
+pending area before its last token (a block merge is not reproducible inside one pass); without, the free
+ring slots must hold one copy of the sinks per token dropped before the last one. A token that ends the
+generation (EOS, stop sequence, max_new_tokens) ends the kept prefix, as plain decoding would stop feeding
+there.
 
 Not used (plain decoding instead) with a repetition penalty, whose context would change inside a round,
 or with an attention merge policy, whose record would hear rejected queries.
@@ -100,11 +101,11 @@ class SpeculativeRound:
 
 
 def round_room(engine: StreamingInference, gen: Generation, k: int) -> int:
-    """How many draft tokens the next round of `gen` may verify (<= 0: none): within k, the chunk (with the
-    round's first token), the tokens max_new_tokens still allows after it, and no eviction inside a round
-    (module docstring)."""
-    return min(k, engine.config.chunk - 1, gen.params.max_new_tokens - len(gen.generated) - 1,
-               engine.config.window - engine.cache.window_used[gen.row])
+    """How many draft tokens the next round of `gen` may verify (<= 0: none): within k, the tokens
+    max_new_tokens still allows after the round's first token, and what one decode-equivalent pass can
+    take with it (StreamingInference.decode_equivalent_room; module docstring)."""
+    return min(k, gen.params.max_new_tokens - len(gen.generated) - 1,
+               engine.decode_equivalent_room(gen.row) - 1)
 
 
 class SpeculativeDecoder:

@@ -174,18 +174,21 @@ class StreamingInference:
     @torch.inference_mode()
     def step_prefix(self, row: int, token_ids: Sequence[int],
                     keep: Callable[[torch.Tensor], int]) -> ChunkResult:
-        """One forward pass over token_ids [n] (1..chunk) of one row that commits only a prefix of them.
+        """One forward pass over token_ids [n] (1..decode_equivalent_room) of one row that computes what
+        feeding them one token per pass would, and commits only a prefix of them.
 
         keep(logprobs) gets the pass's log-probabilities [n, vocab] (row i: the distribution after token
-        i) and returns how many tokens to keep, 1..n. The row then is exactly as if only those tokens had
-        been appended: the others leave no count, no token id, no counter change, and their slots' storage
-        is put back (speculative decoding verifies a draft this way). Not with an attention merge policy,
-        whose record would hear the dropped tokens' queries.
+        i, as a one-token pass over token i would give it: SinkCache.begin_step(decode_equivalent=True))
+        and returns how many tokens to keep, 1..n. The row then is exactly as if only those tokens had
+        been fed one by one: the others leave no count, no token id, no counter change, and their slots'
+        storage is put back (speculative decoding verifies a draft this way). Not with an attention merge
+        policy, whose record would hear the dropped tokens' queries.
         """
         if self.tier_memory is not None and self.tier_memory.observes:
             raise ValueError(f"step_prefix does not support merge policy {self.config.merge_policy!r}")
         _, lengths, ids = self._input_ids({row: token_ids})
-        position_ids, mask = self.cache.begin_step([row], ids, lengths, tentative=True)
+        position_ids, mask = self.cache.begin_step([row], ids, lengths, tentative=True,
+                                                   decode_equivalent=True)
         try:
             hidden, logprobs = self._forward(ids, position_ids, mask)
             kept = keep(logprobs[0])
@@ -197,6 +200,11 @@ class StreamingInference:
             raise
         self.cache.end_step(keep=[kept])
         return self._commit(row, result, logprobs[0, kept - 1])
+
+    def decode_equivalent_room(self, row: int) -> int:
+        """Most tokens `step_prefix` may feed `row` now (1..chunk; see SinkCache.decode_equivalent_room)."""
+        self._check_row(row)
+        return self.cache.decode_equivalent_room(row)
 
     def _input_ids(self, inputs: Mapping[int, Sequence[int]]) -> tuple[list[int], list[int], torch.Tensor]:
         """Validated (rows, lengths, ids [b, n] on the device, zero-padded) of a step's inputs."""

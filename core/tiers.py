@@ -224,6 +224,11 @@ class TierMemory(CacheHooks):
         self._step = None
 
     # ----------------------------------------------------------------- eviction into the tiers
+    def evictions_kept_in_place(self, row: int) -> int:
+        """Evicted tokens tier 1's pending area still takes before a block merges: each sits, count 1, at
+        the position it had as the oldest window token (the pending area ends right before the ring)."""
+        return self.pending_capacity - self._pending[row]
+
     def evicted(self, row: int, slots: torch.Tensor) -> None:
         """Take the tokens leaving the window of `row` (ring slots [e], stream order) into tier 1."""
         device = slots.device
@@ -288,14 +293,17 @@ class TierMemory(CacheHooks):
 
     def _write(self, row: int, start: int, units: Units, clear_to: int | None = None) -> None:
         """Store units at slots [start, start+n); with clear_to, empty the slots after them up to
-        start + clear_to."""
+        start + clear_to. Emptied slots are zeroed too, so an empty tier slot's storage does not depend on
+        how the evictions were batched (a multi-token pass evicts several tokens at once)."""
         c, n = self.cache, len(units)
         c.storage.assign(row, start, units.keys, units.values)
         c.count[row, start : start + n] = units.count
         self.attention[row, start : start + n] = units.attention
         if clear_to is not None and clear_to > n:
-            c.count[row, start + n : start + clear_to] = 0.0
-            self.attention[row, start + n : start + clear_to] = 0.0
+            emptied = slice(start + n, start + clear_to)
+            c.storage.clear(row, emptied)
+            c.count[row, emptied] = 0.0
+            self.attention[row, emptied] = 0.0
 
     # ----------------------------------------------------------------- attention accounting
     def observe(self, layer: int, query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None,
@@ -348,7 +356,9 @@ class TierMemory(CacheHooks):
 
     # ----------------------------------------------------------------- rows, stats, snapshots
     def reset_row(self, row: int) -> None:
-        """Forget a row's tiers (SinkCache.reset_row already zeroed its counts)."""
+        """Forget a row's tiers (SinkCache.reset_row already zeroed its counts; their storage is zeroed
+        here, see _write)."""
+        self.cache.storage.clear(row, slice(self.cache.sink_slots, self.cache.ring_start))
         self._merged[row] = [0] * len(self.capacity)
         self._pending[row] = self.received[row] = self.dropped[row] = 0
         self.attention[row] = 0.0

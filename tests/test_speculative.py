@@ -35,6 +35,33 @@ def count_passes(engine: StreamingInference) -> list[int]:
     return passes
 
 
+def assert_same_storage(a: StreamingInference, b: StreamingInference) -> None:
+    """Every slot's stored keys and values agree to float rounding (1e-4); with int8 storage the
+    de-quantised values agree to one quantisation step (a value rounding differently in a multi-token
+    pass than in a one-token pass can land on the neighbouring step)."""
+    sa, sb = a.cache.storage, b.cache.storage
+    if not sa.quantized:
+        torch.testing.assert_close(sb.keys, sa.keys, rtol=0, atol=1e-4)
+        torch.testing.assert_close(sb.values, sa.values, rtol=0, atol=1e-4)
+        return
+    for qa, qb, scale_a, scale_b in ((sa.keys, sb.keys, sa.key_scales, sb.key_scales),
+                                     (sa.values, sb.values, sa.value_scales, sb.value_scales)):
+        step = torch.maximum(scale_a, scale_b)
+        assert bool(((qa * scale_a - qb * scale_b).abs() <= step + 1e-4).all())
+
+
+def full_window_passes(engine: StreamingInference, row: int) -> list[int]:
+    """A one-element counter of the forward passes that start with the row's window full."""
+    passes = [0]
+    full = engine.config.window
+
+    def hook(*_):
+        passes[0] += engine.cache.window_used[row] == full
+
+    engine.base.register_forward_pre_hook(hook)
+    return passes
+
+
 def test_ngram_draft_proposes_what_followed_the_latest_match():
     assert ngram_draft([1, 2, 3, 9, 1, 2, 3, 7, 5, 1, 2, 3], 2) == [7, 5]  # latest occurrence of 1 2 3
     assert ngram_draft([4, 5, 6, 4, 5], 3) == [6, 4, 5]
@@ -48,9 +75,9 @@ def test_ngram_draft_proposes_what_followed_the_latest_match():
     StreamConfig(sink_tokens=4, window=64, chunk=16, tiers=TierSpec.parse("8x4")),
 ], ids=["window", "tiers"])
 def test_greedy_speculation_is_plain_greedy_and_leaves_the_same_cache(stories, config):
-    """Past the point where the window fills (so rounds stop drafting there), the tokens, the counters,
-    slot counts and token ids are plain greedy's exactly; keys and values agree to float rounding (a
-    token's keys come from a multi-token pass instead of a one-token pass). Fewer forward passes ran."""
+    """Past the point where the window fills, the tokens, the counters, slot counts and token ids are
+    plain greedy's exactly; keys and values agree to float rounding (a token's keys come from a
+    multi-token pass instead of a one-token pass). Fewer forward passes ran."""
     model, tok = stories
     prompt = tok(REPETITIVE)["input_ids"]
     params = SamplingParams(max_new_tokens=80)
@@ -210,3 +237,121 @@ def test_an_end_of_sequence_id_inside_a_round_ends_it_as_plain_decoding_does(sto
     assert [(t, r) for t, _, r in spec] == [(t, r) for t, _, r in plain]
     assert len(spec) == end and spec[-1][2] == "EOS_TOKEN" and spec_seen == plain_seen == len(ids) + end
     assert all(abs(a[1] - b[1]) <= 1e-4 for a, b in zip(spec, plain, strict=True))
+
+
+LONG = REPETITIVE + " red ball. " + REPETITIVE  # 90+ tokens: enough to fill a 32-token window and go on
+
+
+def fed_one_by_one(model, config: StreamConfig, context: list[int], tokens: list[int]):
+    """An engine fed `context` in chunks, then `tokens` one per pass: (engine, next-token log-probs
+    [len(tokens), V] after each of them)."""
+    engine = StreamingInference(model, config)
+    row = engine.open_row(seed=0)
+    list(engine.append(row, context))
+    after = []
+    for t in tokens:
+        engine.step({row: [t]})
+        after.append(engine.next_logprobs(row).clone())
+    return engine, torch.stack(after)
+
+
+@pytest.mark.parametrize(("config", "context", "room"), [
+    (StreamConfig(sink_tokens=4, window=32, chunk=16), 50, 4),  # full window: 3 drops, 3 sink copies
+    (StreamConfig(sink_tokens=4, window=32, chunk=16), 30, 9),  # 4 evictions fill the sinks, 2 drop
+    (StreamConfig(sink_tokens=0, window=32, chunk=16), 50, 16),  # no sinks: drops need no copies
+    (StreamConfig(sink_tokens=4, window=32, chunk=16, kv_dtype="int8"), 50, 4),
+    (StreamConfig(sink_tokens=4, window=32, chunk=16, tiers=TierSpec.parse("8x4")), 49, 3),  # pending 1 of 3
+], ids=["full-window", "sinks-fill", "no-sinks", "int8", "tiers-pending"])
+@pytest.mark.parametrize("keep_all", [True, False], ids=["keep-all", "keep-2"])
+def test_decode_equivalent_pass_is_one_token_steps(stories, config, context, room, keep_all):
+    """step_prefix over n = decode_equivalent_room tokens at (or filling) a full window gives, for every
+    token, the next-token distribution that n one-token steps give (1e-4), and keeping k of them leaves
+    the row as k one-token steps do: counters, slot counts and ids exactly, every slot's storage
+    (including the free ring slots that held shifted sinks during the pass) to float rounding."""
+    model, tok = stories
+    ids = tok(LONG)["input_ids"]
+    spec = StreamingInference(model, config)
+    row = spec.open_row(seed=0)
+    list(spec.append(row, ids[:context]))
+    assert spec.decode_equivalent_room(row) == room
+    tokens = ids[context : context + room]
+    keep = room if keep_all else 2
+    seen = []
+    spec.step_prefix(row, tokens, lambda lp: seen.append(lp.clone()) or keep)
+    plain, after = fed_one_by_one(model, config, ids[:context], tokens)
+    torch.testing.assert_close(seen[0], after, rtol=0, atol=1e-4)
+    if not keep_all:
+        plain, _ = fed_one_by_one(model, config, ids[:context], tokens[:keep])
+    assert (spec.cache.tokens_seen, spec.cache.sink_used, spec.cache.window_used) == \
+        (plain.cache.tokens_seen, plain.cache.sink_used, plain.cache.window_used)
+    assert torch.equal(spec.cache.count, plain.cache.count)
+    assert torch.equal(spec.cache.token_ids, plain.cache.token_ids)
+    assert_same_storage(plain, spec)
+    torch.testing.assert_close(spec.next_logprobs(row), plain.next_logprobs(row), rtol=0, atol=1e-4)
+    if config.tiers:
+        assert spec.tier_memory.used(row) == plain.tier_memory.used(row)
+
+
+def test_decode_equivalent_pass_refuses_what_it_cannot_reproduce_and_aborts_cleanly(stories):
+    """One token more than decode_equivalent_room is a ValueError that changes nothing; a pass whose
+    keep() raises leaves every slot's storage (shifted sink copies included) as it was."""
+    model, tok = stories
+    ids = tok(LONG)["input_ids"]
+    engine = StreamingInference(model, StreamConfig(sink_tokens=4, window=32, chunk=16))
+    row = engine.open_row(seed=0)
+    list(engine.append(row, ids[:50]))
+    before = [t.clone() for t in engine.cache.storage.tensors()]
+    count = engine.cache.count.clone()
+    counters = (engine.cache.tokens_seen[row], engine.cache.window_used[row])
+    room = engine.decode_equivalent_room(row)
+    with pytest.raises(ValueError, match="decode-equivalent"):
+        engine.step_prefix(row, ids[50 : 51 + room], lambda lp: 1)
+
+    def fail(lp):
+        raise RuntimeError("verifier failed")
+
+    with pytest.raises(RuntimeError, match="verifier failed"):
+        engine.step_prefix(row, ids[50 : 50 + room], fail)
+    assert all(torch.equal(a, b) for a, b in zip(before, engine.cache.storage.tensors(), strict=True))
+    assert torch.equal(count, engine.cache.count)
+    assert (engine.cache.tokens_seen[row], engine.cache.window_used[row]) == counters
+
+
+@pytest.mark.parametrize(("config", "prompt_tokens"), [
+    (StreamConfig(sink_tokens=4, window=32, chunk=8), None),
+    (StreamConfig(sink_tokens=4, window=32, chunk=16), None),
+    (StreamConfig(sink_tokens=4, window=32, chunk=8), 20),  # sinks fill during generation
+    (StreamConfig(sink_tokens=4, window=32, chunk=8, tiers=TierSpec.parse("8x4,4x4")), None),
+    (StreamConfig(sink_tokens=4, window=32, chunk=8, kv_dtype="int8"), None),
+], ids=["window", "window-chunk16", "sinks-fill", "tiers", "int8"])
+def test_greedy_speculation_stays_exact_far_past_the_full_window(stories, config, prompt_tokens):
+    """200 greedy tokens through a 32-token window (so hundreds of evictions, many inside rounds): tokens,
+    stop reasons and log-probs (1e-4) are plain greedy's, the cache afterwards is plain greedy's (counters,
+    counts, ids exactly; every slot's storage to float rounding; tier usage), and the passes that start
+    with a full window are fewer than plain's (one per token): speculation keeps working once full."""
+    model, tok = stories
+    prompt = tok(REPETITIVE)["input_ids"][:prompt_tokens]
+    params = SamplingParams(max_new_tokens=200, stop_on_eos=False)
+    runs = {}
+    for name in ("plain", "speculative"):
+        engine = StreamingInference(model, config)
+        row = engine.open_row(seed=0)
+        list(engine.append(row, prompt))
+        passes = full_window_passes(engine, row)
+        tokens = (generate(engine, row, params) if name == "plain"
+                  else generate_speculative(engine, row, params, k=4))
+        runs[name] = ([(t.token_id, t.logprob, t.stop_reason) for t in tokens], engine, passes[0])
+    (plain, a, plain_full), (spec, b, spec_full) = runs["plain"], runs["speculative"]
+    assert len(plain) == 200
+    assert [(t, r) for t, _, r in spec] == [(t, r) for t, _, r in plain]
+    torch.testing.assert_close(torch.tensor([lp for _, lp, _ in spec]),
+                               torch.tensor([lp for _, lp, _ in plain]), rtol=0, atol=1e-4)
+    assert (a.cache.tokens_seen, a.cache.sink_used, a.cache.window_used) == \
+        (b.cache.tokens_seen, b.cache.sink_used, b.cache.window_used)
+    assert torch.equal(a.cache.count, b.cache.count) and torch.equal(a.cache.token_ids, b.cache.token_ids)
+    assert_same_storage(a, b)
+    torch.testing.assert_close(b.next_logprobs(0), a.next_logprobs(0), rtol=0, atol=1e-4)
+    if a.tier_memory is not None:
+        assert a.tier_memory.used(0) == b.tier_memory.used(0)
+    assert plain_full >= 200 - config.window  # plain: one pass per token once the window is full
+    assert spec_full < plain_full

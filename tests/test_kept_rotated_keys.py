@@ -10,6 +10,7 @@ import pytest
 import torch
 from batched_streams import feed_batched
 from service_support import reference_chat, start_server, stories
+from tiny_models import FAMILIES, tiny_model
 from transformers import AutoModelForCausalLM
 
 from sinkstream.clients.client import SinkStreamClient
@@ -160,3 +161,15 @@ def test_server_with_kept_rotated_keys_generates_what_the_plain_core_does(model_
     finally:
         server.stop()
     assert [t.token_id for t in result.tokens] == want[0][0] and len(want[0][0]) == 120
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_family_keeps_rotated_keys_exactly(family):
+    """Every supported family (partial rotary dims, qk norms, biases) scores a stream sliding through a
+    16-token window, frame wraps included, as it does when every key is rotated at every pass."""
+    model = tiny_model(family)
+    config = StreamConfig(sink_tokens=2, window=16, chunk=4)
+    ids = torch.randint(0, 97, (120,), generator=torch.Generator().manual_seed(3)).tolist()
+    want = run(StreamingInference(model, config), ids, [1, 4, 2])
+    got = run(StreamingInference(model, replace(config, keep_rotated_keys=True)), ids, [1, 4, 2])
+    assert torch.allclose(got, want, atol=TOL, equal_nan=True)

@@ -12,6 +12,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
 from sinkstream.core.config import ConfigError
+from sinkstream.core.fused_decoder import fuse_projections
 from sinkstream.core.gguf_loading import GgufCheckpoint, gguf_checkpoint, is_gguf
 from sinkstream.core.model_support import UnsupportedModelError, check_supported
 from sinkstream.core.offload.config import OffloadConfig
@@ -74,7 +75,8 @@ def load_model(
         model = AutoModelForCausalLM.from_pretrained(
             name_or_path, dtype=dtype, attn_implementation=attn_implementation
         ).to(device)
-    quantize_linears(model, weights_dtype)
+    if quantize_linears(model, weights_dtype):
+        fuse_projections(model)  # one matmul for q/k/v and one for gate/up (core.fused_decoder)
     model.eval()
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from sinkstream.core.config import StreamConfig
+from sinkstream.core.fused_decoder import FusedDecoder
 from sinkstream.core.model_support import check_supported, position_limit
 from sinkstream.core.rope import RopeTable
 from sinkstream.core.sink_cache import CacheRowState, SinkCache
@@ -117,6 +118,8 @@ class StreamingInference:
         self.generators = [torch.Generator() for _ in range(max_rows)]
         self._free = list(range(max_rows - 1, -1, -1))
         self.tier_memory = TierMemory(self.cache, config, model) if config.tiers else None
+        # Stacked q/k/v and gate/up layers (load_model with quantised weights) run through one function.
+        self.fused = FusedDecoder(model) if FusedDecoder.applies(model) else None
 
     # ----------------------------------------------------------------- rows
     def open_row(self, seed: int | None = None) -> int:
@@ -225,8 +228,11 @@ class StreamingInference:
                  mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The model over ids [b, n] inside a begun cache step: (final hidden states [b, n, hidden],
         log-probabilities [b, n, V] float32 on the CPU)."""
-        hidden = self.base(input_ids=ids, attention_mask=mask, position_ids=position_ids,
-                           past_key_values=self.cache, use_cache=True).last_hidden_state
+        if self.fused is not None:
+            hidden = self.fused(ids, position_ids, mask, self.cache)
+        else:
+            hidden = self.base(input_ids=ids, attention_mask=mask, position_ids=position_ids,
+                               past_key_values=self.cache, use_cache=True).last_hidden_state
         return hidden, torch.log_softmax(self.lm_head(hidden).float(), dim=-1).cpu()
 
     def _score(self, row: int, ids: torch.Tensor, logprobs: torch.Tensor, hidden: torch.Tensor,

@@ -97,6 +97,14 @@ def kernel_format(fmt: str, n: int, k: int, group_size: int) -> str:
     return fmt
 
 
+# Stored tensors of each format and their output (N) dimension: int4's packed codes are [N, K / 2] on the CPU
+# and its scales/offsets [K / group_size, N, 2]. The int4 packing interleaves rows within blocks of 64
+# outputs, so int4 layers stack only in whole blocks (measured: parts of 16, 32, 48 or 96 outputs do not).
+INT4_STACK_BLOCK = 64
+_STACK_DIMS = {"bfloat16": (("weight_bf16", 0),), "int8": (("weight_int8", 0), ("scales", 0)),
+               "int4": (("weight_int4", 0), ("scales_and_zeros", 1))}
+
+
 class QuantizedLinear(nn.Module):
     """A Linear layer y = x W^T + b whose weight W [N, K] is stored as `fmt` (bfloat16, int8 or int4; see
     the module docstring). Input [..., K] in any float dtype, output [..., N] in the input's dtype."""
@@ -137,9 +145,53 @@ class QuantizedLinear(nn.Module):
         y = y.to(x.dtype).reshape(*shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
 
+    @classmethod
+    def stacked(cls, parts: list[QuantizedLinear]) -> QuantizedLinear:
+        """One layer whose output [..., sum N_i] is the outputs of `parts` side by side (same input size,
+        format and group size): their stored codes, scales and biases are concatenated as they are, so each
+        output element is computed exactly as its part computes it (fused q/k/v: core.fused_decoder)."""
+        if not stackable(parts):
+            raise ValueError("stacked layers need one format, input size and group size (int4: outputs in "
+                             f"multiples of {INT4_STACK_BLOCK})")
+        first = parts[0]
+        fused = cls.__new__(cls)
+        nn.Module.__init__(fused)
+        fused.in_features, fused.out_features = first.in_features, sum(p.out_features for p in parts)
+        fused.fmt, fused.group_size = first.fmt, first.group_size
+        fused.bias = None
+        if any(p.bias is not None for p in parts):
+            fused.bias = nn.Parameter(torch.cat([p.bias if p.bias is not None else torch.zeros(p.out_features)
+                                                 for p in parts]), requires_grad=False)
+        for name, dim in _STACK_DIMS[first.fmt]:  # the output dimension of each stored tensor
+            fused.register_buffer(name, torch.cat([getattr(p, name) for p in parts], dim))
+        return fused
+
     def extra_repr(self) -> str:
         group = f", group_size={self.group_size}" if self.fmt == "int4" else ""
         return f"in_features={self.in_features}, out_features={self.out_features}, fmt={self.fmt}{group}"
+
+
+def stackable(parts: list[nn.Module]) -> bool:
+    """Whether QuantizedLinear.stacked can join `parts` exactly."""
+    if not parts or not all(isinstance(p, QuantizedLinear) for p in parts):
+        return False
+    first = parts[0]
+    same = all((p.fmt, p.in_features, p.group_size) == (first.fmt, first.in_features, first.group_size)
+               for p in parts)
+    return same and (first.fmt != "int4" or all(p.out_features % INT4_STACK_BLOCK == 0 for p in parts))
+
+
+class OutputSlice(nn.Module):
+    """Outputs [start, stop) of a shared layer: stands where one of the layers stacked into it was (q_proj of
+    a fused q/k/v layer), so code that still calls that layer (the Hugging Face forward) gets what it got."""
+
+    def __init__(self, layer: QuantizedLinear, start: int, stop: int) -> None:
+        super().__init__()
+        self.layer, self.start, self.stop = layer, start, stop
+        self.in_features, self.out_features = layer.in_features, stop - start
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(x)[..., self.start : self.stop]
 
 
 def quantize_linears(model: nn.Module, weights_dtype: str | None,

@@ -9,10 +9,12 @@ and gate/up cuts a layer's seven matmul calls to four, and calling the layers' p
 Hugging Face module overhead around them.
 
 Exactness: every element is computed as the model's own forward computes it. A stacked layer's outputs
-are its parts' outputs (QuantizedLinear.stacked); the norms, rotary embedding, activation and attention
-function are the model's own modules and functions (an attention observer installed by core.tiers is
-honoured: the attention function is looked up per pass). So StreamingInference gives the same numbers
-with and without fusion (tests/test_fused_decoder.py compares them bit for bit).
+are its parts' outputs (QuantizedLinear.stacked); the norms run torch's one-call rms_norm with the
+modules' weights and epsilon (the same numbers as their own steps); the rotary embedding, activation and
+attention function are the model's own (an attention observer installed by core.tiers is honoured: the
+attention function is looked up per pass, and plain "sdpa" is called the way that function calls it). So
+StreamingInference gives the same numbers with and without fusion (tests/test_fused_decoder.py compares
+them bit for bit).
 
 `fuse_projections(model)` stacks the layers once, at load time, and leaves `OutputSlice` modules where the
 parts were: the model's own forward (dense paths, `generate`) still runs, and no weight is stored twice.
@@ -86,8 +88,9 @@ class FusedDecoder:
         self.config = model.config
         self.base = model.base_model
         self.layers = list(self.base.layers)
-        # The family's own rotary helper (llama, mistral and qwen2 each define one).
-        self.apply_rotary = sys.modules[type(self.layers[0].self_attn).__module__].apply_rotary_pos_emb
+        # The family's own rotary helper and eager attention (llama, mistral and qwen2 each define them).
+        family = sys.modules[type(self.layers[0].self_attn).__module__]
+        self.apply_rotary, self.eager_attention = family.apply_rotary_pos_emb, family.eager_attention_forward
 
     @staticmethod
     def applies(model: nn.Module) -> bool:
@@ -106,7 +109,8 @@ class FusedDecoder:
         # The model's attention function (an observer installed by core.tiers wraps it); plain "sdpa" is
         # called directly, the way that function calls it.
         name = self.config._attn_implementation
-        attention = None if name == "sdpa" else ALL_ATTENTION_FUNCTIONS[name]
+        attention = (None if name == "sdpa"
+                     else ALL_ATTENTION_FUNCTIONS.get_interface(name, self.eager_attention))
         for layer in self.layers:
             normed = rms_norm(layer.input_layernorm, h)
             h = h + self._attention(layer.self_attn, normed, cos, sin, mask, cache, attention)

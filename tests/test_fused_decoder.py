@@ -86,6 +86,20 @@ def test_fused_streams_bit_for_bit_as_the_model_forward(family, fmt):
         torch.testing.assert_close(results[0], results[1], rtol=0, atol=0, equal_nan=True)  # 1st is NaN
 
 
+def test_eager_attention_models_stream_as_their_own_forward():
+    """A model loaded with attn_implementation="eager" goes through the family's eager attention."""
+    plain, fused, _ = quantised_pair("llama", "int8")
+    for model in (plain, fused):
+        model.set_attn_implementation("eager")
+    ids = torch.randint(0, 97, (60,), generator=torch.Generator().manual_seed(6)).tolist()
+    results = []
+    for model in (plain, fused):
+        engine = StreamingInference(model, StreamConfig(sink_tokens=2, window=24, chunk=8))
+        row = engine.open_row()
+        results.append(torch.cat([r.logprobs for r in engine.append(row, ids)]))
+    torch.testing.assert_close(results[0], results[1], rtol=0, atol=0, equal_nan=True)
+
+
 @pytest.mark.parametrize("family", FUSED_MODEL_TYPES)
 def test_the_model_forward_of_a_fused_model_is_unchanged(family):
     """Dense paths still call the model's own forward: its OutputSlice layers give the same logits."""

@@ -9,12 +9,10 @@ and gate/up cuts a layer's seven matmul calls to four, and calling the layers' p
 Hugging Face module overhead around them.
 
 Exactness: every element is computed as the model's own forward computes it. A stacked layer's outputs
-are its parts' outputs (QuantizedLinear.stacked); the norms run torch's one-call rms_norm with the
-modules' weights and epsilon (the same numbers as their own steps); the rotary embedding, activation and
-attention function are the model's own (an attention observer installed by core.tiers is honoured: the
-attention function is looked up per pass, and plain "sdpa" is called the way that function calls it). So
-StreamingInference gives the same numbers with and without fusion (tests/test_fused_decoder.py compares
-them bit for bit).
+are its parts' outputs (QuantizedLinear.stacked); the norms, rotary embedding, activation and attention
+function are the model's own (an attention observer installed by core.tiers is honoured: the attention
+function is looked up per pass). So StreamingInference gives the same numbers with and without fusion
+(tests/test_fused_decoder.py compares them bit for bit).
 
 `fuse_projections(model)` stacks the layers once, at load time, and leaves `OutputSlice` modules where the
 parts were: the model's own forward (dense paths, `generate`) still runs, and no weight is stored twice.
@@ -25,7 +23,6 @@ from __future__ import annotations
 import sys
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
@@ -61,26 +58,6 @@ def fuse_projections(model: nn.Module) -> bool:
     return True
 
 
-def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
-    """Attention of q [b, H, n, D] over k, v [b, H_kv, N, D] with the additive mask [b, 1, n, N], as
-    transformers' sdpa_attention_forward computes it for a mask: one query packs its H heads onto the H_kv
-    key heads, several repeat the key heads. Returns [b, n, H, D]."""
-    b, heads, n, dim = q.shape
-    groups = heads // k.shape[1]
-    if groups > 1 and n == 1:
-        q = q.reshape(b, k.shape[1], groups, dim)
-    elif groups > 1:
-        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.0, scale=scale, is_causal=False)
-    return out.reshape(b, -1, n, dim).transpose(1, 2).contiguous()
-
-
-def rms_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The family's RMSNorm module applied to x [..., hidden] through torch's one-call rms_norm (the same
-    numbers as the module's own steps: tests/test_fused_decoder.py compares bit for bit)."""
-    return F.rms_norm(x, (x.shape[-1],), norm.weight, norm.variance_epsilon)
-
-
 class FusedDecoder:
     """The decoder of a model `fuse_projections` stacked, as one function over a SinkCache pass."""
 
@@ -106,16 +83,14 @@ class FusedDecoder:
         [b, 1, n, num_slots], inside a begun cache step (SinkCache.begin_step)."""
         h = self.base.embed_tokens(ids)
         cos, sin = self.base.rotary_emb(h, position_ids)
-        # The model's attention function (an observer installed by core.tiers wraps it); plain "sdpa" is
-        # called directly, the way that function calls it.
+        # The model's attention function (an observer installed by core.tiers wraps it).
         name = self.config._attn_implementation
-        attention = (None if name == "sdpa"
-                     else ALL_ATTENTION_FUNCTIONS.get_interface(name, self.eager_attention))
+        attention = ALL_ATTENTION_FUNCTIONS.get_interface(name, self.eager_attention)
         for layer in self.layers:
-            normed = rms_norm(layer.input_layernorm, h)
+            normed = layer.input_layernorm(h)
             h = h + self._attention(layer.self_attn, normed, cos, sin, mask, cache, attention)
-            h = h + self._mlp(layer.mlp, rms_norm(layer.post_attention_layernorm, h))
-        return rms_norm(self.base.norm, h)
+            h = h + self._mlp(layer.mlp, layer.post_attention_layernorm(h))
+        return self.base.norm(h)
 
     def _attention(self, attn: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                    mask: torch.Tensor, cache: SinkCache, attention) -> torch.Tensor:
@@ -126,11 +101,8 @@ class FusedDecoder:
                    for t in attn.qkv_proj(x).split([q_size, kv_size, kv_size], -1))
         q, k = self.apply_rotary(q, k, cos, sin)
         k, v = cache.update(k, v, attn.layer_idx)
-        if attention is None:
-            out = sdpa(q, k, v, mask, attn.scaling)
-        else:
-            extra = {"sliding_window": attn.sliding_window} if hasattr(attn, "sliding_window") else {}
-            out, _ = attention(attn, q, k, v, mask, dropout=0.0, scaling=attn.scaling, **extra)
+        extra = {"sliding_window": attn.sliding_window} if hasattr(attn, "sliding_window") else {}
+        out, _ = attention(attn, q, k, v, mask, dropout=0.0, scaling=attn.scaling, **extra)
         return attn.o_proj(out.reshape(b, n, -1).contiguous())
 
     @staticmethod

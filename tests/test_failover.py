@@ -255,7 +255,9 @@ def test_a_paused_replica_loses_its_sessions_and_its_writes_are_refused(model_di
                     assert session_b.opened.tokens_seen == first[-1].tokens_seen
                     seen_by_b = session_b.append_text(text[1000:1500])[-1].tokens_seen
             assert generation(redis_server.client, "paused") == 2
-            after_b = state_of(redis_server.client, "paused")
+            # B may still be writing what its closed call left (its log's last records, its snapshot):
+            # take B's state once two reads half a second apart agree, so only A could change it later.
+            after_b = settled_state(redis_server.client, "paused")
             a.proc.send_signal(signal.SIGCONT)
             with pytest.raises(SinkStreamError) as ended:
                 session_a.append_text(text[1000:1200])
@@ -270,6 +272,18 @@ def test_a_paused_replica_loses_its_sessions_and_its_writes_are_refused(model_di
     finally:
         a.stop()
         b.stop()
+
+
+def settled_state(client, session_id: str):
+    """The session's stored state once it stops changing (two reads 0.5 s apart agree; at most 30 s)."""
+    previous = state_of(client, session_id)
+    for _ in range(60):
+        time.sleep(0.5)
+        current = state_of(client, session_id)
+        if current == previous:
+            return current
+        previous = current
+    raise AssertionError(f"session {session_id}'s stored state kept changing for 30 s")
 
 
 def raw_stream(address: str, first: pb.StreamRequest, texts: list[str]) -> tuple[str, list]:
